@@ -222,7 +222,7 @@ def component_tensors(component: str, dims: ModelDims) -> list[tuple[str, tuple[
 def tiny_dims() -> ModelDims:
     """Small widths in the real layer structure, for tests (row lengths multiples of 32)."""
     return ModelDims(
-        flux=FluxDims(hidden=256, head_dim=128, depth=2, depth_single=3, context_dim=64, vec_dim=32),
+        flux=FluxDims(hidden=256, head_dim=128, depth=2, depth_single=3, context_dim=64, vec_dim=64),
         clip=ClipDims(hidden=64, layers=2, mlp=128),
         t5=T5Dims(d_model=64, layers=2, heads=4, d_kv=16, d_ff=96),
         vae=VaeDims(ch=32, ch_mult=(1, 2, 2, 2), num_res_blocks=1),

@@ -1,0 +1,256 @@
+#include "backend.h"
+
+#include "common.h"
+
+#include <ggml-cpu.h>
+
+#include <unistd.h>
+
+#include <csignal>
+#include <cstring>
+#include <fstream>
+#include <set>
+#include <thread>
+#include <utility>
+
+namespace fm {
+
+int Backend::physical_cores() {
+    // Count distinct (physical id, core id) pairs; fall back to the logical count.
+    std::ifstream f("/proc/cpuinfo");
+    std::set<std::pair<std::string, std::string>> cores;
+    std::string line, phys = "0";
+    while (std::getline(f, line)) {
+        auto val = [&]() { auto p = line.find(':'); return p == std::string::npos ? std::string() : line.substr(p + 1); };
+        if (line.rfind("physical id", 0) == 0) phys = val();
+        else if (line.rfind("core id", 0) == 0) cores.insert({phys, val()});
+    }
+    int n = int(cores.size());
+    if (n <= 0) n = int(std::thread::hardware_concurrency());
+    return n > 0 ? n : 1;
+}
+
+std::vector<std::string> Backend::available() {
+    std::vector<std::string> out;
+    for (size_t i = 0; i < ggml_backend_dev_count(); ++i) {
+        ggml_backend_dev_t d = ggml_backend_dev_get(i);
+        std::string n = ggml_backend_reg_name(ggml_backend_dev_backend_reg(d));
+        for (auto &c : n) c = char(std::tolower(c));
+        if (n == "cpu" || n == "cuda" || n == "metal") {
+            bool seen = false;
+            for (auto &o : out) seen |= o == n;
+            if (!seen) out.push_back(n);
+        }
+    }
+    return out;
+}
+
+static ggml_backend_dev_t find_device(const std::string &reg_name) {
+    for (size_t i = 0; i < ggml_backend_dev_count(); ++i) {
+        ggml_backend_dev_t d = ggml_backend_dev_get(i);
+        std::string n = ggml_backend_reg_name(ggml_backend_dev_backend_reg(d));
+        for (auto &c : n) c = char(std::tolower(c));
+        if (n == reg_name) return d;
+    }
+    return nullptr;
+}
+
+Backend::Backend(const std::string &name_in, int threads) {
+    install_ggml_hooks();
+    std::string name = name_in;
+    for (auto &c : name) c = char(std::tolower(c));
+    if (name != "cpu" && name != "cuda" && name != "metal" && name != "auto")
+        fail_value("unknown backend '%s'; choose cpu, cuda, metal or auto", name_in.c_str());
+    ggml_backend_dev_t cpu_dev = find_device("cpu");
+    if (!cpu_dev) fail_runtime("the ggml library has no CPU backend; reinstall fluxmini");
+    cpu_ = ggml_backend_dev_init(cpu_dev, nullptr);
+    if (!cpu_) fail_runtime("could not start ggml's CPU backend");
+
+    ggml_backend_dev_t dev = nullptr;
+    if (name == "auto") {
+        for (const char *n : {"cuda", "metal"})
+            if ((dev = find_device(n))) { name = n; break; }
+        if (!dev) name = "cpu";
+    } else if (name != "cpu") {
+        dev = find_device(name);
+        if (!dev) {
+            ggml_backend_free(cpu_);
+            std::string have;
+            for (auto &a : available()) have += (have.empty() ? "" : ", ") + a;
+            fail_runtime("this fluxmini build has no %s backend (available: %s); rebuild it against a ggml "
+                         "built with %s (see README, 'GPU builds') or use backend=\"cpu\"",
+                         name.c_str(), have.c_str(), name == "cuda" ? "-DGGML_CUDA=ON" : "-DGGML_METAL=ON");
+        }
+    }
+    if (dev) {
+        main_ = ggml_backend_dev_init(dev, nullptr);
+        if (!main_) {
+            ggml_backend_free(cpu_);
+            fail_runtime("could not start the %s backend (is a GPU present and its driver loaded?)", name.c_str());
+        }
+        description_ = ggml_backend_dev_description(dev);
+    } else {
+        main_ = cpu_;
+        description_ = ggml_backend_dev_description(cpu_dev);
+    }
+    name_ = name;
+
+    // ggml's repacking CPU buffer type (an "extra" buffer type of the CPU device).
+    ggml_backend_reg_t cpu_reg = ggml_backend_dev_backend_reg(cpu_dev);
+    auto get_extra = reinterpret_cast<ggml_backend_dev_get_extra_bufts_t>(
+        ggml_backend_reg_get_proc_address(cpu_reg, "ggml_backend_dev_get_extra_bufts"));
+    if (get_extra) {
+        for (ggml_backend_buffer_type_t *b = get_extra(cpu_dev); b && *b; ++b)
+            if (std::strstr(ggml_backend_buft_name(*b), "REPACK")) repack_buft_ = *b;
+    }
+    set_threads(threads);
+}
+
+Backend::~Backend() {
+    if (main_ && main_ != cpu_) ggml_backend_free(main_);
+    if (cpu_) ggml_backend_free(cpu_);
+}
+
+void Backend::set_threads(int threads) {
+    if (threads <= 0) threads = physical_cores();
+    if (threads > 512) fail_value("threads=%d is too many", threads);
+    threads_ = threads;
+    ggml_backend_cpu_set_n_threads(cpu_, threads);
+}
+
+bool Backend::can_repack(ggml_type type, int64_t ne0, int64_t ne1) const {
+    if (!repack_buft_ || !is_cpu()) return false;
+    // Ask the CPU device whether a mul_mat with this weight in a repack buffer is supported,
+    // the way the weight would be used (F32 activations of a few rows).
+    ggml_init_params ip{ggml_tensor_overhead() * 4, nullptr, true};
+    ggml_context *ctx = ggml_init(ip);
+    ggml_tensor *w = ggml_new_tensor_2d(ctx, type, ne0, ne1);
+    ggml_tensor *x = ggml_new_tensor_2d(ctx, GGML_TYPE_F32, ne0, 64);
+    ggml_tensor *op = ggml_mul_mat(ctx, w, x);
+    ggml_backend_buffer_t dummy = ggml_backend_buft_alloc_buffer(repack_buft_, 0);
+    w->buffer = dummy;
+    bool ok = ggml_backend_dev_supports_op(ggml_backend_get_device(cpu_), op);
+    w->buffer = nullptr;
+    ggml_backend_buffer_free(dummy);
+    ggml_free(ctx);
+    return ok;
+}
+
+// ---------------------------------------------------------------------------------------------
+
+GraphRunner::GraphRunner(Backend &backend, size_t max_nodes) : backend_(backend), max_nodes_(max_nodes) {}
+
+GraphRunner::~GraphRunner() { release(); }
+
+void GraphRunner::release() {
+    if (sched_) ggml_backend_sched_free(sched_);
+    sched_ = nullptr;
+    if (ctx_) ggml_free(ctx_);
+    ctx_ = nullptr;
+    graph_ = nullptr;
+    key_.clear();
+}
+
+void GraphRunner::prepare(const std::string &key, const BuildFn &build) {
+    GgmlAbortGuard guard;
+    if (!graph_ || key != key_) {
+        if (ctx_) ggml_free(ctx_);
+        ctx_ = nullptr;
+        graph_ = nullptr;
+        key_.clear();
+        ggml_init_params ip{ggml_tensor_overhead() * max_nodes_ + ggml_graph_overhead_custom(max_nodes_, false),
+                            nullptr, true};
+        ctx_ = ggml_init(ip);
+        if (!ctx_) fail_runtime("out of memory while building a graph");
+        graph_ = build(ctx_);
+        if (!sched_) {
+            ggml_backend_t backends[2] = {backend_.main(), backend_.cpu()};
+            int n = backend_.is_cpu() ? 1 : 2;
+            sched_ = ggml_backend_sched_new(backends, nullptr, n, max_nodes_, false, true);
+        }
+        if (!ggml_backend_sched_reserve(sched_, graph_))
+            fail_runtime("could not reserve %s memory for the compute graph (out of memory?); try a smaller "
+                         "size or VAE tiling",
+                         backend_.name().c_str());
+        key_ = key;
+    }
+    ggml_backend_sched_reset(sched_);
+    if (!ggml_backend_sched_alloc_graph(sched_, graph_))
+        fail_runtime("could not allocate the compute graph on %s (out of memory?)", backend_.name().c_str());
+}
+
+ggml_tensor *GraphRunner::tensor(const char *name) const {
+    ggml_tensor *t = graph_ ? ggml_graph_get_tensor(graph_, name) : nullptr;
+    if (!t) fail_runtime("internal error: graph tensor '%s' not found", name);
+    return t;
+}
+
+void GraphRunner::set_input(const char *name, const void *data, size_t nbytes) {
+    ggml_tensor *t = tensor(name);
+    if (ggml_nbytes(t) != nbytes)
+        fail_runtime("internal error: input '%s' needs %zu bytes, got %zu", name, ggml_nbytes(t), nbytes);
+    ggml_backend_tensor_set(t, data, 0, nbytes);
+}
+
+std::vector<float> GraphRunner::get_output(const char *name) const {
+    ggml_tensor *t = tensor(name);
+    if (t->type != GGML_TYPE_F32) fail_runtime("internal error: output '%s' is not F32", name);
+    std::vector<float> out(size_t(ggml_nelements(t)));
+    ggml_backend_tensor_get(t, out.data(), 0, out.size() * 4);
+    return out;
+}
+
+size_t GraphRunner::compute_buffer_bytes() const {
+    if (!sched_) return 0;
+    size_t n = 0;
+    for (int i = 0; i < ggml_backend_sched_get_n_backends(sched_); ++i)
+        n += ggml_backend_sched_get_buffer_size(sched_, ggml_backend_sched_get_backend(sched_, i));
+    return n;
+}
+
+namespace {
+// SIGINT during a long native compute sets the backend's interrupt flag; the previous handler
+// is restored afterwards and the Python layer turns the cancellation into KeyboardInterrupt.
+std::atomic<bool> *g_sigint_target = nullptr;
+void on_sigint(int) {
+    if (g_sigint_target) g_sigint_target->store(true);
+}
+bool abort_requested(void *data) { return static_cast<std::atomic<bool> *>(data)->load(); }
+
+struct SigintScope {
+    struct sigaction old_{};
+    bool installed_ = false;
+    explicit SigintScope(std::atomic<bool> *flag) {
+        if (getpid() != gettid()) return;  // only the main thread owns SIGINT handling
+        g_sigint_target = flag;
+        struct sigaction sa{};
+        sa.sa_handler = on_sigint;
+        sigemptyset(&sa.sa_mask);
+        installed_ = sigaction(SIGINT, &sa, &old_) == 0;
+    }
+    ~SigintScope() {
+        if (installed_) sigaction(SIGINT, &old_, nullptr);
+        g_sigint_target = nullptr;
+    }
+};
+}  // namespace
+
+void GraphRunner::compute() {
+    auto &flag = backend_.interrupt_flag();
+    ggml_backend_cpu_set_abort_callback(backend_.cpu(), abort_requested, &flag);
+    enum ggml_status st;
+    {
+        SigintScope sig(&flag);
+        if (flag.load()) st = GGML_STATUS_ABORTED;
+        else st = ggml_backend_sched_graph_compute(sched_, graph_);
+    }
+    ggml_backend_cpu_set_abort_callback(backend_.cpu(), nullptr, nullptr);
+    if (st == GGML_STATUS_ABORTED || flag.load()) {
+        flag.store(false);
+        throw Error(ErrorKind::Cancelled, "interrupted");
+    }
+    if (st != GGML_STATUS_SUCCESS) fail_runtime("the %s backend failed to compute the graph (status %d)",
+                                                backend_.name().c_str(), int(st));
+}
+
+}  // namespace fm

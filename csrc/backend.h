@@ -1,0 +1,87 @@
+// Compute backends (CPU, CUDA, Metal) and the graph runner every network uses.
+//
+// Thread-safety: a Backend and everything built on it (parameter stores, graph runners) is used
+// by one thread at a time. The Python Model object serialises calls with a mutex.
+#pragma once
+
+#include <ggml-backend.h>
+#include <ggml.h>
+
+#include <atomic>
+#include <functional>
+#include <string>
+#include <vector>
+
+namespace fm {
+
+class Backend {
+public:
+    // name: "cpu", "cuda", "metal" or "auto"; threads <= 0 means physical cores.
+    Backend(const std::string &name, int threads);
+    ~Backend();
+    Backend(const Backend &) = delete;
+    Backend &operator=(const Backend &) = delete;
+
+    ggml_backend_t main() const { return main_; }
+    ggml_backend_t cpu() const { return cpu_; }
+    bool is_cpu() const { return main_ == cpu_; }
+    const std::string &name() const { return name_; }
+    const std::string &description() const { return description_; }
+    int threads() const { return threads_; }
+    void set_threads(int threads);
+
+    // The CPU buffer type that repacks weights for faster matmul, or nullptr.
+    ggml_backend_buffer_type_t repack_buft() const { return repack_buft_; }
+    // Whether `weight` (type, shape) would use a repack kernel in a mul_mat with F32 activations.
+    bool can_repack(ggml_type type, int64_t ne0, int64_t ne1) const;
+
+    // Set from any thread (or by SIGINT during a compute) to abort the running graph.
+    std::atomic<bool> &interrupt_flag() { return interrupt_; }
+
+    static std::vector<std::string> available();
+    static int physical_cores();
+
+private:
+    std::string name_, description_;
+    ggml_backend_t main_ = nullptr;
+    ggml_backend_t cpu_ = nullptr;
+    ggml_backend_buffer_type_t repack_buft_ = nullptr;
+    int threads_ = 1;
+    std::atomic<bool> interrupt_{false};
+};
+
+// Builds a graph once per "key" (e.g. a resolution), reserves its compute memory once, and runs
+// it as often as asked. Inputs and outputs are found by tensor name.
+class GraphRunner {
+public:
+    using BuildFn = std::function<ggml_cgraph *(ggml_context *ctx)>;
+
+    GraphRunner(Backend &backend, size_t max_nodes = 8192);
+    ~GraphRunner();
+    GraphRunner(const GraphRunner &) = delete;
+    GraphRunner &operator=(const GraphRunner &) = delete;
+
+    // Makes the graph for `key` current (building and reserving it when the key changed) and
+    // allocates its tensors; then set inputs with set_input() and call compute().
+    void prepare(const std::string &key, const BuildFn &build);
+    void set_input(const char *name, const void *data, size_t nbytes);
+    void set_input_f32(const char *name, const std::vector<float> &v) { set_input(name, v.data(), v.size() * 4); }
+    void set_input_i32(const char *name, const std::vector<int32_t> &v) { set_input(name, v.data(), v.size() * 4); }
+    // Runs the graph; throws Error(Cancelled) when interrupted.
+    void compute();
+    ggml_tensor *tensor(const char *name) const;
+    std::vector<float> get_output(const char *name) const;
+    // Frees the compute memory and the graph (the next prepare() builds again).
+    void release();
+    size_t compute_buffer_bytes() const;
+
+private:
+    Backend &backend_;
+    size_t max_nodes_;
+    std::string key_;
+    ggml_context *ctx_ = nullptr;
+    ggml_cgraph *graph_ = nullptr;
+    ggml_backend_sched_t sched_ = nullptr;
+};
+
+}  // namespace fm

@@ -1,0 +1,197 @@
+// Python class fluxmini._core.Model: a thin layer over fm::Model. Long calls release the GIL.
+#include "common.h"
+#include "model.h"
+
+#include <pybind11/numpy.h>
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+namespace py = pybind11;
+using namespace fm;
+
+namespace {
+
+using F32Array = py::array_t<float, py::array::c_style | py::array::forcecast>;
+using I32Array = py::array_t<int32_t, py::array::c_style | py::array::forcecast>;
+
+void need_ndim(const py::array &a, int ndim, const char *what, const char *shape) {
+    if (a.ndim() != ndim)
+        fail_value("%s must be a %d-D array of shape %s, got %d-D", what, ndim, shape, int(a.ndim()));
+}
+
+py::array_t<float> to_numpy(std::vector<float> &&v, std::vector<py::ssize_t> shape) {
+    auto *heap = new std::vector<float>(std::move(v));
+    py::capsule owner(heap, [](void *p) { delete static_cast<std::vector<float> *>(p); });
+    return py::array_t<float>(shape, heap->data(), owner);
+}
+
+VaeTiling tiling_from(int mode, int tile, int overlap) {
+    VaeTiling t;
+    t.mode = mode;
+    if (tile > 0) t.tile = tile;
+    if (overlap >= 0) t.overlap = overlap;
+    return t;
+}
+
+}  // namespace
+
+void bind_model(py::module_ &m) {
+    py::class_<Model>(m, "Model")
+        .def(py::init([](const std::string &path, const std::string &clip_l, const std::string &t5xxl,
+                         const std::string &vae, const std::string &backend, int threads,
+                         std::vector<std::string> components, bool flash_attn, int verbosity) {
+                 ModelParams p = model_default_params();
+                 p.path = path;
+                 p.clip_l = clip_l;
+                 p.t5xxl = t5xxl;
+                 p.vae = vae;
+                 p.backend = backend;
+                 p.threads = threads;
+                 p.components = std::move(components);
+                 p.flash_attn = flash_attn;
+                 p.verbosity = verbosity;
+                 py::gil_scoped_release nogil;
+                 return new Model(p);
+             }),
+             py::arg("path"), py::arg("clip_l") = "", py::arg("t5xxl") = "", py::arg("vae") = "",
+             py::arg("backend") = "cpu", py::arg("threads") = 0,
+             py::arg("components") = std::vector<std::string>{"diffusion", "clip_l", "t5xxl", "vae"},
+             py::arg("flash_attn") = true, py::arg("verbosity") = 0)
+        .def("info",
+             [](Model &self) {
+                 py::list out;
+                 for (auto &c : self.info()) {
+                     py::dict d;
+                     d["name"] = c.name;
+                     d["present"] = c.present;
+                     d["sources"] = c.sources;
+                     d["tensors_per_type"] = c.tensors_per_type;
+                     d["parameters"] = c.parameters;
+                     d["bytes"] = c.bytes;
+                     py::dict cfg;
+                     for (auto &kv : c.config) cfg[py::str(kv.first)] = kv.second;
+                     d["config"] = cfg;
+                     out.append(d);
+                 }
+                 return out;
+             })
+        .def_property_readonly("ignored_tensors", &Model::ignored_tensors)
+        .def_property_readonly("backend", &Model::backend_name)
+        .def_property_readonly("backend_description", &Model::backend_description)
+        .def_property("threads", &Model::threads, [](Model &self, int n) { self.set_threads(n); })
+        .def("interrupt", &Model::interrupt, "Abort the running computation (any thread).")
+        .def("load",
+             [](Model &self, const std::string &component) {
+                 py::gil_scoped_release nogil;
+                 std::lock_guard<std::mutex> lock(self.mutex());
+                 if (component == "diffusion") self.flux().load();
+                 else if (component == "clip_l") self.clip().load();
+                 else if (component == "t5xxl") self.t5().load();
+                 else if (component == "vae") self.vae().load();
+                 else fail_value("unknown component '%s'", component.c_str());
+             })
+        .def("release",
+             [](Model &self, const std::string &component) {
+                 py::gil_scoped_release nogil;
+                 std::lock_guard<std::mutex> lock(self.mutex());
+                 self.release(component);
+             })
+        .def("transformer",
+             [](Model &self, F32Array latent, float sigma, float guidance, F32Array t5, F32Array pooled) {
+                 need_ndim(latent, 3, "latent", "[16, h, w]");
+                 need_ndim(t5, 2, "t5", "[L, context_dim]");
+                 need_ndim(pooled, 1, "pooled", "[vec_dim]");
+                 const int64_t c = latent.shape(0), h = latent.shape(1), w = latent.shape(2);
+                 std::vector<float> out;
+                 {
+                     py::gil_scoped_release nogil;
+                     std::lock_guard<std::mutex> lock(self.mutex());
+                     FluxNet &net = self.flux();
+                     const FluxConfig &cfg = net.config();
+                     if (c != cfg.in_channels / 4)
+                         fail_value("latent has %lld channels; this model needs %lld", (long long)c,
+                                    (long long)(cfg.in_channels / 4));
+                     if (t5.shape(1) != cfg.context_dim)
+                         fail_value("t5 states are %lld wide; this model needs %lld", (long long)t5.shape(1),
+                                    (long long)cfg.context_dim);
+                     if (pooled.shape(0) != cfg.vec_dim)
+                         fail_value("pooled has %lld values; this model needs %lld", (long long)pooled.shape(0),
+                                    (long long)cfg.vec_dim);
+                     out = net.forward(latent.data(), h, w, sigma, guidance, t5.data(), t5.shape(0), pooled.data());
+                 }
+                 return to_numpy(std::move(out), {c, h, w});
+             },
+             py::arg("latent"), py::arg("sigma"), py::arg("guidance"), py::arg("t5"), py::arg("pooled"))
+        .def("encode_clip",
+             [](Model &self, I32Array ids) {
+                 need_ndim(ids, 1, "ids", "[n]");
+                 std::vector<float> out;
+                 {
+                     py::gil_scoped_release nogil;
+                     std::lock_guard<std::mutex> lock(self.mutex());
+                     out = self.clip().encode(ids.data(), ids.shape(0));
+                 }
+                 const py::ssize_t n = py::ssize_t(out.size());
+                 return to_numpy(std::move(out), {n});
+             },
+             py::arg("ids"))
+        .def("encode_t5",
+             [](Model &self, I32Array ids) {
+                 need_ndim(ids, 1, "ids", "[n]");
+                 std::vector<float> out;
+                 int64_t d = 0;
+                 {
+                     py::gil_scoped_release nogil;
+                     std::lock_guard<std::mutex> lock(self.mutex());
+                     d = self.t5().config().d_model;
+                     out = self.t5().encode(ids.data(), ids.shape(0));
+                 }
+                 return to_numpy(std::move(out), {ids.shape(0), py::ssize_t(d)});
+             },
+             py::arg("ids"))
+        .def("vae_decode",
+             [](Model &self, F32Array z, int tiling, int tile, int overlap) {
+                 need_ndim(z, 3, "z", "[16, h, w]");
+                 std::vector<float> out;
+                 int64_t oc = 0;
+                 {
+                     py::gil_scoped_release nogil;
+                     std::lock_guard<std::mutex> lock(self.mutex());
+                     VaeNet &vae = self.vae();
+                     if (z.shape(0) != vae.config().z_channels)
+                         fail_value("z has %lld channels; this VAE needs %lld", (long long)z.shape(0),
+                                    (long long)vae.config().z_channels);
+                     oc = vae.config().out_channels;
+                     out = vae.decode(z.data(), z.shape(1), z.shape(2), tiling_from(tiling, tile, overlap));
+                 }
+                 const int64_t scale = 1ll << (self.vae().config().levels - 1);
+                 return to_numpy(std::move(out), {py::ssize_t(oc), z.shape(1) * scale, z.shape(2) * scale});
+             },
+             py::arg("z"), py::arg("tiling") = -1, py::arg("tile") = 0, py::arg("overlap") = -1)
+        .def("vae_encode",
+             [](Model &self, F32Array image, int tiling, int tile, int overlap) {
+                 need_ndim(image, 3, "image", "[3, H, W]");
+                 std::vector<float> out;
+                 int64_t zc = 0, scale = 1;
+                 {
+                     py::gil_scoped_release nogil;
+                     std::lock_guard<std::mutex> lock(self.mutex());
+                     VaeNet &vae = self.vae();
+                     if (image.shape(0) != vae.config().in_channels)
+                         fail_value("image has %lld channels; this VAE needs %lld", (long long)image.shape(0),
+                                    (long long)vae.config().in_channels);
+                     zc = vae.config().z_channels;
+                     scale = 1ll << (vae.config().levels - 1);
+                     out = vae.encode(image.data(), image.shape(1), image.shape(2), tiling_from(tiling, tile, overlap));
+                 }
+                 return to_numpy(std::move(out), {py::ssize_t(zc), image.shape(1) / scale, image.shape(2) / scale});
+             },
+             py::arg("image"), py::arg("tiling") = -1, py::arg("tile") = 0, py::arg("overlap") = -1)
+        .def("weight_bytes", [](Model &self, const std::string &component) -> size_t {
+            if (component == "diffusion") return self.flux().weight_bytes();
+            if (component == "clip_l") return self.clip().weight_bytes();
+            if (component == "t5xxl") return self.t5().weight_bytes();
+            if (component == "vae") return self.vae().weight_bytes();
+            fail_value("unknown component '%s'", component.c_str());
+        });
+}

@@ -1,0 +1,44 @@
+// FLUX.1 MMDiT (double + single stream blocks), MODEL.md §2-3. Sizes come from tensor shapes.
+#pragma once
+
+#include "backend.h"
+#include "weights.h"
+
+#include <memory>
+#include <string>
+#include <utility>
+#include <vector>
+
+namespace fm {
+
+struct FluxConfig {
+    int64_t hidden = 0, head_dim = 0, heads = 0, depth = 0, depth_single = 0, mlp_hidden = 0;
+    int64_t in_channels = 0, context_dim = 0, vec_dim = 0;
+    bool guidance = false;
+    static FluxConfig infer(const ComponentWeights &w);
+    std::vector<std::pair<std::string, int64_t>> items() const;
+};
+
+class FluxNet {
+public:
+    // Infers the configuration and checks every tensor's shape; reads no weight data.
+    FluxNet(Backend &backend, const ComponentWeights &weights);
+    ~FluxNet();
+    const FluxConfig &config() const;
+    void load();     // materialises the weights (no-op when loaded)
+    void release();  // frees weights and compute memory
+    bool loaded() const;
+    size_t weight_bytes() const;
+    void set_flash_attn(bool on);
+
+    // latent [16, h, w] (channel-major float32), txt [n_txt, context_dim], pooled [vec_dim];
+    // returns the velocity [16, h, w].
+    std::vector<float> forward(const float *latent, int64_t h, int64_t w, float sigma, float guidance,
+                               const float *txt, int64_t n_txt, const float *pooled);
+
+private:
+    struct Impl;
+    std::unique_ptr<Impl> impl_;
+};
+
+}  // namespace fm

@@ -1,0 +1,91 @@
+#include "layers.h"
+
+#include <cmath>
+
+namespace fm {
+
+ggml_tensor *linear(const Ops &o, ggml_tensor *x, ggml_tensor *w, ggml_tensor *b) {
+    ggml_tensor *y = ggml_mul_mat(o.ctx, w, x);
+    if (b) y = ggml_add(o.ctx, y, b);
+    return y;
+}
+
+ggml_tensor *layer_norm(const Ops &o, ggml_tensor *x, ggml_tensor *w, ggml_tensor *b, float eps) {
+    ggml_tensor *y = ggml_norm(o.ctx, x, eps);
+    if (w) y = ggml_mul(o.ctx, y, w);
+    if (b) y = ggml_add(o.ctx, y, b);
+    return y;
+}
+
+ggml_tensor *rms_norm(const Ops &o, ggml_tensor *x, ggml_tensor *w, float eps) {
+    ggml_tensor *y = ggml_rms_norm(o.ctx, x, eps);
+    if (w) y = ggml_mul(o.ctx, y, w);
+    return y;
+}
+
+ggml_tensor *group_norm(const Ops &o, ggml_tensor *x, ggml_tensor *w, ggml_tensor *b, int groups, float eps) {
+    ggml_tensor *y = ggml_group_norm(o.ctx, x, groups, eps);
+    const int64_t c = x->ne[2];
+    if (w) y = ggml_mul(o.ctx, y, ggml_reshape_4d(o.ctx, w, 1, 1, c, 1));
+    if (b) y = ggml_add(o.ctx, y, ggml_reshape_4d(o.ctx, b, 1, 1, c, 1));
+    return y;
+}
+
+ggml_tensor *gelu_tanh(const Ops &o, ggml_tensor *x) {
+    if (!o.exact) return ggml_gelu(o.ctx, x);
+    // 0.5·x·(1 + tanh(√(2/π)·(x + 0.044715·x³))) from exact F32 ops (ggml_gelu uses an F16 table).
+    const float c = std::sqrt(2.0f / float(M_PI));
+    ggml_tensor *x3 = ggml_mul(o.ctx, ggml_sqr(o.ctx, x), x);
+    ggml_tensor *inner = ggml_scale(o.ctx, ggml_add(o.ctx, x, ggml_scale(o.ctx, x3, 0.044715f)), c);
+    ggml_tensor *t = ggml_scale_bias(o.ctx, ggml_tanh(o.ctx, inner), 0.5f, 0.5f);
+    return ggml_mul(o.ctx, x, t);
+}
+
+ggml_tensor *quick_gelu(const Ops &o, ggml_tensor *x) {
+    if (!o.exact) return ggml_gelu_quick(o.ctx, x);
+    return ggml_mul(o.ctx, x, ggml_sigmoid(o.ctx, ggml_scale(o.ctx, x, 1.702f)));
+}
+
+ggml_tensor *silu(const Ops &o, ggml_tensor *x) { return ggml_silu(o.ctx, x); }
+
+ggml_tensor *attention(const Ops &o, ggml_tensor *q, ggml_tensor *k, ggml_tensor *v, ggml_tensor *mask,
+                       float scale) {
+    ggml_context *ctx = o.ctx;
+    const int64_t d = q->ne[0], heads = q->ne[1], lq = q->ne[2];
+    // [d, H, L] -> [d, L, H]
+    q = ggml_permute(ctx, q, 0, 2, 1, 3);
+    k = ggml_permute(ctx, k, 0, 2, 1, 3);
+    if (o.flash_attn && !o.exact) {
+        // K/V in F16 halve the memory traffic; the softmax and accumulation stay F32.
+        k = ggml_cast(ctx, k, GGML_TYPE_F16);
+        ggml_tensor *vv = ggml_cast(ctx, ggml_permute(ctx, v, 0, 2, 1, 3), GGML_TYPE_F16);
+        ggml_tensor *m = mask ? ggml_cast(ctx, mask, GGML_TYPE_F16) : nullptr;
+        ggml_tensor *out = ggml_flash_attn_ext(ctx, q, k, vv, m, scale, 0.0f, 0.0f);
+        ggml_flash_attn_ext_set_prec(out, GGML_PREC_F32);
+        return ggml_reshape_2d(ctx, out, d * heads, lq);  // result is [d, H, L]
+    }
+    ggml_tensor *kq = ggml_mul_mat(ctx, k, q);  // [Lk, Lq, H]
+    ggml_mul_mat_set_prec(kq, GGML_PREC_F32);
+    kq = ggml_soft_max_ext(ctx, kq, mask, scale, 0.0f);
+    ggml_tensor *vt = ggml_cont(ctx, ggml_permute(ctx, v, 1, 2, 0, 3));  // [Lk, d, H]
+    ggml_tensor *out = ggml_mul_mat(ctx, vt, kq);                         // [d, Lq, H]
+    out = ggml_cont(ctx, ggml_permute(ctx, out, 0, 2, 1, 3));            // [d, H, Lq]
+    return ggml_reshape_2d(ctx, out, d * heads, lq);
+}
+
+ggml_tensor *conv2d(const Ops &o, ggml_tensor *x, ggml_tensor *kernel, ggml_tensor *bias, int stride, int pad) {
+    ggml_context *ctx = o.ctx;
+    // im2col in the kernel's type (F32 kernels keep the exact path), then one matmul.
+    ggml_tensor *cols = ggml_im2col(ctx, kernel, x, stride, stride, pad, pad, 1, 1, true, kernel->type);
+    // cols: [Cin·kh·kw, OW, OH, N]
+    const int64_t ow = cols->ne[1], oh = cols->ne[2], n = cols->ne[3];
+    ggml_tensor *a = ggml_reshape_2d(ctx, cols, cols->ne[0], ow * oh * n);
+    ggml_tensor *w = ggml_reshape_2d(ctx, kernel, kernel->ne[0] * kernel->ne[1] * kernel->ne[2], kernel->ne[3]);
+    ggml_tensor *y = ggml_mul_mat(ctx, a, w);  // [OW·OH·N, Cout]
+    y = ggml_reshape_4d(ctx, y, ow, oh, n, kernel->ne[3]);
+    y = ggml_cont(ctx, ggml_permute(ctx, y, 0, 1, 3, 2));  // [OW, OH, Cout, N]
+    if (bias) y = ggml_add(ctx, y, ggml_reshape_4d(ctx, bias, 1, 1, bias->ne[0], 1));
+    return y;
+}
+
+}  // namespace fm

@@ -1,0 +1,42 @@
+// Building blocks shared by Flux, T5, CLIP and the VAE, written once.
+//
+// Activations are F32 throughout. With `exact` set (F32 weights), activations that ggml's CPU
+// backend computes through F16 lookup tables (GELU, quick GELU) are composed from exact ops,
+// and attention keeps K/V in F32, so F32 files reproduce the float32 reference to ~1e-5.
+#pragma once
+
+#include <ggml.h>
+
+namespace fm {
+
+struct Ops {
+    ggml_context *ctx;
+    bool exact = false;       // exact activation path (F32 weights)
+    bool flash_attn = true;   // use ggml_flash_attn_ext where allowed
+};
+
+// y = x·Wᵀ + b; x [in, n...], W ne=[in, out]; b may be null.
+ggml_tensor *linear(const Ops &o, ggml_tensor *x, ggml_tensor *w, ggml_tensor *b);
+
+// LayerNorm over ne[0]; w/b may be null (no affine).
+ggml_tensor *layer_norm(const Ops &o, ggml_tensor *x, ggml_tensor *w, ggml_tensor *b, float eps);
+// RMSNorm over ne[0] times w (w may be null).
+ggml_tensor *rms_norm(const Ops &o, ggml_tensor *x, ggml_tensor *w, float eps);
+// GroupNorm of an image x [W, H, C, N] with per-channel affine w, b [C].
+ggml_tensor *group_norm(const Ops &o, ggml_tensor *x, ggml_tensor *w, ggml_tensor *b, int groups, float eps);
+
+ggml_tensor *gelu_tanh(const Ops &o, ggml_tensor *x);   // tanh-approximated GELU
+ggml_tensor *quick_gelu(const Ops &o, ggml_tensor *x);  // x·sigmoid(1.702x)
+ggml_tensor *silu(const Ops &o, ggml_tensor *x);
+
+// Multi-head attention. q [d, H, Lq], k/v [d, H, Lk] (ggml order: head_dim fastest);
+// mask: null or F32 [Lk, Lq] or [Lk, Lq, H] added to the scores before softmax.
+// Returns [d·H, Lq].
+ggml_tensor *attention(const Ops &o, ggml_tensor *q, ggml_tensor *k, ggml_tensor *v, ggml_tensor *mask,
+                       float scale);
+
+// 2-D convolution of x [W, H, Cin, N] with kernel [kw, kh, Cin, Cout] and bias [Cout] (may be
+// null); stride/padding symmetric.
+ggml_tensor *conv2d(const Ops &o, ggml_tensor *x, ggml_tensor *kernel, ggml_tensor *bias, int stride, int pad);
+
+}  // namespace fm

@@ -1,0 +1,652 @@
+#include "weights.h"
+
+#include "common.h"
+
+
+#include <fcntl.h>
+#include <sys/mman.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <cerrno>
+#include <cstring>
+#include <limits>
+
+namespace fm {
+
+const char *component_name(Component c) {
+    switch (c) {
+        case Component::Diffusion: return "diffusion";
+        case Component::ClipL: return "clip_l";
+        case Component::T5xxl: return "t5xxl";
+        case Component::Vae: return "vae";
+        default: return "?";
+    }
+}
+
+bool is_supported_type(ggml_type t) {
+    switch (t) {
+        case GGML_TYPE_F32: case GGML_TYPE_F16: case GGML_TYPE_BF16:
+        case GGML_TYPE_Q8_0: case GGML_TYPE_Q4_0: case GGML_TYPE_Q4_1:
+        case GGML_TYPE_Q5_0: case GGML_TYPE_Q5_1:
+        case GGML_TYPE_Q2_K: case GGML_TYPE_Q3_K: case GGML_TYPE_Q4_K:
+        case GGML_TYPE_Q5_K: case GGML_TYPE_Q6_K:
+            return true;
+        default:
+            return false;
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// MappedFile
+
+MappedFile::MappedFile(const std::string &path) : path_(path) {
+    int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
+    if (fd < 0) {
+        int e = errno;
+        if (e == ENOENT) fail_file("model file not found: %s (check the path)", path.c_str());
+        fail_file("cannot open %s: %s", path.c_str(), std::strerror(e));
+    }
+    struct stat st;
+    if (fstat(fd, &st) != 0 || !S_ISREG(st.st_mode)) {
+        ::close(fd);
+        fail_file("%s is not a regular file", path.c_str());
+    }
+    size_ = size_t(st.st_size);
+    if (size_ == 0) {
+        ::close(fd);
+        fail_file("%s is empty (0 bytes): the download or conversion did not finish", path.c_str());
+    }
+    void *p = mmap(nullptr, size_, PROT_READ, MAP_SHARED, fd, 0);
+    int e = errno;
+    ::close(fd);
+    if (p == MAP_FAILED) fail_file("cannot map %s into memory: %s", path.c_str(), std::strerror(e));
+    base_ = static_cast<uint8_t *>(p);
+}
+
+MappedFile::~MappedFile() {
+    if (base_) munmap(base_, size_);
+}
+
+void MappedFile::release_range(const void *ptr, size_t n) const {
+    const uint8_t *p = static_cast<const uint8_t *>(ptr);
+    if (!base_ || p < base_ || p + n > base_ + size_ || n == 0) return;
+    const size_t page = size_t(sysconf(_SC_PAGESIZE));
+    uintptr_t begin = (uintptr_t(p) + page - 1) / page * page;  // whole pages inside the range only
+    uintptr_t end = (uintptr_t(p) + n) / page * page;
+    if (end > begin) madvise(reinterpret_cast<void *>(begin), end - begin, MADV_DONTNEED);
+}
+
+std::string TensorRef::shape_str() const {
+    std::string s = "[";
+    for (int i = n_dims - 1; i >= 0; --i) {
+        s += std::to_string(ne[i]);
+        if (i) s += ", ";
+    }
+    return s + "]";
+}
+
+// ---------------------------------------------------------------------------------------------
+// File formats
+
+static bool add_overflows(size_t a, size_t b, size_t *out) { return __builtin_add_overflow(a, b, out); }
+
+std::unique_ptr<WeightFile> WeightFile::open(const std::string &path) {
+    auto wf = std::unique_ptr<WeightFile>(new WeightFile());
+    wf->map_ = std::make_unique<MappedFile>(path);
+    const uint8_t *d = wf->map_->data();
+    size_t n = wf->map_->size();
+    if (n >= 4 && std::memcmp(d, "GGUF", 4) == 0) {
+        wf->format_ = "gguf";
+        wf->parse_gguf();
+    } else if (n >= 10 && d[8] == '{') {
+        wf->format_ = "safetensors";
+        wf->parse_safetensors();
+    } else {
+        fail_file("%s is neither a GGUF nor a safetensors file (its first bytes are not 'GGUF' nor a "
+                  "safetensors header); pass a FLUX.1-mini .gguf or .safetensors file",
+                  path.c_str());
+    }
+    return wf;
+}
+
+// Our own GGUF reader: ggml's gguf API rejects tensor names of 64 bytes or more (GGML_MAX_NAME
+// in the prebuilt library), and gpustack's T5 names are up to ~100 bytes. Every count, length
+// and offset is checked against the file size before it is used.
+namespace {
+class GgufCursor {
+public:
+    GgufCursor(const uint8_t *d, size_t n, const std::string &path) : d_(d), n_(n), path_(path) {}
+    size_t pos() const { return pos_; }
+    template <typename T> T read() {
+        need(sizeof(T));
+        T v;
+        std::memcpy(&v, d_ + pos_, sizeof(T));
+        pos_ += sizeof(T);
+        return v;
+    }
+    std::string str() {
+        uint64_t len = read<uint64_t>();
+        if (len > (uint64_t(1) << 20)) bad("a string of %llu bytes", (unsigned long long)len);
+        need(size_t(len));
+        std::string s(reinterpret_cast<const char *>(d_ + pos_), size_t(len));
+        pos_ += size_t(len);
+        return s;
+    }
+    void skip(uint64_t n) {
+        if (n > n_ - pos_) truncated();
+        pos_ += size_t(n);
+    }
+    void need(size_t k) {
+        if (k > n_ - pos_) truncated();
+    }
+    [[noreturn]] void truncated() {
+        fail_file("%s: the GGUF header ends early (at byte %zu of %zu); the file is truncated or damaged: "
+                  "download it again",
+                  path_.c_str(), pos_, n_);
+    }
+    [[noreturn]] void bad(const char *fmt, unsigned long long v) {
+        std::string what = strfmt(fmt, v);
+        fail_file("%s: damaged GGUF header (%s at byte %zu); download the file again", path_.c_str(),
+                  what.c_str(), pos_);
+    }
+
+private:
+    const uint8_t *d_;
+    size_t n_;
+    size_t pos_ = 0;
+    const std::string &path_;
+};
+
+enum GgufValueType : uint32_t {
+    kU8 = 0, kI8, kU16, kI16, kU32, kI32, kF32, kBool, kString, kArray, kU64, kI64, kF64, kTypeCount
+};
+
+size_t gguf_scalar_size(uint32_t t) {
+    switch (t) {
+        case kU8: case kI8: case kBool: return 1;
+        case kU16: case kI16: return 2;
+        case kU32: case kI32: case kF32: return 4;
+        case kU64: case kI64: case kF64: return 8;
+        default: return 0;
+    }
+}
+}  // namespace
+
+void WeightFile::parse_gguf() {
+    const std::string &path = map_->path();
+    const size_t fsize = map_->size();
+    GgufCursor cur(map_->data(), fsize, path);
+    cur.skip(4);  // magic
+    const uint32_t version = cur.read<uint32_t>();
+    if (version != 2 && version != 3)
+        fail_file("%s: GGUF version %u is not supported (fluxmini reads versions 2 and 3)", path.c_str(), version);
+    const uint64_t n_tensors = cur.read<uint64_t>();
+    const uint64_t n_kv = cur.read<uint64_t>();
+    // Each entry takes at least 8 bytes, so counts larger than the file are damage, not data.
+    if (n_tensors > fsize / 8 || n_kv > fsize / 8)
+        fail_file("%s: the GGUF header claims %llu tensors and %llu keys, impossible for a %zu-byte file; "
+                  "the file is damaged",
+                  path.c_str(), (unsigned long long)n_tensors, (unsigned long long)n_kv, fsize);
+    uint64_t alignment = 32;
+    for (uint64_t i = 0; i < n_kv; ++i) {
+        std::string key = cur.str();
+        uint32_t type = cur.read<uint32_t>();
+        if (type >= kTypeCount) cur.bad("unknown value type %llu", type);
+        if (type == kString) {
+            metadata_[key] = cur.str();
+        } else if (type == kArray) {
+            uint32_t et = cur.read<uint32_t>();
+            uint64_t n = cur.read<uint64_t>();
+            if (et >= kTypeCount || et == kArray) cur.bad("bad array element type %llu", et);
+            if (et == kString) {
+                for (uint64_t k = 0; k < n; ++k) cur.str();
+            } else {
+                size_t es = gguf_scalar_size(et);
+                if (n > fsize / es) cur.truncated();
+                cur.skip(n * es);
+            }
+        } else {
+            size_t es = gguf_scalar_size(type);
+            if (key == "general.alignment" && type == kU32) {
+                alignment = cur.read<uint32_t>();
+                if (alignment == 0 || (alignment & (alignment - 1)) != 0 || alignment > 65536)
+                    cur.bad("general.alignment %llu is not a power of two", (unsigned long long)alignment);
+            } else {
+                cur.skip(es);
+            }
+        }
+    }
+    struct Info {
+        std::string name;
+        uint32_t n_dims;
+        int64_t ne[4];
+        uint32_t type;
+        uint64_t offset;
+    };
+    std::vector<Info> infos;
+    infos.reserve(size_t(n_tensors));
+    for (uint64_t i = 0; i < n_tensors; ++i) {
+        Info in{};
+        in.name = cur.str();
+        in.n_dims = cur.read<uint32_t>();
+        if (in.n_dims == 0 || in.n_dims > 4)
+            fail_file("%s: tensor '%s' has %u dimensions (1 to 4 are valid); the file is damaged", path.c_str(),
+                      in.name.c_str(), in.n_dims);
+        for (int k = 0; k < 4; ++k) in.ne[k] = 1;
+        for (uint32_t k = 0; k < in.n_dims; ++k) {
+            uint64_t v = cur.read<uint64_t>();
+            if (v == 0 || v > (uint64_t(1) << 40))
+                fail_file("%s: tensor '%s' has a bad dimension (%llu); the file is damaged", path.c_str(),
+                          in.name.c_str(), (unsigned long long)v);
+            in.ne[k] = int64_t(v);
+        }
+        in.type = cur.read<uint32_t>();
+        in.offset = cur.read<uint64_t>();
+        infos.push_back(std::move(in));
+    }
+    size_t data_off = (cur.pos() + alignment - 1) / alignment * alignment;
+    if (data_off > fsize && n_tensors > 0) cur.truncated();
+
+    tensors_.reserve(infos.size());
+    for (Info &in : infos) {
+        TensorRef t;
+        t.file_name = in.name;
+        if (in.type >= uint32_t(GGML_TYPE_COUNT) || !is_supported_type(ggml_type(in.type))) {
+            const char *tn = in.type < uint32_t(GGML_TYPE_COUNT) ? ggml_type_name(ggml_type(in.type)) : nullptr;
+            fail_value("%s: tensor '%s' has type %s, which fluxmini does not support (supported: F32, F16, "
+                       "BF16, Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q2_K..Q6_K); requantize the file with "
+                       "`fluxmini quantize`",
+                       path.c_str(), in.name.c_str(), tn ? tn : strfmt("id %u", in.type).c_str());
+        }
+        t.type = ggml_type(in.type);
+        t.n_dims = int(in.n_dims);
+        for (int k = 0; k < 4; ++k) t.ne[k] = in.ne[k];
+        const int64_t blck = ggml_blck_size(t.type);
+        if (t.ne[0] % blck != 0)
+            fail_file("%s: tensor '%s' of type %s has rows of %lld values, not a multiple of the block size %lld; "
+                      "the file is damaged",
+                      path.c_str(), in.name.c_str(), ggml_type_name(t.type), (long long)t.ne[0], (long long)blck);
+        size_t nbytes = ggml_row_size(t.type, t.ne[0]);
+        for (int k = 1; k < 4; ++k)
+            if (__builtin_mul_overflow(nbytes, size_t(t.ne[k]), &nbytes))
+                fail_file("%s: tensor '%s' has an impossible size; the file is damaged", path.c_str(), in.name.c_str());
+        t.nbytes = nbytes;
+        size_t off = 0, end = 0;
+        if (in.offset % alignment != 0 || add_overflows(data_off, size_t(in.offset), &off) ||
+            add_overflows(off, t.nbytes, &end) || end > fsize) {
+            fail_file("%s: tensor '%s' (%zu bytes at offset %llu) lies past the end of the file (%zu bytes) or "
+                      "is misaligned: the file is truncated or damaged; download it again",
+                      path.c_str(), in.name.c_str(), t.nbytes, (unsigned long long)(data_off + in.offset), fsize);
+        }
+        t.data = map_->data() + off;
+        t.file = map_.get();
+        tensors_.push_back(std::move(t));
+    }
+}
+
+// A minimal JSON reader, enough for the safetensors header: an object of objects holding
+// strings, numbers and arrays of numbers. Anything else is rejected with an error.
+namespace {
+struct JsonValue {
+    enum Kind { Str, Num, Arr, Obj } kind = Str;
+    std::string str;
+    double num = 0;
+    uint64_t unum = 0;
+    bool is_uint = false;
+    std::vector<JsonValue> arr;
+    std::vector<std::pair<std::string, JsonValue>> obj;
+};
+
+class JsonParser {
+public:
+    JsonParser(const char *p, size_t n, const std::string &path) : p_(p), end_(p + n), path_(path) {}
+    JsonValue parse_document() {
+        JsonValue v = value(0);
+        ws();
+        if (p_ != end_) bad("trailing characters after the header object");
+        return v;
+    }
+
+private:
+    [[noreturn]] void bad(const char *what) {
+        fail_file("%s: the safetensors header is not valid JSON (%s); the file is damaged or not a "
+                  "safetensors file",
+                  path_.c_str(), what);
+    }
+    void ws() {
+        while (p_ < end_ && (*p_ == ' ' || *p_ == '\n' || *p_ == '\r' || *p_ == '\t')) ++p_;
+    }
+    JsonValue value(int depth) {
+        if (depth > 8) bad("nesting too deep");
+        ws();
+        if (p_ >= end_) bad("unexpected end");
+        JsonValue v;
+        if (*p_ == '{') {
+            v.kind = JsonValue::Obj;
+            ++p_;
+            ws();
+            if (p_ < end_ && *p_ == '}') { ++p_; return v; }
+            for (;;) {
+                ws();
+                std::string k = string();
+                ws();
+                if (p_ >= end_ || *p_ != ':') bad("expected ':'");
+                ++p_;
+                v.obj.emplace_back(std::move(k), value(depth + 1));
+                ws();
+                if (p_ < end_ && *p_ == ',') { ++p_; continue; }
+                if (p_ < end_ && *p_ == '}') { ++p_; break; }
+                bad("expected ',' or '}'");
+            }
+        } else if (*p_ == '[') {
+            v.kind = JsonValue::Arr;
+            ++p_;
+            ws();
+            if (p_ < end_ && *p_ == ']') { ++p_; return v; }
+            for (;;) {
+                v.arr.push_back(value(depth + 1));
+                ws();
+                if (p_ < end_ && *p_ == ',') { ++p_; continue; }
+                if (p_ < end_ && *p_ == ']') { ++p_; break; }
+                bad("expected ',' or ']'");
+            }
+        } else if (*p_ == '"') {
+            v.kind = JsonValue::Str;
+            v.str = string();
+        } else if (*p_ == '-' || (*p_ >= '0' && *p_ <= '9')) {
+            v.kind = JsonValue::Num;
+            const char *s = p_;
+            while (p_ < end_ && (std::strchr("+-.eE", *p_) || (*p_ >= '0' && *p_ <= '9'))) ++p_;
+            std::string tok(s, p_);
+            v.num = std::strtod(tok.c_str(), nullptr);
+            if (tok.find_first_of("-.eE") == std::string::npos && tok.size() <= 19) {
+                v.is_uint = true;
+                v.unum = std::strtoull(tok.c_str(), nullptr, 10);
+            }
+        } else if (end_ - p_ >= 4 && (std::memcmp(p_, "true", 4) == 0 || std::memcmp(p_, "null", 4) == 0)) {
+            p_ += 4;
+        } else if (end_ - p_ >= 5 && std::memcmp(p_, "false", 5) == 0) {
+            p_ += 5;
+        } else {
+            bad("unexpected character");
+        }
+        return v;
+    }
+    std::string string() {
+        if (p_ >= end_ || *p_ != '"') bad("expected a string");
+        ++p_;
+        std::string s;
+        while (p_ < end_ && *p_ != '"') {
+            if (*p_ == '\\') {
+                ++p_;
+                if (p_ >= end_) bad("unterminated escape");
+                char c = *p_++;
+                switch (c) {
+                    case 'n': s += '\n'; break;
+                    case 't': s += '\t'; break;
+                    case 'r': s += '\r'; break;
+                    case 'b': s += '\b'; break;
+                    case 'f': s += '\f'; break;
+                    case 'u': {
+                        if (end_ - p_ < 4) bad("short \\u escape");
+                        unsigned cp = unsigned(std::strtoul(std::string(p_, 4).c_str(), nullptr, 16));
+                        p_ += 4;
+                        if (cp < 0x80) s += char(cp);
+                        else if (cp < 0x800) { s += char(0xC0 | (cp >> 6)); s += char(0x80 | (cp & 0x3F)); }
+                        else { s += char(0xE0 | (cp >> 12)); s += char(0x80 | ((cp >> 6) & 0x3F)); s += char(0x80 | (cp & 0x3F)); }
+                        break;
+                    }
+                    default: s += c;
+                }
+            } else {
+                s += *p_++;
+            }
+        }
+        if (p_ >= end_) bad("unterminated string");
+        ++p_;
+        return s;
+    }
+    const char *p_;
+    const char *end_;
+    const std::string &path_;
+};
+}  // namespace
+
+void WeightFile::parse_safetensors() {
+    const std::string &path = map_->path();
+    const uint8_t *d = map_->data();
+    const size_t fsize = map_->size();
+    uint64_t hlen = 0;
+    std::memcpy(&hlen, d, 8);
+    if (hlen > fsize - 8 || hlen > (uint64_t(100) << 20)) {
+        fail_file("%s: the safetensors header claims %llu bytes but the file has %zu; the file is truncated "
+                  "or not a safetensors file",
+                  path.c_str(), (unsigned long long)hlen, fsize);
+    }
+    JsonParser jp(reinterpret_cast<const char *>(d + 8), size_t(hlen), path);
+    JsonValue root = jp.parse_document();
+    if (root.kind != JsonValue::Obj) fail_file("%s: the safetensors header is not a JSON object", path.c_str());
+    const size_t data_start = 8 + size_t(hlen);
+    const size_t data_size = fsize - data_start;
+    for (auto &kv : root.obj) {
+        if (kv.first == "__metadata__") {
+            if (kv.second.kind == JsonValue::Obj)
+                for (auto &m : kv.second.obj)
+                    if (m.second.kind == JsonValue::Str) metadata_[m.first] = m.second.str;
+            continue;
+        }
+        const JsonValue &info = kv.second;
+        const JsonValue *dtype = nullptr, *shape = nullptr, *offs = nullptr;
+        if (info.kind == JsonValue::Obj)
+            for (auto &f : info.obj) {
+                if (f.first == "dtype") dtype = &f.second;
+                else if (f.first == "shape") shape = &f.second;
+                else if (f.first == "data_offsets") offs = &f.second;
+            }
+        if (!dtype || !shape || !offs || dtype->kind != JsonValue::Str || shape->kind != JsonValue::Arr ||
+            offs->kind != JsonValue::Arr || offs->arr.size() != 2)
+            fail_file("%s: tensor '%s' has an incomplete safetensors entry (needs dtype, shape, data_offsets)",
+                      path.c_str(), kv.first.c_str());
+        TensorRef t;
+        t.file_name = kv.first;
+        size_t esize = 0;
+        if (dtype->str == "F32") { t.type = GGML_TYPE_F32; esize = 4; }
+        else if (dtype->str == "F16") { t.type = GGML_TYPE_F16; esize = 2; }
+        else if (dtype->str == "BF16") { t.type = GGML_TYPE_BF16; esize = 2; }
+        else
+            fail_value("%s: tensor '%s' has dtype %s; fluxmini reads safetensors in F32, F16 or BF16 only "
+                       "(convert the file with `fluxmini convert`)",
+                       path.c_str(), kv.first.c_str(), dtype->str.c_str());
+        if (shape->arr.size() > 4)
+            fail_value("%s: tensor '%s' has %zu dimensions (at most 4 are supported)", path.c_str(),
+                       kv.first.c_str(), shape->arr.size());
+        t.n_dims = int(shape->arr.size());
+        if (t.n_dims == 0) t.n_dims = 1;
+        size_t nel = 1;
+        for (size_t k = 0; k < shape->arr.size(); ++k) {
+            const JsonValue &dim = shape->arr[shape->arr.size() - 1 - k];
+            if (dim.kind != JsonValue::Num || !dim.is_uint || dim.unum > (uint64_t(1) << 40))
+                fail_file("%s: tensor '%s' has a bad shape entry", path.c_str(), kv.first.c_str());
+            t.ne[k] = int64_t(dim.unum);
+            if (__builtin_mul_overflow(nel, size_t(dim.unum), &nel))
+                fail_file("%s: tensor '%s' has an impossible size", path.c_str(), kv.first.c_str());
+        }
+        const JsonValue &b = offs->arr[0], &e = offs->arr[1];
+        if (b.kind != JsonValue::Num || e.kind != JsonValue::Num || !b.is_uint || !e.is_uint || e.unum < b.unum)
+            fail_file("%s: tensor '%s' has bad data_offsets", path.c_str(), kv.first.c_str());
+        size_t need = 0;
+        if (__builtin_mul_overflow(nel, esize, &need) || e.unum - b.unum != need)
+            fail_file("%s: tensor '%s' has %llu data bytes but its shape %s in %s needs %zu", path.c_str(),
+                      kv.first.c_str(), (unsigned long long)(e.unum - b.unum), t.shape_str().c_str(),
+                      dtype->str.c_str(), need);
+        if (e.unum > data_size)
+            fail_file("%s: tensor '%s' lies past the end of the file (the file is truncated; download it again)",
+                      path.c_str(), kv.first.c_str());
+        t.data = d + data_start + size_t(b.unum);
+        t.nbytes = need;
+        t.file = map_.get();
+        tensors_.push_back(std::move(t));
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Name normalisation: the one table of checkpoint prefixes (MODEL.md §1.3, §1.5).
+
+namespace {
+struct PrefixRule {
+    const char *prefix;
+    Component component;
+    const char *replacement;  // put in front of the rest of the name
+};
+
+// Longest prefixes first. The CLIP rules keep "text_model." which follows the prefix.
+const PrefixRule kNamePrefixes[] = {
+    {"model.diffusion_model.", Component::Diffusion, ""},
+    {"cond_stage_model.1.transformer.", Component::T5xxl, ""},
+    {"cond_stage_model.transformer.", Component::ClipL, ""},
+    {"text_encoders.clip_l.transformer.", Component::ClipL, ""},
+    {"text_encoders.clip_l.", Component::ClipL, ""},
+    {"text_encoders.t5xxl.transformer.", Component::T5xxl, ""},
+    {"text_encoders.t5xxl.", Component::T5xxl, ""},
+    {"first_stage_model.", Component::Vae, ""},
+    {"vae.", Component::Vae, ""},
+};
+
+// Tensors some files carry that no network uses.
+bool is_unused(const std::string &bare) {
+    auto ends = [&](const char *s) {
+        size_t n = std::strlen(s);
+        return bare.size() >= n && bare.compare(bare.size() - n, n, s) == 0;
+    };
+    return ends("position_ids") || ends("logit_scale") || bare == "text_model.text_projection.weight" ||
+           bare == "text_projection.weight" || bare == "encoder.embed_tokens.weight";
+}
+
+bool starts(const std::string &s, const char *p) { return s.rfind(p, 0) == 0; }
+
+// The component of a bare name (no prefix), or -1.
+int classify_bare(const std::string &n) {
+    if (starts(n, "double_blocks.") || starts(n, "single_blocks.") || starts(n, "img_in.") ||
+        starts(n, "txt_in.") || starts(n, "time_in.") || starts(n, "vector_in.") || starts(n, "guidance_in.") ||
+        starts(n, "final_layer."))
+        return int(Component::Diffusion);
+    if (starts(n, "text_model.")) return int(Component::ClipL);
+    if (starts(n, "shared.") || starts(n, "encoder.block.") || starts(n, "encoder.final_layer_norm.") ||
+        starts(n, "encoder.embed_tokens."))
+        return int(Component::T5xxl);
+    if (starts(n, "encoder.") || starts(n, "decoder.")) return int(Component::Vae);
+    return -1;
+}
+}  // namespace
+
+const TensorRef *ComponentWeights::find(const std::string &name) const {
+    auto it = tensors.find(name);
+    return it == tensors.end() ? nullptr : it->second;
+}
+
+const TensorRef &ComponentWeights::get(const std::string &name) const {
+    const TensorRef *t = find(name);
+    if (!t) {
+        std::string from = sources.empty() ? std::string("the model files") : sources.front();
+        fail_value("the %s weights lack the tensor '%s' (looked in %s); the file is incomplete or not a "
+                   "FLUX.1-mini file; check it with `fluxmini info`",
+                   component_name(component), name.c_str(), from.c_str());
+    }
+    return *t;
+}
+
+const TensorRef &ComponentWeights::get(const std::string &name, std::initializer_list<int64_t> ne) const {
+    const TensorRef &t = get(name);
+    bool ok = true;
+    int k = 0;
+    for (int64_t v : ne) {
+        if (t.ne[k] != v) ok = false;
+        ++k;
+    }
+    for (; k < 4; ++k)
+        if (t.ne[k] != 1) ok = false;
+    if (!ok) {
+        std::string want = "[";
+        std::vector<int64_t> v(ne);
+        for (size_t i = v.size(); i-- > 0;) {
+            want += std::to_string(v[i]);
+            if (i) want += ", ";
+        }
+        want += "]";
+        fail_value("%s tensor '%s' has shape %s but the architecture needs %s (inferred from the other tensors "
+                   "of the file); the file is damaged or belongs to another model",
+                   component_name(component), name.c_str(), t.shape_str().c_str(), want.c_str());
+    }
+    return t;
+}
+
+int ComponentWeights::count_indexed(const std::string &prefix) const {
+    int n = 0;
+    for (auto it = tensors.lower_bound(prefix); it != tensors.end() && starts(it->first, prefix.c_str()); ++it) {
+        const char *p = it->first.c_str() + prefix.size();
+        char *endp = nullptr;
+        long v = std::strtol(p, &endp, 10);
+        if (endp != p && *endp == '.' && v >= 0 && v < 100000) n = std::max(n, int(v) + 1);
+    }
+    return n;
+}
+
+WeightSet::WeightSet(const std::string &main, const std::string &clip_l, const std::string &t5xxl,
+                     const std::string &vae) {
+    for (int c = 0; c < int(Component::Count); ++c) comps_[c].component = Component(c);
+    if (main.empty() && clip_l.empty() && t5xxl.empty() && vae.empty())
+        fail_value("no model file given: pass the path of a FLUX.1-mini GGUF file");
+    if (!main.empty()) add_file(main, -1);
+    if (!clip_l.empty()) add_file(clip_l, int(Component::ClipL));
+    if (!t5xxl.empty()) add_file(t5xxl, int(Component::T5xxl));
+    if (!vae.empty()) add_file(vae, int(Component::Vae));
+}
+
+void WeightSet::add_file(const std::string &path, int forced) {
+    files_.push_back(WeightFile::open(path));
+    const WeightFile &f = *files_.back();
+    bool contributed[int(Component::Count)] = {};
+    for (const TensorRef &t : f.tensors()) {
+        const std::string &n = t.file_name;
+        int comp = -1;
+        std::string bare;
+        for (const PrefixRule &r : kNamePrefixes) {
+            if (starts(n, r.prefix)) {
+                comp = int(r.component);
+                bare = std::string(r.replacement) + n.substr(std::strlen(r.prefix));
+                break;
+            }
+        }
+        if (comp < 0) {
+            bare = n;
+            comp = classify_bare(n);
+        }
+        // In a file given for one component, names that point to another component are ignored.
+        if (forced >= 0) comp = (comp < 0 || comp == forced) ? forced : -1;
+        // SD3-style files use cond_stage_model.1 for CLIP-G: only T5 content belongs to T5.
+        if (comp == int(Component::T5xxl) && classify_bare(bare) != int(Component::T5xxl)) comp = -1;
+        if (comp < 0 || is_unused(bare)) {
+            ignored_.push_back(n);
+            continue;
+        }
+        auto &dst = comps_[comp].tensors;
+        if (dst.count(bare))
+            fail_value("tensor '%s' appears twice (in %s and again in %s); pass each component once", bare.c_str(),
+                       dst[bare]->file->path().c_str(), path.c_str());
+        dst[bare] = &t;
+        contributed[comp] = true;
+    }
+    for (int c = 0; c < int(Component::Count); ++c)
+        if (contributed[c]) comps_[c].sources.push_back(path);
+    if (forced >= 0 && !contributed[forced])
+        fail_value("%s holds no %s tensors (its tensor names were not recognised); pass the right file",
+                   path.c_str(), component_name(Component(forced)));
+}
+
+void WeightSet::release_pages(Component c) const {
+    for (auto &kv : comps_[int(c)].tensors) kv.second->file->release_range(kv.second->data, kv.second->nbytes);
+}
+
+}  // namespace fm

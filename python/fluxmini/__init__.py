@@ -1,0 +1,16 @@
+"""fluxmini: FLUX.1-mini text-to-image on ggml, from gpustack's GGUF files, without torch."""
+
+from .errors import (Cancelled, FluxMiniError, FluxMiniFileError, FluxMiniRuntimeError,
+                     FluxMiniValueError)
+from .model import FluxMini
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "FluxMini",
+    "FluxMiniError",
+    "FluxMiniValueError",
+    "FluxMiniFileError",
+    "FluxMiniRuntimeError",
+    "Cancelled",
+]
