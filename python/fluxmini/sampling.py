@@ -14,8 +14,10 @@ Two schedules (both ``steps + 1`` values running from 1 down to exactly 0, retur
   ``FluxFlowDenoiser`` as in the thxCode/stable-diffusion.cpp fork that llama-box v0.0.86 pins
   (``MODEL.md`` [FORK-86], based on upstream 9578fdcc): ``mu`` fixed at 1.15 for
   guidance-distilled models, ``N`` timesteps ``t_k = 999 - k*999/(N-1)`` and
-  ``sigma_k = shift(mu, (t_k + 1)/1000)``, then 0. The float32/float64 mix of that C++ code is
-  reproduced operation by operation, so the values should be its float32 values exactly.
+  ``sigma_k = shift(mu, (t_k + 1)/1000)``, then 0. The float32/float64 mix of that C++ code
+  (float grid, ``std::exp(float)``, the rest of ``flux_time_shift`` in double, result stored
+  as float) is reproduced operation by operation: identical float32 values to a g++/glibc
+  build of those expressions for every N from 1 to 1000.
 
 The Euler loop is the plain flow-matching update ``x <- x + (sigma_{i+1} - sigma_i) * v``
 with ``v = model(x, sigma_i)`` (``MODEL.md`` §4.3): the same numbers for both schedules.
