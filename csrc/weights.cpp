@@ -253,13 +253,12 @@ void WeightFile::parse_gguf() {
     for (Info &in : infos) {
         TensorRef t;
         t.file_name = in.name;
-        if (in.type >= uint32_t(GGML_TYPE_COUNT) || !is_supported_type(ggml_type(in.type))) {
-            const char *tn = in.type < uint32_t(GGML_TYPE_COUNT) ? ggml_type_name(ggml_type(in.type)) : nullptr;
-            fail_value("%s: tensor '%s' has type %s, which fluxmini does not support (supported: F32, F16, "
-                       "BF16, Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q2_K..Q6_K); requantize the file with "
-                       "`fluxmini quantize`",
-                       path.c_str(), in.name.c_str(), tn ? tn : strfmt("id %u", in.type).c_str());
-        }
+        if (in.type >= uint32_t(GGML_TYPE_COUNT) || ggml_type_size(ggml_type(in.type)) == 0 ||
+            ggml_blck_size(ggml_type(in.type)) == 0)
+            fail_file("%s: tensor '%s' has unknown type id %u; the file is damaged or was written by a newer "
+                      "tool than this ggml knows",
+                      path.c_str(), in.name.c_str(), in.type);
+        t.supported = is_supported_type(ggml_type(in.type));
         t.type = ggml_type(in.type);
         t.n_dims = int(in.n_dims);
         for (int k = 0; k < 4; ++k) t.ne[k] = in.ne[k];
@@ -452,13 +451,21 @@ void WeightFile::parse_safetensors() {
         TensorRef t;
         t.file_name = kv.first;
         size_t esize = 0;
-        if (dtype->str == "F32") { t.type = GGML_TYPE_F32; esize = 4; }
-        else if (dtype->str == "F16") { t.type = GGML_TYPE_F16; esize = 2; }
-        else if (dtype->str == "BF16") { t.type = GGML_TYPE_BF16; esize = 2; }
-        else
-            fail_value("%s: tensor '%s' has dtype %s; fluxmini reads safetensors in F32, F16 or BF16 only "
-                       "(convert the file with `fluxmini convert`)",
-                       path.c_str(), kv.first.c_str(), dtype->str.c_str());
+        const std::string &dt = dtype->str;
+        if (dt == "F32") { t.type = GGML_TYPE_F32; esize = 4; }
+        else if (dt == "F16") { t.type = GGML_TYPE_F16; esize = 2; }
+        else if (dt == "BF16") { t.type = GGML_TYPE_BF16; esize = 2; }
+        else {
+            // Integer tables such as CLIP's position_ids are allowed as long as nothing uses them.
+            t.type = GGML_TYPE_I32;
+            t.supported = false;
+            if (dt == "I64" || dt == "U64" || dt == "F64") esize = 8;
+            else if (dt == "I32" || dt == "U32") esize = 4;
+            else if (dt == "I16" || dt == "U16") esize = 2;
+            else if (dt == "I8" || dt == "U8" || dt == "BOOL" || dt == "F8_E4M3" || dt == "F8_E5M2") esize = 1;
+            else
+                fail_file("%s: tensor '%s' has unknown dtype '%s'", path.c_str(), kv.first.c_str(), dt.c_str());
+        }
         if (shape->arr.size() > 4)
             fail_value("%s: tensor '%s' has %zu dimensions (at most 4 are supported)", path.c_str(),
                        kv.first.c_str(), shape->arr.size());
@@ -607,6 +614,13 @@ WeightSet::WeightSet(const std::string &main, const std::string &clip_l, const s
 void WeightSet::add_file(const std::string &path, int forced) {
     files_.push_back(WeightFile::open(path));
     const WeightFile &f = *files_.back();
+    // A component file given explicitly replaces that component of the main file.
+    if (forced >= 0 && !comps_[forced].empty()) {
+        log_info("%s replaces the %s weights of %s", path.c_str(), component_name(Component(forced)),
+                 comps_[forced].sources.empty() ? "?" : comps_[forced].sources.front().c_str());
+        comps_[forced].tensors.clear();
+        comps_[forced].sources.clear();
+    }
     bool contributed[int(Component::Count)] = {};
     for (const TensorRef &t : f.tensors()) {
         const std::string &n = t.file_name;
@@ -631,6 +645,11 @@ void WeightSet::add_file(const std::string &path, int forced) {
             ignored_.push_back(n);
             continue;
         }
+        if (!t.supported)
+            fail_value("%s: tensor '%s' has type %s, which fluxmini cannot compute with (supported: F32, F16, "
+                       "BF16, Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q2_K..Q6_K); requantize the file with "
+                       "`fluxmini quantize`",
+                       path.c_str(), n.c_str(), t.type == GGML_TYPE_I32 ? "integer" : ggml_type_name(t.type));
         auto &dst = comps_[comp].tensors;
         if (dst.count(bare))
             fail_value("tensor '%s' appears twice (in %s and again in %s); pass each component once", bare.c_str(),

@@ -43,6 +43,7 @@ struct TensorRef {
     const uint8_t *data = nullptr;
     size_t nbytes = 0;
     const MappedFile *file = nullptr;
+    bool supported = true;  // a type the engine computes with (others are fine if unused)
 
     int64_t nelements() const { return ne[0] * ne[1] * ne[2] * ne[3]; }
     std::string shape_str() const;  // PyTorch order, e.g. [3072, 64]
