@@ -137,6 +137,8 @@ void ParamStore::materialize() {
                 }
             }
             if (is_repack) bytes_repacked_ += ggml_nbytes(t);
+            // The copy is what we compute with now: drop the file's pages from our resident set.
+            e->src->file->release_range(e->src->data, e->src->nbytes);
         }
         bytes_ += total;
     };
