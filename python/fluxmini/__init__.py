@@ -2,7 +2,9 @@
 
 from .errors import (Cancelled, FluxMiniError, FluxMiniFileError, FluxMiniRuntimeError,
                      FluxMiniValueError)
+from .imageio import read_metadata
 from .model import FluxMini
+from .sampling import sigmas
 
 __version__ = "0.1.0"
 
@@ -13,4 +15,6 @@ __all__ = [
     "FluxMiniFileError",
     "FluxMiniRuntimeError",
     "Cancelled",
+    "read_metadata",
+    "sigmas",
 ]

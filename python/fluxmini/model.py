@@ -158,6 +158,20 @@ class FluxMini:
 
         return tokenize_t5(prompt, length)
 
+    # ------------------------------------------------------------------ pipeline
+    def generate(self, prompt: str = "", **kwargs):
+        """Text-to-image (image-to-image with ``init_image=``) -> ``PIL.Image.Image``.
+
+        Keyword arguments (see :func:`fluxmini.pipeline.generate`): width, height (512, multiples
+        of 16, at most 2048), steps=20, guidance=3.5, seed=42 (None: random), compat=None or
+        "sd.cpp", t5_length, noise, init_image, strength=0.75, progress=True, callback,
+        low_memory=False, verbose=False, vae_tiling. The image's ``info`` holds the generation
+        parameters (saved as PNG text by :func:`fluxmini.imageio.save_png`).
+        """
+        from .pipeline import generate
+
+        return generate(self, prompt, **kwargs)
+
     # ------------------------------------------------------------------ memory
     def load_weights(self, component: str) -> None:
         self._check_component(component)
@@ -170,6 +184,7 @@ class FluxMini:
 
     def interrupt(self) -> None:
         """Abort the computation in progress (safe from any thread)."""
+        self._interrupt_requested = True  # lets generate() tell this from Ctrl-C
         self._m.interrupt()
 
     @staticmethod
