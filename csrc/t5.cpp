@@ -1,8 +1,20 @@
+// T5 v1.1 encoder (MODEL.md §7.1), the equal of transformers' T5EncoderModel.last_hidden_state
+// without an attention mask:
+//   x = shared[ids]
+//   each block: x += o(attn(RMS(x))), scores = Q·Kᵀ (no 1/sqrt(d)) + bias[h, i, j];
+//               x += wo(gelu_tanh(wi_0(RMS(x))) · wi_1(RMS(x)))
+//   out = RMS_final(x)
+// The position bias comes from block 0's table and is shared by every block. Activations stay
+// F32 end to end (T5-XXL overflows F16); the attention uses the explicit softmax path so the
+// bias is added in F32.
 #include "t5.h"
 
 #include "common.h"
 #include "layers.h"
 #include "params.h"
+
+#include <cmath>
+#include <string>
 
 namespace fm {
 
@@ -21,6 +33,9 @@ T5Config T5Config::infer(const ComponentWeights &w) {
         fail_value("T5 attention width %lld is not a multiple of the %lld heads", (long long)inner, (long long)c.heads);
     c.d_kv = inner / c.heads;
     c.d_ff = w.get("encoder.block.0.layer.1.DenseReluDense.wi_0.weight").ne[1];
+    if (c.buckets < 4 || c.buckets % 2 != 0)
+        fail_value("the T5 relative-position table has %lld buckets; an even number of at least 4 is needed",
+                   (long long)c.buckets);
     return c;
 }
 
@@ -29,23 +44,145 @@ std::vector<std::pair<std::string, int64_t>> T5Config::items() const {
             {"d_ff", d_ff},   {"layers", layers},   {"buckets", buckets}};
 }
 
+namespace {
+constexpr float kT5Eps = 1e-6f;          // layer_norm_epsilon
+constexpr int kT5MaxDistance = 128;      // relative_attention_max_distance (T5 v1.1, all sizes)
+constexpr int64_t kT5MaxTokens = 2048;   // explicit attention holds [L, L, heads] F32 twice
+
+// transformers' T5Attention._relative_position_bucket (bidirectional) for rel = key − query,
+// in float32 as torch computes it (the truncation of the log term must agree exactly).
+int32_t relative_bucket(int64_t rel, int64_t num_buckets, int max_distance) {
+    const int64_t half = num_buckets / 2;
+    int64_t bucket = rel > 0 ? half : 0;
+    const int64_t n = rel < 0 ? -rel : rel;
+    const int64_t max_exact = half / 2;
+    if (n < max_exact) return int32_t(bucket + n);
+    const float ratio = float(n) / float(max_exact);
+    const float span = float(std::log(double(max_distance) / double(max_exact)));
+    int64_t large = max_exact + int64_t(std::log(ratio) / span * float(half - max_exact));
+    if (large > half - 1) large = half - 1;
+    return int32_t(bucket + large);
+}
+
+struct T5Block {
+    ggml_tensor *ln0, *q, *k, *v, *o, *ln1, *wi0, *wi1, *wo;
+};
+}  // namespace
+
 struct T5Net::Impl {
     Backend &backend;
     T5Config cfg;
     ParamStore params;
-    Impl(Backend &b, const ComponentWeights &w) : backend(b), cfg(T5Config::infer(w)), params(b, w) {}
+    GraphRunner runner;
+    ggml_tensor *shared = nullptr, *rel_bias = nullptr, *final_ln = nullptr;
+    std::vector<T5Block> blocks;
+    std::vector<int32_t> buckets;  // bucket index per (query, key), for the current length
+    int64_t buckets_len = 0;
+
+    Impl(Backend &b, const ComponentWeights &w) : backend(b), cfg(T5Config::infer(w)), params(b, w), runner(b) {
+        const int64_t dm = cfg.d_model, inner = cfg.heads * cfg.d_kv, ff = cfg.d_ff;
+        shared = params.declare("shared.weight", ParamKind::Embedding, {dm, cfg.vocab});
+        // Small table read per (query, key) pair; stored quantized in gpustack's Q files.
+        rel_bias = params.declare("encoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight",
+                                  ParamKind::F32, {cfg.heads, cfg.buckets});
+        for (int64_t i = 0; i < cfg.layers; ++i) {
+            const std::string p = "encoder.block." + std::to_string(i) + ".layer.";
+            auto mat = [&](const std::string &n, int64_t in, int64_t out) {
+                return params.declare(p + n, ParamKind::Matmul, {in, out});
+            };
+            T5Block B;
+            B.ln0 = params.declare(p + "0.layer_norm.weight", ParamKind::F32, {dm});
+            B.q = mat("0.SelfAttention.q.weight", dm, inner);
+            B.k = mat("0.SelfAttention.k.weight", dm, inner);
+            B.v = mat("0.SelfAttention.v.weight", dm, inner);
+            B.o = mat("0.SelfAttention.o.weight", inner, dm);
+            B.ln1 = params.declare(p + "1.layer_norm.weight", ParamKind::F32, {dm});
+            B.wi0 = mat("1.DenseReluDense.wi_0.weight", dm, ff);
+            B.wi1 = mat("1.DenseReluDense.wi_1.weight", dm, ff);
+            B.wo = mat("1.DenseReluDense.wo.weight", ff, dm);
+            blocks.push_back(B);
+        }
+        final_ln = params.declare("encoder.final_layer_norm.weight", ParamKind::F32, {dm});
+    }
+
+    // Graph for n tokens: ids [n], buckets [n·n] -> last hidden state [d_model, n] ("hidden").
+    ggml_cgraph *build(ggml_context *ctx, int64_t n) {
+        Ops o{ctx};
+        o.exact = params.all_f32();
+        o.flash_attn = false;  // the bias must be added in F32 (flash attention takes an F16 mask)
+        const int64_t heads = cfg.heads, dkv = cfg.d_kv;
+        ggml_tensor *ids = ggml_new_tensor_1d(ctx, GGML_TYPE_I32, n);
+        ggml_set_name(ids, "ids");
+        ggml_set_input(ids);
+        ggml_tensor *bidx = ggml_new_tensor_1d(ctx, GGML_TYPE_I32, n * n);
+        ggml_set_name(bidx, "buckets");
+        ggml_set_input(bidx);
+
+        // bias [Lk, Lq, H]: rows of the table [H, buckets] picked per (query, key).
+        ggml_tensor *bias = ggml_get_rows(ctx, rel_bias, bidx);            // [H, n·n], key fastest
+        bias = ggml_reshape_3d(ctx, bias, heads, n, n);                    // [H, Lk, Lq]
+        bias = ggml_cont(ctx, ggml_permute(ctx, bias, 2, 0, 1, 3));        // [Lk, Lq, H]
+
+        ggml_tensor *x = ggml_get_rows(ctx, shared, ids);  // [d_model, n]
+        for (const T5Block &B : blocks) {
+            ggml_tensor *y = rms_norm(o, x, B.ln0, kT5Eps);
+            ggml_tensor *q = ggml_reshape_3d(ctx, linear(o, y, B.q, nullptr), dkv, heads, n);
+            ggml_tensor *k = ggml_reshape_3d(ctx, linear(o, y, B.k, nullptr), dkv, heads, n);
+            ggml_tensor *v = ggml_reshape_3d(ctx, linear(o, y, B.v, nullptr), dkv, heads, n);
+            x = ggml_add(ctx, x, linear(o, attention(o, q, k, v, bias, 1.0f), B.o, nullptr));
+            y = rms_norm(o, x, B.ln1, kT5Eps);
+            ggml_tensor *g = gelu_tanh(o, linear(o, y, B.wi0, nullptr));
+            ggml_tensor *u = linear(o, y, B.wi1, nullptr);
+            x = ggml_add(ctx, x, linear(o, ggml_mul(ctx, g, u), B.wo, nullptr));
+        }
+        x = rms_norm(o, x, final_ln, kT5Eps);
+        ggml_set_name(x, "hidden");
+        ggml_set_output(x);
+        ggml_cgraph *g = ggml_new_graph_custom(ctx, 8192, false);
+        ggml_build_forward_expand(g, x);
+        return g;
+    }
+
+    const std::vector<int32_t> &bucket_indices(int64_t n) {
+        if (buckets_len != n) {
+            buckets.resize(size_t(n * n));
+            for (int64_t i = 0; i < n; ++i)      // query
+                for (int64_t j = 0; j < n; ++j)  // key
+                    buckets[size_t(i * n + j)] = relative_bucket(j - i, cfg.buckets, kT5MaxDistance);
+            buckets_len = n;
+        }
+        return buckets;
+    }
 };
 
 T5Net::T5Net(Backend &backend, const ComponentWeights &weights) : impl_(new Impl(backend, weights)) {}
 T5Net::~T5Net() = default;
 const T5Config &T5Net::config() const { return impl_->cfg; }
 void T5Net::load() { impl_->params.materialize(); }
-void T5Net::release() { impl_->params.release(); }
+void T5Net::release() {
+    impl_->runner.release();
+    impl_->params.release();
+}
 bool T5Net::loaded() const { return impl_->params.bytes() > 0; }
 size_t T5Net::weight_bytes() const { return impl_->params.bytes(); }
 
-std::vector<float> T5Net::encode(const int32_t *, int64_t) {
-    fail_runtime("the T5 encoder is not implemented yet");
+std::vector<float> T5Net::encode(const int32_t *ids, int64_t n) {
+    Impl &m = *impl_;
+    const T5Config &c = m.cfg;
+    if (n <= 0) fail_value("T5 needs at least one token id (tokenize_t5 gives them), got none");
+    if (n > kT5MaxTokens)
+        fail_value("T5 input has %lld token ids; at most %lld are encoded at once (Flux uses 256 or 512)",
+                   (long long)n, (long long)kT5MaxTokens);
+    for (int64_t i = 0; i < n; ++i)
+        if (ids[i] < 0 || ids[i] >= c.vocab)
+            fail_value("T5 token id %lld at position %lld is outside the vocabulary [0, %lld)", (long long)ids[i],
+                       (long long)i, (long long)c.vocab);
+    load();
+    m.runner.prepare("t5-" + std::to_string(n), [&](ggml_context *ctx) { return m.build(ctx, n); });
+    m.runner.set_input("ids", ids, size_t(n) * sizeof(int32_t));
+    m.runner.set_input_i32("buckets", m.bucket_indices(n));
+    m.runner.compute();
+    return m.runner.get_output("hidden");
 }
 
 }  // namespace fm
