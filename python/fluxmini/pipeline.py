@@ -186,6 +186,18 @@ class Result:
 
 
 def _peak_rss_mb() -> Optional[float]:
+    """Peak resident memory of this process in MiB (None where the platform does not say).
+
+    Linux: VmHWM of /proc/self/status (ru_maxrss there keeps the high-water mark of the process
+    image before exec, e.g. of a big parent that started this one). Elsewhere ru_maxrss.
+    """
+    try:
+        with open("/proc/self/status", encoding="ascii", errors="replace") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024.0  # kB
+    except (OSError, ValueError, IndexError):
+        pass
     try:
         import resource
     except ImportError:  # Windows
