@@ -25,7 +25,7 @@ from typing import Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 
-from .errors import FluxMiniError, FluxMiniFileError, FluxMiniValueError
+from .errors import FluxMiniFileError, FluxMiniValueError
 from .inventory import (COMPONENTS, LAYOUT_PREFIXES, ClipDims, FluxDims, ModelDims, T5Dims, VaeDims,
                         component_tensors)
 
@@ -152,6 +152,15 @@ def resolve_types(type: str = "f16", *, clip_l_type: str | None = None, t5xxl_ty
             ggml_type(t)
             out[comp] = t.lower()
     return out
+
+
+def _encode_flat(data: np.ndarray, type_name: str) -> np.ndarray:
+    """Encode float data (a whole number of blocks) as flat bytes of ``type_name``.
+
+    gguf.quants works over groups of 16 rows; giving it one long row makes one group, which is
+    much faster for short rows (blocks are independent, so the bytes are the same)."""
+    flat = np.ascontiguousarray(data, dtype=np.float32).reshape(1, -1)
+    return encode_tensor(flat, type_name)[0].reshape(-1)
 
 
 def encode_tensor(data: np.ndarray, type_name: str) -> tuple[np.ndarray, object]:
@@ -489,8 +498,7 @@ class _RandomPool:
     def blocks(self, t: str) -> np.ndarray:
         if t not in self._blocks:
             bs, ts = _block(t)
-            raw, _ = encode_tensor(self.f32.reshape(-1, 4096), t)
-            self._blocks[t] = np.ascontiguousarray(raw).reshape(-1, ts)
+            self._blocks[t] = _encode_flat(self.f32, t).reshape(-1, ts)
         return self._blocks[t]
 
     def _slices(self, n: int, size: int) -> Iterator[tuple[int, int]]:
@@ -515,7 +523,7 @@ class _RandomPool:
         else:
             for a, b in self._slices(n, self.size):
                 piece = self.f32[a:b] * np.float32(scale)
-                yield encode_tensor(piece.reshape(1, -1), t)[0]
+                yield _encode_flat(piece, t)
 
 
 def _write_random_file(path: str, plan, rng: np.random.Generator, pool: _RandomPool,
@@ -528,7 +536,7 @@ def _write_random_file(path: str, plan, rng: np.random.Generator, pool: _RandomP
         for _, _, bare, shape, t in plan:
             scale = _random_scale(bare, shape)
             if scale is None or int(np.prod(shape)) < (1 << 16):
-                raw, _ = encode_tensor(random_tensor(rng, bare, shape), t)
+                raw = _encode_flat(random_tensor(rng, bare, shape), t)
                 w.write(raw)
                 progress.update(raw.nbytes)
             else:
@@ -572,7 +580,8 @@ def make_random(output: str | os.PathLike, variant: str = "Q4_0", layout: str = 
              for path, comps, bare in jobs]
     total = sum(tensor_nbytes(shape, t) for _, plan in plans for *_, shape, t in plan)
     bar = _Progress(total, "make-random", progress)
-    pool = _RandomPool(rng)
+    biggest = max(int(np.prod(shape)) for _, plan in plans for *_, shape, _ in plan)
+    pool = _RandomPool(rng, size=min(1 << 24, max(1 << 16, 1 << (biggest - 1).bit_length())))
     try:
         for path, plan in plans:
             _write_random_file(path, plan, rng, pool, metadata, bar)
@@ -598,11 +607,11 @@ def _kept_type(dtype: str) -> str:
 class SrcTensor:
     """One tensor of an input file, read lazily as flat element ranges."""
 
-    __slots__ = ("label", "name", "shape", "dtype", "_read", "_raw")
+    __slots__ = ("label", "name", "shape", "dtype", "file", "_read", "_raw")
 
-    def __init__(self, label: str, name: str, shape: tuple[int, ...], dtype: str,
+    def __init__(self, label: str, name: str, shape: tuple[int, ...], dtype: str, file,
                  read: Callable[[int, int], np.ndarray], raw: Callable[[int, int], np.ndarray] | None):
-        self.label, self.name, self.shape, self.dtype = label, name, shape, dtype
+        self.label, self.name, self.shape, self.dtype, self.file = label, name, shape, dtype, file
         self._read, self._raw = read, raw
 
     @property
@@ -610,14 +619,22 @@ class SrcTensor:
         return int(np.prod(self.shape)) if self.shape else 1
 
     def read(self, a: int, b: int) -> np.ndarray:
+        """Elements [a, b) as flat float32."""
         return self._read(a, b)
 
     def raw(self, a: int, b: int) -> np.ndarray:
+        """The stored bytes of elements [a, b) (block-aligned for block types)."""
         return self._raw(a, b)
 
 
+def close_inputs(tensors: Iterable[SrcTensor]) -> None:
+    """Close the files behind ``read_input``'s tensors."""
+    for f in {id(t.file): t.file for t in tensors}.values():
+        f.close()
+
+
 def _safetensors_tensors(path: str) -> list[SrcTensor]:
-    from .safetensors_io import SafetensorsFile
+    from .safetensors_io import FLOAT_DTYPES, SafetensorsFile
 
     sf = SafetensorsFile(path)
     label = os.path.basename(path)
@@ -625,62 +642,83 @@ def _safetensors_tensors(path: str) -> list[SrcTensor]:
     for name, ent in sf.entries.items():
         dtype = _SAFETENSORS_DTYPE_NAMES.get(ent.dtype, ent.dtype.lower())
 
-        def read(a, b, name=name, dtype=dtype):
-            if dtype not in ("f32", "f16", "bf16", "f64", "f8_e4m3", "f8_e5m2"):
-                raise FluxMiniValueError(f"{label}: tensor {name} has dtype {dtype}, not a floating-point type")
+        def read(a, b, name=name, sdt=ent.dtype):
+            if sdt not in FLOAT_DTYPES:
+                raise FluxMiniValueError(f"{label}: tensor {name} has dtype {sdt}, not a floating-point type")
             return sf.read(name, a, b)
 
         def raw(a, b, name=name):
             return sf.raw(name, a, b).view(np.uint8)
 
-        out.append(SrcTensor(label, name, ent.shape, dtype, read, raw))
+        out.append(SrcTensor(label, name, ent.shape, dtype, sf, read, raw))
     return out
+
+
+class _GGUFData:
+    """Plain reads of a GGUF file's tensor data (the header is parsed by gguf.GGUFReader)."""
+
+    def __init__(self, path: str):
+        self.path = path
+        self._fh = None
+
+    def bytes(self, offset: int, nbytes: int) -> np.ndarray:
+        from .safetensors_io import read_file_range
+
+        return read_file_range(self, offset, nbytes)
+
+    def close(self) -> None:
+        fh, self._fh = self._fh, None
+        if fh is not None:
+            fh.close()
 
 
 def _gguf_tensors(path: str) -> list[SrcTensor]:
     gguf = _gguf()
     try:
         reader = gguf.GGUFReader(path, "r")
+        infos = [(t.name, t.tensor_type, tuple(int(s) for s in reversed(t.shape.tolist())), int(t.data_offset),
+                  int(t.n_bytes)) for t in reader.tensors]
     except Exception as e:  # the reader raises ValueError, struct.error, ... on bad files
-        raise FluxMiniFileError(f"{path}: not a readable GGUF file ({e})") from e
+        raise FluxMiniFileError(f"{path}: not a readable GGUF file, damaged or truncated ({e})") from e
+    del reader
+    size = os.path.getsize(path)
+    data = _GGUFData(path)
     label = os.path.basename(path)
     out = []
-    for t in reader.tensors:
-        qt = t.tensor_type
+    for name, qt, shape, off, nbytes in infos:
+        if off + nbytes > size:
+            raise FluxMiniFileError(f"{path}: truncated GGUF file (tensor {name} ends at byte {off + nbytes}, "
+                                    f"the file has {size})")
         dtype = qt.name.lower()
-        shape = tuple(int(s) for s in reversed(t.shape.tolist()))
-        flat = t.data.reshape(-1)
         bs, ts = gguf.GGML_QUANT_SIZES[qt]
 
-        if dtype in ("f32", "f16", "f64"):
-            def read(a, b, flat=flat):
-                return flat[a:b].astype(np.float32)
+        if dtype in ("f32", "f16", "f64", "bf16"):
+            npdt = {"f32": np.float32, "f16": np.float16, "f64": np.float64, "bf16": np.uint16}[dtype]
 
-            def raw(a, b, flat=flat):
-                return flat[a:b].view(np.uint8)
-        elif dtype == "bf16":
-            def read(a, b, flat=flat):
-                return (flat.view(np.uint16)[a:b].astype(np.uint32) << 16).view(np.float32)
+            def raw(a, b, off=off, ts=ts):
+                return data.bytes(off + a * ts, (b - a) * ts)
 
-            def raw(a, b, flat=flat):
-                return flat[2 * a: 2 * b]
+            def read(a, b, raw=raw, npdt=npdt, bf16=dtype == "bf16"):
+                v = raw(a, b).view(npdt)
+                return (v.astype(np.uint32) << 16).view(np.float32) if bf16 else v.astype(np.float32)
         elif bs > 1:
-            def read(a, b, flat=flat, qt=qt, bs=bs, ts=ts, name=t.name):
+            def raw(a, b, off=off, bs=bs, ts=ts):
+                return data.bytes(off + a // bs * ts, (b - a) // bs * ts)
+
+            def read(a, b, off=off, qt=qt, bs=bs, ts=ts, name=name):
                 b0, b1 = a // bs, -(-b // bs)
+                blocks = data.bytes(off + b0 * ts, (b1 - b0) * ts)
                 try:
-                    vals = gguf.quants.dequantize(np.asarray(flat[b0 * ts: b1 * ts]).reshape(1, -1), qt)
+                    vals = gguf.quants.dequantize(blocks.reshape(1, -1), qt)
                 except NotImplementedError:
                     raise FluxMiniValueError(f"{label}: cannot dequantize {name} ({qt.name})") from None
                 return vals.reshape(-1)[a - b0 * bs: b - b0 * bs].astype(np.float32)
-
-            def raw(a, b, flat=flat, bs=bs, ts=ts):
-                return flat[a // bs * ts: b // bs * ts]
         else:
-            def read(a, b, name=t.name, dtype=dtype):
+            def read(a, b, name=name, dtype=dtype):
                 raise FluxMiniValueError(f"{label}: tensor {name} has type {dtype}, not a floating-point type")
 
             raw = None
-        out.append(SrcTensor(label, t.name, shape, dtype, read, raw))
+        out.append(SrcTensor(label, name, shape, dtype, data, read, raw))
     return out
 
 
@@ -768,7 +806,7 @@ def _ignored(component: str, name: str) -> bool:
         return name.startswith(("text_projection", "text_model.text_projection", "vision_model.",
                                 "visual_projection"))
     if component == "t5xxl":
-        return name.startswith(("decoder.", "lm_head."))
+        return name.startswith(("decoder.", "lm_head.", "dec.", "output."))
     return False
 
 
@@ -889,6 +927,26 @@ def _map_diffusers_flux(tensors: dict[str, SrcTensor]) -> tuple[dict[str, _Virt]
     return have, unknown, missing
 
 
+_LLAMA_T5 = {"attn_q": "layer.0.SelfAttention.q", "attn_k": "layer.0.SelfAttention.k",
+             "attn_v": "layer.0.SelfAttention.v", "attn_o": "layer.0.SelfAttention.o",
+             "attn_rel_b": "layer.0.SelfAttention.relative_attention_bias", "attn_norm": "layer.0.layer_norm",
+             "ffn_gate": "layer.1.DenseReluDense.wi_0", "ffn_up": "layer.1.DenseReluDense.wi_1",
+             "ffn_down": "layer.1.DenseReluDense.wo", "ffn_norm": "layer.1.layer_norm"}
+
+
+def _map_llama_t5(name: str) -> str | None:
+    """llama.cpp T5 encoder names (city96's t5-v1_1-xxl-encoder GGUFs) -> Hugging Face names
+    (the pairs of gguf-py's tensor_mapping.py)."""
+    if name == "token_embd.weight":
+        return "shared.weight"
+    if name == "enc.output_norm.weight":
+        return "encoder.final_layer_norm.weight"
+    m = re.fullmatch(r"enc\.blk\.(\d+)\.([a-z_]+)\.weight", name)
+    if m and m[2] in _LLAMA_T5:
+        return f"encoder.block.{m[1]}.{_LLAMA_T5[m[2]]}.weight"
+    return None
+
+
 def _map_diffusers_vae(name: str, n_up: int) -> str | None:
     """diffusers AutoencoderKL name -> CompVis (BFL ae) name, or None if it is not a diffusers name."""
     m = re.fullmatch(r"(encoder|decoder)\.conv_norm_out\.(weight|bias)", name)
@@ -948,7 +1006,9 @@ def _collect(component: str, tensors: list[SrcTensor], all_in_one: bool, t5_dup:
         if owner is None and all_in_one:
             continue  # unprefixed names of an all-in-one file are reported once by the caller
         if component == "clip_l" and bare.startswith(("embeddings.", "encoder.", "final_layer_norm.")):
-            bare = "text_model." + bare
+            bare = "text_model." + bare  # transformers >= 5 saves CLIPTextModel without text_model.
+        if component == "t5xxl":
+            bare = _map_llama_t5(bare) or bare
         if _ignored(component, bare):
             continue
         if bare in mine:
@@ -1074,7 +1134,8 @@ def infer_dims(component: str, have: dict[str, tuple[int, ...]] | dict[str, _Vir
         levels = _count(have, r"encoder\.down\.(\d+)\.", len(d.ch_mult))
         mult = []
         for i in range(levels):
-            c = _dim(have, [(f"encoder.down.{i}.block.0.conv1.weight", 0)], ch * (d.ch_mult[i] if i < len(d.ch_mult) else 1))
+            default = ch * (d.ch_mult[i] if i < len(d.ch_mult) else 1)
+            c = _dim(have, [(f"encoder.down.{i}.block.0.conv1.weight", 0)], default)
             mult.append(c // ch if ch and c % ch == 0 else c)
         return VaeDims(
             ch=ch, ch_mult=tuple(mult),
@@ -1152,7 +1213,7 @@ def _item_chunks(item: _Item) -> Iterator[np.ndarray]:
         if raw:
             yield data
         else:
-            yield encode_tensor(data.reshape(-1, row), t)[0]
+            yield _encode_flat(data, t)
 
 
 def _check(component: str, col: _Collected, dims_part, inventory) -> list[str]:
@@ -1166,8 +1227,8 @@ def _check(component: str, col: _Collected, dims_part, inventory) -> list[str]:
     if missing:
         hint = ""
         if not col.have and col.others:
-            hint = " (the input holds " + ", ".join(f"{n} {COMPONENT_TITLES[c]} tensors" for c, n in col.others.items()) + \
-                   f", no {COMPONENT_TITLES[component]} tensors: is it the right file?)"
+            held = ", ".join(f"{n} {COMPONENT_TITLES[c]} tensors" for c, n in col.others.items())
+            hint = f" (the input holds {held}, no {COMPONENT_TITLES[component]} tensors: is it the right file?)"
         problems.append(f"{title}: {len(missing)} tensor(s) missing: {_names_list(missing)}{hint}")
     wrong = [f"{n} is {list(v.shape)}, expected {list(expected[n])}" for n, v in col.have.items()
              if n in expected and tuple(v.shape) != tuple(expected[n])]
@@ -1235,58 +1296,64 @@ def convert(output: str | os.PathLike, *, diffusion: str | os.PathLike | None = 
             cache[key] = read_input(path, role)
         return cache[key]
 
-    problems: list[str] = []
-    collected: dict[str, _Collected] = {}
-    for comp in COMPONENTS:
-        if given[comp] is not None:
-            col = _collect(comp, tensors_of(given[comp], comp), False, keep_t5_duplicate)
-        else:
-            col = _collect(comp, tensors_of(model, None), True, keep_t5_duplicate)
-        collected[comp] = col
-    if model is not None:
-        stray = [t.name for t in tensors_of(model, None)
-                 if _strip("diffusion", t.name)[0] is None and not _ignored("", t.name)]
-        if stray:
-            problems.append(f"{os.path.basename(os.fspath(model))}: {len(stray)} tensor(s) of no known component: "
-                            f"{_names_list(stray)}")
+    try:
+        problems: list[str] = []
+        collected: dict[str, _Collected] = {}
+        for comp in COMPONENTS:
+            if given[comp] is not None:
+                col = _collect(comp, tensors_of(given[comp], comp), False, keep_t5_duplicate)
+            else:
+                col = _collect(comp, tensors_of(model, None), True, keep_t5_duplicate)
+            collected[comp] = col
+        if model is not None:
+            stray = [t.name for t in tensors_of(model, None)
+                     if _strip("diffusion", t.name)[0] is None and not _ignored("", t.name)]
+            if stray:
+                problems.append(f"{os.path.basename(os.fspath(model))}: {len(stray)} tensor(s) of no known component: "
+                                f"{_names_list(stray)}")
 
-    dims_parts = {c: infer_dims(c, collected[c].have, keep_t5_duplicate) for c in COMPONENTS}
-    dims = ModelDims(flux=dims_parts["diffusion"], clip=dims_parts["clip_l"], t5=dims_parts["t5xxl"],
-                     vae=dims_parts["vae"])
-    inventories = {c: component_tensors(c, dims) for c in COMPONENTS}
-    for c in COMPONENTS:
-        problems += _check(c, collected[c], dims_parts[c], inventories[c])
-    if problems:
-        raise FluxMiniValueError("cannot convert:\n  " + "\n  ".join(problems))
-    f, cl, t5, va = dims.flux, dims.clip, dims.t5, dims.vae
-    mismatch = []
-    if f.context_dim != t5.d_model:
-        mismatch.append(f"the diffusion model takes text features of width {f.context_dim} but T5 makes {t5.d_model}")
-    if f.vec_dim != cl.hidden:
-        mismatch.append(f"the diffusion model takes a pooled vector of width {f.vec_dim} but CLIP-L makes {cl.hidden}")
-    if f.in_channels != 4 * va.z_channels:
-        mismatch.append(f"the diffusion model takes {f.in_channels} channels per token but the VAE has "
-                        f"{va.z_channels} latent channels ({4 * va.z_channels} per 2x2 patch)")
-    if mismatch:
-        raise FluxMiniValueError("the components do not fit together: " + "; ".join(mismatch))
+        dims_parts = {c: infer_dims(c, collected[c].have, keep_t5_duplicate) for c in COMPONENTS}
+        dims = ModelDims(flux=dims_parts["diffusion"], clip=dims_parts["clip_l"], t5=dims_parts["t5xxl"],
+                         vae=dims_parts["vae"])
+        inventories = {c: component_tensors(c, dims) for c in COMPONENTS}
+        for c in COMPONENTS:
+            problems += _check(c, collected[c], dims_parts[c], inventories[c])
+        if problems:
+            raise FluxMiniValueError("cannot convert:\n  " + "\n  ".join(problems))
+        f, cl, t5, va = dims.flux, dims.clip, dims.t5, dims.vae
+        mismatch = []
+        if f.context_dim != t5.d_model:
+            mismatch.append(f"the diffusion model takes text features of width {f.context_dim} but T5 makes "
+                            f"{t5.d_model}")
+        if f.vec_dim != cl.hidden:
+            mismatch.append(f"the diffusion model takes a pooled vector of width {f.vec_dim} but CLIP-L makes "
+                            f"{cl.hidden}")
+        if f.in_channels != 4 * va.z_channels:
+            mismatch.append(f"the diffusion model takes {f.in_channels} channels per token but the VAE has "
+                            f"{va.z_channels} latent channels ({4 * va.z_channels} per 2x2 patch)")
+        if mismatch:
+            raise FluxMiniValueError("the components do not fit together: " + "; ".join(mismatch))
 
-    items: list[_Item] = []
-    for comp in COMPONENTS:
-        prefix = LAYOUT_PREFIXES[layout][comp]
-        for bare, shape in inventories[comp]:
-            v = collected[comp].have[bare]
-            t = gpustack_type(comp, bare, shape, types["diffusion"], types[comp], v.kept_type)
-            items.append(_Item(comp, prefix + bare, bare, tuple(shape), t, v))
+        items: list[_Item] = []
+        for comp in COMPONENTS:
+            prefix = LAYOUT_PREFIXES[layout][comp]
+            for bare, shape in inventories[comp]:
+                v = collected[comp].have[bare]
+                t = gpustack_type(comp, bare, shape, types["diffusion"], types[comp], v.kept_type)
+                items.append(_Item(comp, prefix + bare, bare, tuple(shape), t, v))
 
-    sources = []
-    for p in inputs:
-        b = os.path.basename(os.path.normpath(p))
-        if b not in sources:
-            sources.append(b)
-    meta = {"fluxmini.architecture": "flux-mini", "fluxmini.quantization": types["diffusion"],
-            "fluxmini.layout": layout, "fluxmini.source": ", ".join(sources)}
-    meta.update(metadata or {})
-    return _write_items(output, items, meta, types, layout, dims, progress, "convert")
+        sources = []
+        for p in inputs:
+            b = os.path.basename(os.path.normpath(p))
+            if b not in sources:
+                sources.append(b)
+        meta = {"fluxmini.architecture": "flux-mini", "fluxmini.quantization": types["diffusion"],
+                "fluxmini.layout": layout, "fluxmini.source": ", ".join(sources)}
+        meta.update(metadata or {})
+        return _write_items(output, items, meta, types, layout, dims, progress, "convert")
+    finally:
+        for tensors in cache.values():
+            close_inputs(tensors)
 
 
 def _write_items(output: str, items: list[_Item], meta: dict, types: dict, layout: str, dims: ModelDims,
@@ -1332,6 +1399,7 @@ def quantize(input_gguf: str | os.PathLike, output_gguf: str | os.PathLike, type
     """
     src = os.fspath(input_gguf)
     tensors = read_input(src)
+    close_inputs(tensors)
     names = [t.name for t in tensors]
     if layout is None:
         layout = detect_layout(names)

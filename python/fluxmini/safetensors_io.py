@@ -3,8 +3,8 @@
 The format: an 8-byte little-endian header length N, then N bytes of JSON (one entry per tensor:
 ``{"dtype": "F16", "shape": [...], "data_offsets": [begin, end]}`` plus an optional
 ``"__metadata__"`` map of strings), then the raw tensor data, offsets counted from the end of the
-header. Tensors are read lazily through one read-only memory map, so a 10 GB file costs no memory
-until a slice of it is converted.
+header. Tensors are read lazily in slices with plain file reads, so a 10 GB file costs no memory beyond
+the slice being converted.
 """
 
 from __future__ import annotations
@@ -141,19 +141,19 @@ class SafetensorsFile:
                 raise FluxMiniFileError(f"{self.path}: truncated safetensors file (tensor {name!r} ends at byte "
                                         f"{e} of the data, but the data has {self.data_size} bytes)")
             self.entries[name] = TensorEntry(name, dtype, shape, base + b, base + e)
-        self._mm = None
+        self._fh = None
 
-    def _map(self) -> np.memmap:
-        if self._mm is None:
-            self._mm = np.memmap(self.path, dtype=np.uint8, mode="r")
-        return self._mm
+    def read_bytes(self, offset: int, nbytes: int) -> np.ndarray:
+        """``nbytes`` bytes at absolute file ``offset`` (a fresh array; plain reads, not a memory map,
+        so the process's resident memory stays at what it holds, not what it has read)."""
+        return read_file_range(self, offset, nbytes)
 
     def raw(self, name: str, start: int = 0, stop: int | None = None) -> np.ndarray:
-        """Stored elements [start, stop) of a tensor, flat, in the stored dtype (a view of the map)."""
+        """Stored elements [start, stop) of a tensor, flat, in the stored dtype."""
         ent = self.entries[name]
         isz, npdt = DTYPES[ent.dtype]
         stop = ent.numel if stop is None else stop
-        return self._map()[ent.begin + start * isz: ent.begin + stop * isz].view(npdt)
+        return self.read_bytes(ent.begin + start * isz, (stop - start) * isz).view(npdt)
 
     def read(self, name: str, start: int = 0, stop: int | None = None) -> np.ndarray:
         """Elements [start, stop) of a floating-point tensor as flat float32."""
@@ -164,7 +164,22 @@ class SafetensorsFile:
         return self.read(name).reshape(self.entries[name].shape)
 
     def close(self) -> None:
-        self._mm = None
+        fh, self._fh = self._fh, None
+        if fh is not None:
+            fh.close()
+
+
+def read_file_range(holder, offset: int, nbytes: int) -> np.ndarray:
+    """Read bytes through ``holder._fh`` (opened on first use from ``holder.path``)."""
+    if holder._fh is None:
+        holder._fh = open(holder.path, "rb")
+    buf = np.empty(nbytes, dtype=np.uint8)
+    holder._fh.seek(offset)
+    got = holder._fh.readinto(memoryview(buf))
+    if got != nbytes:
+        raise FluxMiniFileError(f"{holder.path}: truncated file (wanted {nbytes} bytes at offset {offset}, "
+                                f"got {got})")
+    return buf
 
 
 def write_safetensors(path: str | os.PathLike, tensors: dict[str, np.ndarray], dtype: str | None = None,
