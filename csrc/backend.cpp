@@ -6,9 +6,13 @@
 
 #include <unistd.h>
 
+#include <algorithm>
+#include <chrono>
 #include <csignal>
+#include <cstdlib>
 #include <cstring>
 #include <fstream>
+#include <map>
 #include <set>
 #include <thread>
 #include <utility>
@@ -173,6 +177,8 @@ void GraphRunner::prepare(const std::string &key, const BuildFn &build) {
                          "size or VAE tiling",
                          backend_.name().c_str());
         key_ = key;
+        log_info("graph %s: %d nodes, compute buffer %.1f MiB (built and reserved)", key.c_str(),
+                 ggml_graph_n_nodes(graph_), compute_buffer_bytes() / 1048576.0);
     }
     ggml_backend_sched_reset(sched_);
     if (!ggml_backend_sched_alloc_graph(sched_, graph_))
@@ -235,14 +241,76 @@ struct SigintScope {
 };
 }  // namespace
 
+namespace {
+// FLUXMINI_PROFILE=1: time every node of a graph (the scheduler then runs the nodes one by one,
+// so the sum is a little above a normal run) and print the time per op type on stderr.
+struct OpProfiler {
+    using clock = std::chrono::steady_clock;
+    struct Row {
+        double seconds = 0, flops = 0;
+        int count = 0;
+    };
+    clock::time_point start;
+    std::map<std::string, Row> rows;
+
+    static double flops_of(const ggml_tensor *t) {
+        if (t->op == GGML_OP_MUL_MAT) return 2.0 * double(t->src[0]->ne[0]) * double(ggml_nelements(t));
+        if (t->op == GGML_OP_FLASH_ATTN_EXT)  // Q·Kᵀ and P·V: 4·d·Lq·Lk·heads
+            return 4.0 * double(t->src[0]->ne[0]) * double(t->src[0]->ne[1]) * double(t->src[1]->ne[1]) *
+                   double(t->src[0]->ne[2]);
+        return 0;
+    }
+    static bool eval(ggml_tensor *t, bool ask, void *user) {
+        auto *p = static_cast<OpProfiler *>(user);
+        if (ask) {
+            p->start = clock::now();
+            return true;
+        }
+        std::string key = ggml_op_desc(t);
+        if (t->op == GGML_OP_MUL_MAT) {
+            const ggml_tensor *w = t->src[0];
+            const char *buf = w->buffer ? ggml_backend_buffer_name(w->buffer) : "";
+            key += strfmt("(%s%s, n=%lld)", ggml_type_name(w->type), std::strstr(buf, "REPACK") ? " repacked" : "",
+                          (long long)(ggml_nelements(t) / t->ne[0]));
+        }
+        Row &r = p->rows[key];
+        r.seconds += std::chrono::duration<double>(clock::now() - p->start).count();
+        r.flops += flops_of(t);
+        r.count += 1;
+        return true;
+    }
+    void print(const std::string &key) const {
+        std::vector<std::pair<std::string, Row>> v(rows.begin(), rows.end());
+        std::sort(v.begin(), v.end(), [](const auto &a, const auto &b) { return a.second.seconds > b.second.seconds; });
+        double total = 0;
+        for (auto &r : v) total += r.second.seconds;
+        std::fprintf(stderr, "fluxmini profile of graph %s: %.3f s in %zu op kinds\n", key.c_str(), total, v.size());
+        std::fprintf(stderr, "  %9s %6s %6s %9s  %s\n", "ms", "%", "count", "GFLOP/s", "op");
+        for (auto &r : v) {
+            const Row &x = r.second;
+            std::fprintf(stderr, "  %9.1f %6.1f %6d %9s  %s\n", x.seconds * 1e3, 100.0 * x.seconds / total, x.count,
+                         x.flops > 0 ? strfmt("%.1f", x.flops / x.seconds / 1e9).c_str() : "", r.first.c_str());
+        }
+    }
+};
+}  // namespace
+
 void GraphRunner::compute() {
     auto &flag = backend_.interrupt_flag();
     ggml_backend_cpu_set_abort_callback(backend_.cpu(), abort_requested, &flag);
+    const char *prof_env = std::getenv("FLUXMINI_PROFILE");
+    const bool profile = prof_env && *prof_env && std::strcmp(prof_env, "0") != 0;
+    OpProfiler prof;
+    if (profile) ggml_backend_sched_set_eval_callback(sched_, OpProfiler::eval, &prof);
     enum ggml_status st;
     {
         SigintScope sig(&flag);
         if (flag.load()) st = GGML_STATUS_ABORTED;
         else st = ggml_backend_sched_graph_compute(sched_, graph_);
+    }
+    if (profile) {
+        ggml_backend_sched_set_eval_callback(sched_, nullptr, nullptr);
+        if (st == GGML_STATUS_SUCCESS) prof.print(key_);
     }
     ggml_backend_cpu_set_abort_callback(backend_.cpu(), nullptr, nullptr);
     if (st == GGML_STATUS_ABORTED || flag.load()) {

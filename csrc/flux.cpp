@@ -14,7 +14,14 @@
 #include "layers.h"
 #include "params.h"
 
+#include <ggml-alloc.h>
+#include <strings.h>
+
+#include <algorithm>
+#include <chrono>
 #include <cmath>
+#include <cstring>
+#include <random>
 #include <string>
 
 namespace fm {
@@ -210,10 +217,11 @@ struct FluxNet::Impl {
                              0.0f, 1.0f, 0.0f, 0.0f);
     }
 
-    ggml_cgraph *build(ggml_context *ctx, int64_t l_img, int64_t l_txt, bool exact, bool flash) {
+    ggml_cgraph *build(ggml_context *ctx, int64_t l_img, int64_t l_txt, bool exact, bool flash, bool kv_f32) {
         Ops o{ctx};
         o.exact = exact;
         o.flash_attn = flash;
+        o.flash_kv_f32 = kv_f32;
         const int64_t h = cfg.hidden, d = cfg.head_dim, mlp = cfg.mlp_hidden;
         const int64_t L = l_txt + l_img;
         const float attn_scale = 1.0f / std::sqrt(float(d));
@@ -333,12 +341,16 @@ std::vector<float> FluxNet::forward(const float *latent, int64_t h, int64_t w, f
     const int64_t C = c.in_channels / 4;
     const int64_t hp = (h + 1) / 2, wp = (w + 1) / 2;  // patch grid (odd sides are zero-padded)
     const int64_t l_img = hp * wp, L = n_txt + l_img;
+    // Attention: on the CPU, flash attention with F32 K/V (exact, and faster there than F16 K/V,
+    // whose dot products ggml's CPU kernels compute slowly); elsewhere F16 K/V, or the explicit
+    // F32 softmax for the exact path. The switch (set_flash_attn) selects the explicit path.
     const bool exact = I.params.all_f32();
-    const bool flash = I.flash_attn && !exact;
+    const bool kv_f32 = I.backend.is_cpu();
+    const bool flash = I.flash_attn && (!exact || kv_f32);
 
-    const std::string key = strfmt("%lldx%lld/%lld/%d%d", (long long)hp, (long long)wp, (long long)n_txt,
-                                   int(exact), int(flash));
-    I.runner.prepare(key, [&](ggml_context *ctx) { return I.build(ctx, l_img, n_txt, exact, flash); });
+    const std::string key = strfmt("%lldx%lld/%lld/%d%d%d", (long long)hp, (long long)wp, (long long)n_txt,
+                                   int(exact), int(flash), int(kv_f32));
+    I.runner.prepare(key, [&](ggml_context *ctx) { return I.build(ctx, l_img, n_txt, exact, flash, kv_f32); });
 
     // Patchify: token r·wp + cc holds latent[ch, 2r+dy, 2cc+dx] at feature ch·4 + dy·2 + dx.
     std::vector<float> tokens(size_t(l_img * c.in_channels), 0.0f);
@@ -395,6 +407,111 @@ std::vector<float> FluxNet::forward(const float *latent, int64_t h, int64_t w, f
                 out[size_t((ch * h + y) * w + x)] = res[size_t(tok * c.in_channels + f)];
             }
     return out;
+}
+
+}  // namespace fm
+
+// ---- micro-benchmarks ------------------------------------------------------------------------
+
+namespace fm {
+
+namespace {
+double median_seconds(GraphRunner &runner, int reps) {
+    runner.compute();  // warm-up
+    std::vector<double> t;
+    for (int i = 0; i < std::max(1, reps); ++i) {
+        const auto t0 = std::chrono::steady_clock::now();
+        runner.compute();
+        t.push_back(std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count());
+    }
+    std::sort(t.begin(), t.end());
+    return t[t.size() / 2];
+}
+
+std::vector<float> random_values(size_t n, float scale, uint32_t seed) {
+    std::mt19937 rng(seed);
+    std::normal_distribution<float> dist(0.0f, scale);
+    std::vector<float> v(n);
+    for (auto &x : v) x = dist(rng);
+    return v;
+}
+}  // namespace
+
+double bench_mul_mat(const std::string &type_name, int64_t k, int64_t n, int64_t m, int threads, int reps) {
+    ggml_type type = GGML_TYPE_COUNT;
+    for (int t = 0; t < GGML_TYPE_COUNT; ++t) {
+        const char *nm = ggml_type_name(ggml_type(t));
+        if (nm && strcasecmp(nm, type_name.c_str()) == 0) type = ggml_type(t);
+    }
+    if (type == GGML_TYPE_COUNT || !is_supported_type(type)) fail_value("unknown tensor type '%s'", type_name.c_str());
+    if (k < 1 || n < 1 || m < 1 || k * n > (int64_t(1) << 30) || k * m > (int64_t(1) << 30))
+        fail_value("bench_mul_mat sizes out of range");
+    if (k % ggml_blck_size(type)) fail_value("k=%lld is not a multiple of %s's block size", (long long)k, type_name.c_str());
+    Backend backend("cpu", threads);
+    ggml_init_params ip{ggml_tensor_overhead() * 2, nullptr, true};
+    ggml_context *wctx = ggml_init(ip);
+    ggml_tensor *w = ggml_new_tensor_2d(wctx, type, k, n);
+    const bool repack = backend.can_repack(type, k, n);
+    ggml_backend_buffer_t buf = ggml_backend_alloc_ctx_tensors_from_buft(
+        wctx, repack ? backend.repack_buft() : ggml_backend_get_default_buffer_type(backend.cpu()));
+    if (!buf) {
+        ggml_free(wctx);
+        fail_runtime("out of memory for the benchmark weight");
+    }
+    {
+        const std::vector<float> f = random_values(size_t(k * n), 1.0f / std::sqrt(float(k)), 1);
+        std::vector<uint8_t> q(ggml_row_size(type, k) * size_t(n));
+        if (type == GGML_TYPE_F32) std::memcpy(q.data(), f.data(), q.size());
+        else ggml_quantize_chunk(type, f.data(), q.data(), 0, n, k, nullptr);
+        ggml_backend_tensor_set(w, q.data(), 0, q.size());
+    }
+    double s = 0;
+    try {
+        GraphRunner runner(backend, 16);
+        runner.prepare("mm", [&](ggml_context *ctx) {
+            ggml_tensor *x = ggml_new_tensor_2d(ctx, GGML_TYPE_F32, k, m);
+            ggml_set_name(x, "x");
+            ggml_set_input(x);
+            ggml_tensor *y = ggml_mul_mat(ctx, w, x);
+            ggml_set_output(y);
+            ggml_cgraph *g = ggml_new_graph_custom(ctx, 16, false);
+            ggml_build_forward_expand(g, y);
+            return g;
+        });
+        runner.set_input_f32("x", random_values(size_t(k * m), 1.0f, 2));
+        s = median_seconds(runner, reps);
+    } catch (...) {
+        ggml_backend_buffer_free(buf);
+        ggml_free(wctx);
+        throw;
+    }
+    ggml_backend_buffer_free(buf);
+    ggml_free(wctx);
+    return s;
+}
+
+double bench_attention(int64_t d, int64_t heads, int64_t l, bool flash, int threads, int reps) {
+    if (d < 1 || heads < 1 || l < 1 || d * heads * l > (int64_t(1) << 28)) fail_value("bench_attention sizes out of range");
+    Backend backend("cpu", threads);
+    GraphRunner runner(backend, 32);
+    runner.prepare("fa", [&](ggml_context *ctx) {
+        Ops o{ctx};
+        o.flash_attn = flash;
+        auto in = [&](const char *name) {
+            ggml_tensor *t = ggml_new_tensor_3d(ctx, GGML_TYPE_F32, d, heads, l);
+            ggml_set_name(t, name);
+            ggml_set_input(t);
+            return t;
+        };
+        ggml_tensor *q = in("q"), *k = in("k"), *v = in("v");
+        ggml_tensor *y = attention(o, q, k, v, nullptr, 1.0f / std::sqrt(float(d)));
+        ggml_set_output(y);
+        ggml_cgraph *g = ggml_new_graph_custom(ctx, 32, false);
+        ggml_build_forward_expand(g, y);
+        return g;
+    });
+    for (const char *name : {"q", "k", "v"}) runner.set_input_f32(name, random_values(size_t(d * heads * l), 1.0f, 3));
+    return median_seconds(runner, reps);
 }
 
 }  // namespace fm

@@ -55,10 +55,11 @@ ggml_tensor *attention(const Ops &o, ggml_tensor *q, ggml_tensor *k, ggml_tensor
     // [d, H, L] -> [d, L, H]
     q = ggml_permute(ctx, q, 0, 2, 1, 3);
     k = ggml_permute(ctx, k, 0, 2, 1, 3);
-    if (o.flash_attn && !o.exact) {
-        // K/V in F16 halve the memory traffic; the softmax and accumulation stay F32.
-        k = ggml_cast(ctx, k, GGML_TYPE_F16);
-        ggml_tensor *vv = ggml_cast(ctx, ggml_permute(ctx, v, 0, 2, 1, 3), GGML_TYPE_F16);
+    if (o.flash_attn && (!o.exact || o.flash_kv_f32)) {
+        // K/V in F16 halve the memory traffic (or F32, see Ops); the softmax and accumulation stay F32.
+        const ggml_type kv = o.flash_kv_f32 ? GGML_TYPE_F32 : GGML_TYPE_F16;
+        k = ggml_cast(ctx, k, kv);
+        ggml_tensor *vv = ggml_cast(ctx, ggml_permute(ctx, v, 0, 2, 1, 3), kv);
         ggml_tensor *m = mask ? ggml_cast(ctx, mask, GGML_TYPE_F16) : nullptr;
         ggml_tensor *out = ggml_flash_attn_ext(ctx, q, k, vv, m, scale, 0.0f, 0.0f);
         ggml_flash_attn_ext_set_prec(out, GGML_PREC_F32);

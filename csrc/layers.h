@@ -13,6 +13,9 @@ struct Ops {
     ggml_context *ctx;
     bool exact = false;       // exact activation path (F32 weights)
     bool flash_attn = true;   // use ggml_flash_attn_ext where allowed
+    // Flash attention with F32 K/V instead of F16: exact enough for the exact path, and on ggml's
+    // CPU backend faster than F16 K/V (no F16 dot products); GPU kernels want F16 (leave false).
+    bool flash_kv_f32 = false;
 };
 
 // y = x·Wᵀ + b; x [in, n...], W ne=[in, out]; b may be null.

@@ -1,0 +1,189 @@
+#!/usr/bin/env python3
+"""Seconds per Flux step, beside the matmul-bound estimate (not a test).
+
+    python benchmarks/bench_flux.py /tmp/fm_models/FLUX.1-mini-Q4_0.gguf /tmp/fm_models/FLUX.1-mini-Q8_0.gguf
+    python benchmarks/bench_flux.py MODEL --sizes 512 --t5-len 256 --runs 3 --threads 2
+    python benchmarks/bench_flux.py MID_MODEL --extrapolate 5,10     # a model with fewer blocks
+
+For each model and image size: one warm-up step (loads the weights, builds and reserves the graph),
+then the median of --runs timed steps of ``FluxMini.transformer`` on random inputs.
+
+The estimate is FLOPs / throughput, from the model's configuration and the token counts:
+* weight matmuls: 2·tokens·in·out for every Linear applied to the tokens, split by the weight's
+  type (block weights in the file's main type; gpustack keeps the embedders and the final layer
+  in F32), each divided by the GEMM throughput ggml reaches for that type on this machine,
+  measured here with ``_core.bench_mul_mat`` (weight [hidden -> mlp_hidden], placed as the model's
+  weights are, i.e. repacked where ggml has a kernel; 512 tokens);
+* attention: 4·L²·hidden per block (Q·Kᵀ and P·V), divided by the throughput of the attention the
+  graph uses, measured with ``_core.bench_attention`` at the step's L (2 heads);
+* the per-step mat-vecs (modulations, timestep/guidance/text embedders) are memory-bound and are
+  listed, not counted (well under 1% of a step).
+With --extrapolate D,S the model's measured/estimate ratio is applied to the estimate of the same
+widths with D double and S single blocks (clearly labelled as extrapolated).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+
+import numpy as np
+
+
+def _weight_types(path: str) -> dict:
+    """{bare diffusion tensor name: ggml type name} from the GGUF header (needs the gguf package)."""
+    try:
+        import gguf
+    except ImportError:
+        return {}
+    r = gguf.GGUFReader(path)
+    out = {}
+    for t in r.tensors:
+        name = t.name
+        for p in ("model.diffusion_model.",):
+            if name.startswith(p):
+                name = name[len(p):]
+        out[name] = t.tensor_type.name.lower()
+    return out
+
+
+def flux_flops(cfg: dict, l_img: int, l_txt: int, types: dict, depth=None, depth_single=None) -> dict:
+    """FLOPs of one step by weight type ('attention' for Q·Kᵀ and P·V), plus mat-vec FLOPs."""
+    h, mlp = cfg["hidden"], cfg["mlp_hidden"]
+    c4 = 4 * cfg["latent_channels"]
+    ctx = cfg["context_dim"]
+    D = cfg["double_blocks"] if depth is None else depth
+    S = cfg["single_blocks"] if depth_single is None else depth_single
+    L = l_img + l_txt
+    by_type: dict = {}
+
+    def add(name, flops):
+        t = types.get(name, types.get("_blocks", "?"))
+        by_type[t] = by_type.get(t, 0.0) + flops
+
+    for i in range(D):
+        for s, n in (("img", l_img), ("txt", l_txt)):
+            p = f"double_blocks.0.{s}_"
+            add(p + "attn.qkv.weight", 2.0 * n * h * 3 * h)
+            add(p + "attn.proj.weight", 2.0 * n * h * h)
+            add(p + "mlp.0.weight", 2.0 * n * h * mlp)
+            add(p + "mlp.2.weight", 2.0 * n * mlp * h)
+    for i in range(S):
+        add("single_blocks.0.linear1.weight", 2.0 * L * h * (3 * h + mlp))
+        add("single_blocks.0.linear2.weight", 2.0 * L * (h + mlp) * h)
+    add("img_in.weight", 2.0 * l_img * c4 * h)
+    add("txt_in.weight", 2.0 * l_txt * ctx * h)
+    add("final_layer.linear.weight", 2.0 * l_img * h * c4)
+    by_type["attention"] = 4.0 * L * L * h * (D + S)
+    matvec = 2.0 * h * (12 * h * D + 3 * h * S + 2 * h + 2 * h + 256 + cfg["vec_dim"])
+    return {"by_type": by_type, "matvec": matvec}
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("models", nargs="+", help="FLUX.1-mini GGUF files (or diffusion-only files)")
+    ap.add_argument("--sizes", default="512,1024", help="image sides in pixels (square), comma-separated")
+    ap.add_argument("--t5-len", type=int, default=512, choices=(256, 512), help="T5 tokens (default 512)")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--runs", type=int, default=3, help="timed steps per size (median)")
+    ap.add_argument("--no-flash", action="store_true", help="explicit softmax attention")
+    ap.add_argument("--extrapolate", default="", help="D,S: also extrapolate to D double and S single blocks")
+    ap.add_argument("--profile", action="store_true",
+                    help="one more step with FLUXMINI_PROFILE=1 (time per ggml op on stderr)")
+    args = ap.parse_args(argv)
+
+    from fluxmini import _core
+    from fluxmini.model import FluxMini
+
+    sizes = [int(s) for s in args.sizes.split(",") if s]
+    ext = tuple(int(x) for x in args.extrapolate.split(",")) if args.extrapolate else None
+    rates: dict = {}
+
+    def gemm_rate(t: str, h: int, mlp: int) -> float:
+        key = (t, h, mlp)
+        if key not in rates:
+            m = 512
+            s = _core.bench_mul_mat(t, h, mlp, m, args.threads, 3)
+            rates[key] = 2.0 * h * mlp * m / s
+            print(f"  GEMM {t:>5} [{h} -> {mlp}] x {m} tokens: {rates[key] / 1e9:7.1f} GFLOP/s", flush=True)
+        return rates[key]
+
+    def attn_rate(d: int, L: int) -> float:
+        key = ("attn", d, L)
+        if key not in rates:
+            heads = 2
+            s = _core.bench_attention(d, heads, L, not args.no_flash, args.threads, 1)
+            rates[key] = 4.0 * L * L * d * heads / s
+            kind = "explicit softmax" if args.no_flash else "flash"
+            print(f"  attention ({kind}) L={L}: {rates[key] / 1e9:7.1f} GFLOP/s", flush=True)
+        return rates[key]
+
+    rows = []
+    for path in args.models:
+        types = _weight_types(path)
+        model = FluxMini.load(path, components=["diffusion"], threads=args.threads, flash_attn=not args.no_flash)
+        cfg = dict(model.config["diffusion"])
+        big = types.get("double_blocks.0.img_attn.qkv.weight") or types.get("single_blocks.0.linear1.weight") or "?"
+        types.setdefault("_blocks", big)
+        name = os.path.basename(path)
+        print(f"{name}: {cfg['double_blocks']} double + {cfg['single_blocks']} single blocks, hidden "
+              f"{cfg['hidden']}, block weights {big}, {args.threads} threads", flush=True)
+        rng = np.random.default_rng(0)
+        for size in sizes:
+            lat_side = size // 8
+            l_img = (lat_side // 2) ** 2
+            latent = rng.standard_normal((cfg["latent_channels"], lat_side, lat_side)).astype(np.float32)
+            t5 = (0.5 * rng.standard_normal((args.t5_len, cfg["context_dim"]))).astype(np.float32)
+            pooled = rng.standard_normal(cfg["vec_dim"]).astype(np.float32)
+            t0 = time.perf_counter()
+            model.transformer(latent, 0.7, 3.5, t5, pooled)
+            warm = time.perf_counter() - t0
+            times = []
+            for _ in range(args.runs):
+                t0 = time.perf_counter()
+                model.transformer(latent, 0.7, 3.5, t5, pooled)
+                times.append(time.perf_counter() - t0)
+            med = statistics.median(times) if times else warm
+            if args.profile:
+                os.environ["FLUXMINI_PROFILE"] = "1"
+                model.transformer(latent, 0.7, 3.5, t5, pooled)
+                del os.environ["FLUXMINI_PROFILE"]
+
+            L = l_img + args.t5_len
+
+            def estimate(depth=None, depth_single=None):
+                f = flux_flops(cfg, l_img, args.t5_len, types, depth, depth_single)
+                secs, total = 0.0, 0.0
+                for t, fl in f["by_type"].items():
+                    r = attn_rate(cfg["head_dim"], L) if t == "attention" else gemm_rate(t, cfg["hidden"], cfg["mlp_hidden"])
+                    secs += fl / r
+                    total += fl
+                return secs, total, f["matvec"]
+
+            est, flops, mv = estimate()
+            rows.append((name, size, med, est, flops, "measured"))
+            print(f"  {size}x{size}: {med:8.2f} s/step (median of {len(times)}; warm-up {warm:.2f} s)  "
+                  f"estimate {est:8.2f} s  ({flops / 1e12:.2f} TFLOP + {mv / 1e9:.2f} GFLOP mat-vec)  "
+                  f"ratio {med / est:.2f}", flush=True)
+            if ext:
+                e_est, e_flops, _ = estimate(*ext)
+                e_t = med / est * e_est
+                rows.append((f"{name} -> {ext[0]}+{ext[1]} blocks", size, e_t, e_est, e_flops, "EXTRAPOLATED"))
+                print(f"  {size}x{size} extrapolated to {ext[0]} double + {ext[1]} single blocks: {e_t:8.2f} s/step "
+                      f"(estimate {e_est:.2f} s for {e_flops / 1e12:.2f} TFLOP x measured ratio {med / est:.2f})",
+                      flush=True)
+        del model
+
+    print()
+    print(f"{'model':<48} {'size':>5} {'s/step':>9} {'estimate':>9} {'ratio':>6} {'TFLOP':>6}")
+    for name, size, t, est, flops, kind in rows:
+        tag = "" if kind == "measured" else "  (extrapolated)"
+        print(f"{name:<48} {size:>5} {t:>9.2f} {est:>9.2f} {t / est:>6.2f} {flops / 1e12:>6.2f}{tag}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
