@@ -6,6 +6,7 @@ namespace fm {
 
 ggml_tensor *linear(const Ops &o, ggml_tensor *x, ggml_tensor *w, ggml_tensor *b) {
     ggml_tensor *y = ggml_mul_mat(o.ctx, w, x);
+    if (o.f32_matmul) ggml_mul_mat_set_prec(y, GGML_PREC_F32);
     if (b) y = ggml_add(o.ctx, y, b);
     return y;
 }

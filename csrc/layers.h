@@ -16,6 +16,9 @@ struct Ops {
     // Flash attention with F32 K/V instead of F16: exact enough for the exact path, and on ggml's
     // CPU backend faster than F16 K/V (no F16 dot products); GPU kernels want F16 (leave false).
     bool flash_kv_f32 = false;
+    // Ask GPU backends to accumulate linear() matmuls in F32 (CUDA may use F16 for F16 weights,
+    // which overflows on T5's activations). The CPU backend accumulates in F32 anyway.
+    bool f32_matmul = false;
 };
 
 // y = x·Wᵀ + b; x [in, n...], W ne=[in, out]; b may be null.

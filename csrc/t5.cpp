@@ -110,6 +110,7 @@ struct T5Net::Impl {
         Ops o{ctx};
         o.exact = params.all_f32();
         o.flash_attn = false;  // the bias must be added in F32 (flash attention takes an F16 mask)
+        o.f32_matmul = true;   // T5-XXL activations exceed the F16 range
         const int64_t heads = cfg.heads, dkv = cfg.d_kv;
         ggml_tensor *ids = ggml_new_tensor_1d(ctx, GGML_TYPE_I32, n);
         ggml_set_name(ids, "ids");

@@ -146,6 +146,19 @@ def test_t5_attends_to_padding_and_lengths_interleave():
     assert other.shape == (40, 64)
 
 
+def test_release_and_encode_again():
+    """Releasing the text encoders frees their weights and graphs; the next call loads them
+    again and gives the same result."""
+    m = model("q4_0")
+    ids_t5 = mk.tokenize_t5("a lovely cat", 24)
+    ids_clip = mk.tokenize_clip("a lovely cat")
+    t5, pooled = m.encode_t5(ids_t5), m.encode_clip(ids_clip)
+    m.release("t5xxl")
+    m.release("clip_l")
+    np.testing.assert_array_equal(m.encode_t5(ids_t5), t5)
+    np.testing.assert_array_equal(m.encode_clip(ids_clip), pooled)
+
+
 def test_tokenizer_ids_end_to_end():
     """FluxMini.tokenize_* output goes straight into encode_*."""
     m = model("f32")
