@@ -639,6 +639,10 @@ void WeightSet::add_file(const std::string &path, int forced) {
         }
         // In a file given for one component, names that point to another component are ignored.
         if (forced >= 0) comp = (comp < 0 || comp == forced) ? forced : -1;
+        // transformers 5.x saves CLIPTextModel without the "text_model." level.
+        if (comp == int(Component::ClipL) && !starts(bare, "text_model.") &&
+            (starts(bare, "embeddings.") || starts(bare, "encoder.layers.") || starts(bare, "final_layer_norm.")))
+            bare = "text_model." + bare;
         // SD3-style files use cond_stage_model.1 for CLIP-G: only T5 content belongs to T5.
         if (comp == int(Component::T5xxl) && classify_bare(bare) != int(Component::T5xxl)) comp = -1;
         if (comp < 0 || is_unused(bare)) {

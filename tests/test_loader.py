@@ -104,6 +104,17 @@ def test_split_files_with_sdcpp_prefixes_and_gguf_encoders(tmp_path):
     check_model(fluxmini.FluxMini.load(diff, clip_l=clip, t5xxl=t5, vae=vae))
 
 
+def test_clip_without_text_model_level(tmp_path):
+    # transformers 5.x writes CLIPTextModel weights as "embeddings.*", "encoder.layers.*", ...
+    gguf_path = fixtures.cached_model("loader-gpustack-f32")
+    clip = fixtures.component_safetensors(tmp_path / "clip.safetensors", "clip_l")
+    data = fixtures.read_component(gguf_path, "clip_l")
+    fixtures.write_safetensors(clip, {k[len("text_model."):]: v for k, v in data.items()})
+    model = fluxmini.FluxMini.load(gguf_path, clip_l=clip)
+    c = model.info()["components"]["clip_l"]
+    assert c["sources"] == [str(clip)] and c["config"] == expected_config(DIMS)["clip_l"]
+
+
 def test_unused_integer_tensors_are_ignored(tmp_path):
     # HF CLIP checkpoints carry position_ids as int64; nothing uses it, so it must not fail.
     tensors = {}
