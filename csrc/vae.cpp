@@ -1,8 +1,27 @@
+// FLUX autoencoder (MODEL.md §5): decoder and encoder graphs, and tiled decode/encode.
+//
+// Images are ggml tensors [W, H, C, 1], which is the memory order of a row-major [C, H, W]
+// array, so numpy inputs and outputs are used as they are.
+//
+// Tiling: the latent (decode) or the image (encode) is cut into tiles of one fixed size that
+// overlap by `overlap` latent pixels; the last tile of a row/column is shifted back to end at the
+// border, so every tile has the same shape and one graph serves all of them. Each tile's result
+// is accumulated with a weight that ramps smoothly (smootherstep) across the overlap with each
+// neighbour, and the sum is divided by the accumulated weight, so the weights of every output
+// pixel sum to exactly 1 wherever the tiles fall.
 #include "vae.h"
 
 #include "common.h"
 #include "layers.h"
 #include "params.h"
+
+#include <ggml-alloc.h>
+#include <ggml-backend.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdlib>
+#include <cstring>
 
 namespace fm {
 
@@ -16,41 +35,513 @@ VaeConfig VaeConfig::infer(const ComponentWeights &w) {
     c.out_channels = conv_out.ne[3];
     c.levels = w.count_indexed("decoder.up.");
     if (c.levels == 0) fail_value("the VAE decoder has no up levels");
+    if (c.levels > 8) fail_value("the VAE decoder has %lld up levels; at most 8 are supported", (long long)c.levels);
     c.num_res_blocks = w.count_indexed("decoder.up.0.block.") - 1;
     if (c.num_res_blocks < 1) fail_value("the VAE decoder's up.0 level has no resnet blocks");
+    // Channels per level from the first conv of each level's first resnet.
+    for (int64_t i = 0; i < c.levels; ++i) {
+        const std::string name = strfmt("decoder.up.%lld.block.0.conv1.weight", (long long)i);
+        c.level_channels.push_back(w.get(name).ne[3]);
+    }
+    if (c.level_channels[0] != c.ch)
+        fail_value("the VAE decoder's level 0 has %lld channels but conv_out reads %lld", (long long)c.level_channels[0],
+                   (long long)c.ch);
+    if (c.level_channels.back() != c.top_channels)
+        fail_value("the VAE decoder's top level has %lld channels but conv_in makes %lld",
+                   (long long)c.level_channels.back(), (long long)c.top_channels);
     c.has_encoder = w.has("encoder.conv_in.weight");
     c.in_channels = c.has_encoder ? w.get("encoder.conv_in.weight").ne[2] : 3;
-    if (c.ch % 32 != 0 || c.top_channels % 32 != 0)
-        fail_value("VAE channel counts (%lld, %lld) must be multiples of 32 for GroupNorm(32)", (long long)c.ch,
-                   (long long)c.top_channels);
+    if (c.has_encoder) {
+        const int64_t down = w.count_indexed("encoder.down.");
+        if (down != c.levels)
+            fail_value("the VAE encoder has %lld down levels but the decoder %lld up levels", (long long)down,
+                       (long long)c.levels);
+        const int64_t blocks = w.count_indexed("encoder.down.0.block.");
+        if (blocks != c.num_res_blocks)
+            fail_value("the VAE encoder has %lld resnets per level but the decoder %lld (+1)", (long long)blocks,
+                       (long long)c.num_res_blocks);
+    }
+    for (int64_t ch : c.level_channels)
+        if (ch % 32 != 0)
+            fail_value("VAE channel count %lld is not a multiple of 32 (GroupNorm uses 32 groups)", (long long)ch);
     return c;
 }
 
 std::vector<std::pair<std::string, int64_t>> VaeConfig::items() const {
-    return {{"z_channels", z_channels}, {"base_channels", ch}, {"top_channels", top_channels},
-            {"levels", levels},         {"res_blocks", num_res_blocks}, {"has_encoder", has_encoder ? 1 : 0}};
+    std::vector<std::pair<std::string, int64_t>> out = {
+        {"z_channels", z_channels}, {"base_channels", ch},          {"top_channels", top_channels},
+        {"levels", levels},         {"res_blocks", num_res_blocks}, {"has_encoder", has_encoder ? 1 : 0}};
+    return out;
 }
+
+namespace {
+
+constexpr int kGroups = 32;
+constexpr float kEps = 1e-6f;
+
+struct ConvP {
+    ggml_tensor *w = nullptr, *b = nullptr;
+};
+struct NormP {
+    ggml_tensor *w = nullptr, *b = nullptr;
+};
+struct ResnetP {
+    NormP norm1, norm2;
+    ConvP conv1, conv2, skip;  // skip.w null when cin == cout
+};
+struct AttnP {
+    NormP norm;
+    ConvP q, k, v, proj;
+};
+struct LevelP {
+    std::vector<ResnetP> blocks;
+    ConvP resample;  // decoder: upsample conv (not level 0); encoder: downsample conv (not the top)
+};
+struct DecoderP {
+    ConvP conv_in, conv_out;
+    ResnetP mid1, mid2;
+    AttnP attn;
+    std::vector<LevelP> up;  // indexed by level (up[levels-1] runs first)
+    NormP norm_out;
+};
+struct EncoderP {
+    ConvP conv_in, conv_out;
+    std::vector<LevelP> down;
+    ResnetP mid1, mid2;
+    AttnP attn;
+    NormP norm_out;
+};
+
+// smootherstep on [0, 1]: u³(u(6u − 15) + 10); s(u) + s(1 − u) = 1.
+double smootherstep(double u) {
+    u = std::min(1.0, std::max(0.0, u));
+    return u * u * u * (u * (u * 6.0 - 15.0) + 10.0);
+}
+
+// Tiles along one axis of n latent pixels, at most t wide and overlapping by at least o: the
+// fewest tiles that can cover n, all of one size (shrunk below t so they cover n evenly), spaced
+// evenly from 0 to n − size. A single tile of size n when n <= t.
+struct AxisTiles {
+    int64_t size = 0;
+    std::vector<int64_t> starts;
+};
+AxisTiles axis_tiles(int64_t n, int64_t t, int64_t o) {
+    if (n <= t) return {n, {0}};
+    const int64_t count = (n - o + (t - o) - 1) / (t - o);          // ceil((n − o) / (t − o)) >= 2
+    const int64_t size = (n + (count - 1) * o + count - 1) / count;  // ceil((n + (count − 1)·o) / count) <= t
+    AxisTiles a{size, {}};
+    for (int64_t k = 0; k < count; ++k)  // round(k·(n − size)/(count − 1)); steps <= size − o
+        a.starts.push_back((2 * k * (n - size) + (count - 1)) / (2 * (count - 1)));
+    return a;
+}
+
+// Blend weights of every tile along one axis, at output scale f: weights[k][i] for the i-th
+// output pixel of tile k (size t·f). Ramps over the overlap with each neighbour.
+std::vector<std::vector<float>> axis_weights(const std::vector<int64_t> &starts, int64_t t, int64_t f) {
+    std::vector<std::vector<float>> out;
+    const int64_t len = t * f;
+    for (size_t k = 0; k < starts.size(); ++k) {
+        std::vector<float> w(size_t(len), 1.0f);
+        if (k > 0) {
+            const int64_t ov = (starts[k - 1] + t - starts[k]) * f;  // overlap with the previous tile
+            for (int64_t i = 0; i < std::min(ov, len); ++i) w[size_t(i)] *= float(smootherstep((i + 0.5) / double(ov)));
+        }
+        if (k + 1 < starts.size()) {
+            const int64_t ov = (starts[k] + t - starts[k + 1]) * f;  // overlap with the next tile
+            for (int64_t i = std::max<int64_t>(0, len - ov); i < len; ++i)
+                w[size_t(i)] *= float(smootherstep((len - i - 0.5) / double(ov)));
+        }
+        out.push_back(std::move(w));
+    }
+    return out;
+}
+
+}  // namespace
 
 struct VaeNet::Impl {
     Backend &backend;
+    const ComponentWeights &weights;
     VaeConfig cfg;
     ParamStore params;
-    Impl(Backend &b, const ComponentWeights &w) : backend(b), cfg(VaeConfig::infer(w)), params(b, w) {}
+    DecoderP dec;
+    EncoderP enc;
+    bool conv_direct = true;  // ggml_conv_2d_direct (bounded memory) instead of im2col + matmul
+    GraphRunner runner;
+    int last_tiles = 0;
+    size_t last_compute = 0;
+
+    Impl(Backend &b, const ComponentWeights &w) : backend(b), weights(w), cfg(VaeConfig::infer(w)), params(b, w), runner(b) {
+        if (const char *e = std::getenv("FLUXMINI_VAE_CONV")) {
+            if (!std::strcmp(e, "im2col")) conv_direct = false;
+            else if (!std::strcmp(e, "direct")) conv_direct = true;
+        }
+        declare_decoder();
+        if (cfg.has_encoder) declare_encoder();
+    }
+
+    // ------------------------------------------------------------------ parameters
+    ConvP conv_p(const std::string &p, int64_t cin, int64_t cout, int64_t k) {
+        ConvP c;
+        c.w = params.declare(p + ".weight", ParamKind::Conv, {k, k, cin, cout});
+        c.b = params.declare(p + ".bias", ParamKind::F32, {cout});
+        return c;
+    }
+    NormP norm_p(const std::string &p, int64_t c) {
+        NormP n;
+        n.w = params.declare(p + ".weight", ParamKind::F32, {c});
+        n.b = params.declare(p + ".bias", ParamKind::F32, {c});
+        return n;
+    }
+    ResnetP resnet_p(const std::string &p, int64_t cin, int64_t cout) {
+        ResnetP r;
+        r.norm1 = norm_p(p + ".norm1", cin);
+        r.conv1 = conv_p(p + ".conv1", cin, cout, 3);
+        r.norm2 = norm_p(p + ".norm2", cout);
+        r.conv2 = conv_p(p + ".conv2", cout, cout, 3);
+        if (cin != cout) r.skip = conv_p(p + ".nin_shortcut", cin, cout, 1);
+        return r;
+    }
+    AttnP attn_p(const std::string &p, int64_t c) {
+        AttnP a;
+        a.norm = norm_p(p + ".norm", c);
+        a.q = conv_p(p + ".q", c, c, 1);
+        a.k = conv_p(p + ".k", c, c, 1);
+        a.v = conv_p(p + ".v", c, c, 1);
+        a.proj = conv_p(p + ".proj_out", c, c, 1);
+        return a;
+    }
+    void declare_decoder() {
+        const int64_t top = cfg.top_channels;
+        dec.conv_in = conv_p("decoder.conv_in", cfg.z_channels, top, 3);
+        dec.mid1 = resnet_p("decoder.mid.block_1", top, top);
+        dec.attn = attn_p("decoder.mid.attn_1", top);
+        dec.mid2 = resnet_p("decoder.mid.block_2", top, top);
+        dec.up.resize(size_t(cfg.levels));
+        int64_t cin = top;
+        for (int64_t i = cfg.levels - 1; i >= 0; --i) {
+            const int64_t c = cfg.level_channels[size_t(i)];
+            const std::string p = strfmt("decoder.up.%lld", (long long)i);
+            if (weights.count_indexed(p + ".block.") != cfg.num_res_blocks + 1)
+                fail_value("the VAE decoder's level %lld has %d resnets; level 0 has %lld", (long long)i,
+                           weights.count_indexed(p + ".block."), (long long)cfg.num_res_blocks + 1);
+            for (int64_t j = 0; j <= cfg.num_res_blocks; ++j) {
+                dec.up[size_t(i)].blocks.push_back(resnet_p(strfmt("%s.block.%lld", p.c_str(), (long long)j), cin, c));
+                cin = c;
+            }
+            if (i != 0) dec.up[size_t(i)].resample = conv_p(p + ".upsample.conv", c, c, 3);
+        }
+        dec.norm_out = norm_p("decoder.norm_out", cin);
+        dec.conv_out = conv_p("decoder.conv_out", cin, cfg.out_channels, 3);
+    }
+    void declare_encoder() {
+        const int64_t ch0 = cfg.level_channels[0];
+        enc.conv_in = conv_p("encoder.conv_in", cfg.in_channels, ch0, 3);
+        enc.down.resize(size_t(cfg.levels));
+        int64_t cin = ch0;
+        for (int64_t i = 0; i < cfg.levels; ++i) {
+            const int64_t c = cfg.level_channels[size_t(i)];
+            const std::string p = strfmt("encoder.down.%lld", (long long)i);
+            if (weights.count_indexed(p + ".block.") != cfg.num_res_blocks)
+                fail_value("the VAE encoder's level %lld has %d resnets; expected %lld", (long long)i,
+                           weights.count_indexed(p + ".block."), (long long)cfg.num_res_blocks);
+            for (int64_t j = 0; j < cfg.num_res_blocks; ++j) {
+                enc.down[size_t(i)].blocks.push_back(resnet_p(strfmt("%s.block.%lld", p.c_str(), (long long)j), cin, c));
+                cin = c;
+            }
+            if (i != cfg.levels - 1) enc.down[size_t(i)].resample = conv_p(p + ".downsample.conv", c, c, 3);
+        }
+        const int64_t top = cin;
+        enc.mid1 = resnet_p("encoder.mid.block_1", top, top);
+        enc.attn = attn_p("encoder.mid.attn_1", top);
+        enc.mid2 = resnet_p("encoder.mid.block_2", top, top);
+        enc.norm_out = norm_p("encoder.norm_out", top);
+        enc.conv_out = conv_p("encoder.conv_out", top, 2 * cfg.z_channels, 3);
+    }
+
+    // ------------------------------------------------------------------ graph pieces
+    // Activations are F32 everywhere: the VAE has no table-based activation, and its attention
+    // always takes the explicit F32 softmax (chunked, so memory stays bounded) — F16 K/V in flash
+    // attention would cost ~5e-4 relative error for no useful speed (attention is ~2% of the
+    // decoder's work). Conv kernels run in the type ParamKind::Conv gives them: F32 when stored
+    // F32 (gpustack's quantized files and F32 files: exact), F16 otherwise.
+    Ops ops(ggml_context *ctx) const {
+        Ops o{ctx};
+        o.exact = true;
+        o.flash_attn = false;
+        return o;
+    }
+
+    ggml_tensor *conv(const Ops &o, ggml_tensor *x, const ConvP &c, int stride, int pad) const {
+        if (!conv_direct) return conv2d(o, x, c.w, c.b, stride, pad);
+        ggml_tensor *y = ggml_conv_2d_direct(o.ctx, c.w, x, stride, stride, pad, pad, 1, 1);
+        return ggml_add(o.ctx, y, ggml_reshape_4d(o.ctx, c.b, 1, 1, c.b->ne[0], 1));
+    }
+
+    static ggml_tensor *norm(const Ops &o, ggml_tensor *x, const NormP &n) {
+        return group_norm(o, x, n.w, n.b, kGroups, kEps);
+    }
+
+    ggml_tensor *resnet(const Ops &o, ggml_tensor *x, const ResnetP &r) const {
+        ggml_tensor *h = conv(o, silu(o, norm(o, x, r.norm1)), r.conv1, 1, 1);
+        h = conv(o, silu(o, norm(o, h, r.norm2)), r.conv2, 1, 1);
+        ggml_tensor *skip = r.skip.w ? conv(o, x, r.skip, 1, 0) : x;
+        return ggml_add(o.ctx, skip, h);
+    }
+
+    // Single-head attention over all W·H positions, C channels (MODEL.md §5.1 AttnBlock).
+    ggml_tensor *attn(const Ops &o, ggml_tensor *x, const AttnP &a) const {
+        ggml_context *ctx = o.ctx;
+        const int64_t W = x->ne[0], H = x->ne[1], C = x->ne[2], L = W * H;
+        ggml_tensor *h = norm(o, x, a.norm);
+        ggml_tensor *t = ggml_cont(ctx, ggml_transpose(ctx, ggml_reshape_2d(ctx, h, L, C)));  // [C, L]
+        auto proj = [&](const ConvP &c, ggml_tensor *in) {  // 1x1 conv on tokens = linear
+            return linear(o, in, ggml_reshape_2d(ctx, c.w, C, C), c.b);
+        };
+        ggml_tensor *q = proj(a.q, t), *k = proj(a.k, t), *v = proj(a.v, t);  // [C, L] each
+        const float scale = 1.0f / std::sqrt(float(C));
+        // Explicit F32 softmax in query chunks, so that no score block exceeds 4 Mi floats
+        // (16 MiB): an untiled 128×128 latent would otherwise need one 1 GiB matrix. Chunks are
+        // computed one after the other, so their score blocks share memory.
+        const int64_t chunk = std::max<int64_t>(1, std::min<int64_t>(L, (int64_t(4) << 20) / L));
+        ggml_tensor *vt = ggml_cont(ctx, ggml_transpose(ctx, v));  // [L, C]
+        std::vector<ggml_tensor *> parts;
+        for (int64_t s0 = 0; s0 < L; s0 += chunk) {
+            const int64_t n = std::min(chunk, L - s0);
+            ggml_tensor *qc = n == L ? q : ggml_view_2d(ctx, q, C, n, q->nb[1], size_t(s0) * q->nb[1]);
+            ggml_tensor *kq = ggml_mul_mat(ctx, k, qc);  // [L, n]
+            ggml_mul_mat_set_prec(kq, GGML_PREC_F32);
+            kq = ggml_soft_max_ext(ctx, kq, nullptr, scale, 0.0f);
+            parts.push_back(ggml_mul_mat(ctx, vt, kq));  // [C, n]
+        }
+        while (parts.size() > 1) {  // balanced concatenation along the tokens
+            std::vector<ggml_tensor *> next;
+            for (size_t i = 0; i + 1 < parts.size(); i += 2) next.push_back(ggml_concat(ctx, parts[i], parts[i + 1], 1));
+            if (parts.size() % 2) next.push_back(parts.back());
+            parts.swap(next);
+        }
+        ggml_tensor *out = parts[0];
+        out = proj(a.proj, out);                                                      // [C, L]
+        out = ggml_reshape_4d(ctx, ggml_cont(ctx, ggml_transpose(ctx, out)), W, H, C, 1);
+        return ggml_add(ctx, x, out);
+    }
+
+    ggml_cgraph *build_decoder(ggml_context *ctx, int64_t w, int64_t h) const {
+        Ops o = ops(ctx);
+        ggml_tensor *z = ggml_new_tensor_4d(ctx, GGML_TYPE_F32, w, h, cfg.z_channels, 1);
+        ggml_set_name(z, "z");
+        ggml_set_input(z);
+        ggml_tensor *x = conv(o, z, dec.conv_in, 1, 1);
+        x = resnet(o, x, dec.mid1);
+        x = attn(o, x, dec.attn);
+        x = resnet(o, x, dec.mid2);
+        for (int64_t i = cfg.levels - 1; i >= 0; --i) {
+            const LevelP &lv = dec.up[size_t(i)];
+            for (const ResnetP &r : lv.blocks) x = resnet(o, x, r);
+            if (i != 0) {
+                x = ggml_upscale(ctx, x, 2, GGML_SCALE_MODE_NEAREST);
+                x = conv(o, x, lv.resample, 1, 1);
+            }
+        }
+        x = conv(o, silu(o, norm(o, x, dec.norm_out)), dec.conv_out, 1, 1);
+        ggml_set_name(x, "out");
+        ggml_set_output(x);
+        ggml_cgraph *g = ggml_new_graph_custom(ctx, kMaxNodes, false);
+        ggml_build_forward_expand(g, x);
+        return g;
+    }
+
+    ggml_cgraph *build_encoder(ggml_context *ctx, int64_t w, int64_t h) const {
+        Ops o = ops(ctx);
+        ggml_tensor *img = ggml_new_tensor_4d(ctx, GGML_TYPE_F32, w, h, cfg.in_channels, 1);
+        ggml_set_name(img, "image");
+        ggml_set_input(img);
+        ggml_tensor *x = conv(o, img, enc.conv_in, 1, 1);
+        for (int64_t i = 0; i < cfg.levels; ++i) {
+            const LevelP &lv = enc.down[size_t(i)];
+            for (const ResnetP &r : lv.blocks) x = resnet(o, x, r);
+            if (i != cfg.levels - 1) {
+                // Zero pad right and bottom by one, then a 3x3 stride-2 conv without padding.
+                x = ggml_pad_ext(ctx, x, 0, 1, 0, 1, 0, 0, 0, 0);
+                x = conv(o, x, lv.resample, 2, 0);
+            }
+        }
+        x = resnet(o, x, enc.mid1);
+        x = attn(o, x, enc.attn);
+        x = resnet(o, x, enc.mid2);
+        x = conv(o, silu(o, norm(o, x, enc.norm_out)), enc.conv_out, 1, 1);  // mean ‖ logvar
+        ggml_set_name(x, "moments");
+        ggml_set_output(x);
+        ggml_cgraph *g = ggml_new_graph_custom(ctx, kMaxNodes, false);
+        ggml_build_forward_expand(g, x);
+        return g;
+    }
+
+    static constexpr size_t kMaxNodes = 8192;
+
+    // Compute memory an untiled pass would need, measured by planning its graph (nothing allocated).
+    size_t measure(bool decoder, int64_t w, int64_t h) const {
+        GgmlAbortGuard guard;
+        ggml_init_params ip{ggml_tensor_overhead() * kMaxNodes + ggml_graph_overhead_custom(kMaxNodes, false), nullptr,
+                            true};
+        ggml_context *ctx = ggml_init(ip);
+        if (!ctx) fail_runtime("out of memory while building a graph");
+        size_t size = 0;
+        ggml_gallocr_t ga = nullptr;
+        try {
+            ggml_cgraph *g = decoder ? build_decoder(ctx, w, h) : build_encoder(ctx, w, h);
+            ga = ggml_gallocr_new(ggml_backend_get_default_buffer_type(backend.main()));
+            ggml_gallocr_reserve_n_size(ga, g, nullptr, nullptr, &size);
+        } catch (...) {
+            if (ga) ggml_gallocr_free(ga);
+            ggml_free(ctx);
+            throw;
+        }
+        ggml_gallocr_free(ga);
+        ggml_free(ctx);
+        return size;
+    }
+
+    // ------------------------------------------------------------------ tiled driver
+    // Runs the decoder (in_ch = z channels, f = scale) or the encoder (f = 1/scale, expressed by
+    // passing image-space input and latent-space tiles) over tiles and blends the results.
+    //
+    // in: [in_c, in_h, in_w]; out: [out_c, out_h, out_w] with in = lat·fin, out = lat·fout where
+    // lat is the latent grid (h, w) the tiles are laid on.
+    std::vector<float> run_tiled(bool decoder, const float *in, int64_t lat_h, int64_t lat_w, const VaeTiling &tiling) {
+        const int64_t S = cfg.scale();
+        const int64_t fin = decoder ? 1 : S, fout = decoder ? S : 1;
+        const int64_t in_c = decoder ? cfg.z_channels : cfg.in_channels;
+        const int64_t out_c_graph = decoder ? cfg.out_channels : 2 * cfg.z_channels;
+        const int64_t out_c = decoder ? cfg.out_channels : cfg.z_channels;  // encode keeps the mean
+        const int64_t in_h = lat_h * fin, in_w = lat_w * fin, out_h = lat_h * fout, out_w = lat_w * fout;
+
+        if (tiling.mode < -1 || tiling.mode > 1) fail_value("tiling mode must be -1 (auto), 0 (off) or 1 (on)");
+        if (tiling.tile < 1 || tiling.tile > kVaeMaxLatentSide)
+            fail_value("VAE tile size %d is out of range; use 1 to %lld latent pixels (default 64)", tiling.tile,
+                       (long long)kVaeMaxLatentSide);
+        if (tiling.overlap < 0 || tiling.overlap >= tiling.tile)
+            fail_value("VAE tile overlap %d must be at least 0 and smaller than the tile size %d", tiling.overlap,
+                       tiling.tile);
+
+        load();
+        const int64_t T = tiling.tile, O = tiling.overlap;
+        bool tiled = tiling.mode == 1;
+        if (tiling.mode == -1 && (lat_h > T || lat_w > T)) {
+            size_t budget = tiling.budget_mb;
+            if (const char *e = std::getenv("FLUXMINI_VAE_BUDGET_MB")) budget = size_t(std::strtoull(e, nullptr, 10));
+            const size_t need = measure(decoder, in_w, in_h);
+            tiled = need > budget * 1048576ull;
+            log_info("VAE %s %lldx%lld: an untiled pass needs %.0f MiB (budget %zu MiB): %s",
+                     decoder ? "decode" : "encode", (long long)out_w, (long long)out_h, need / 1048576.0, budget,
+                     tiled ? "tiled" : "untiled");
+        }
+        const AxisTiles ay = tiled ? axis_tiles(lat_h, T, O) : AxisTiles{lat_h, {0}};
+        const AxisTiles ax = tiled ? axis_tiles(lat_w, T, O) : AxisTiles{lat_w, {0}};
+        const std::vector<int64_t> &ys = ay.starts, &xs = ax.starts;
+        const int64_t th = ay.size, tw = ax.size;
+        const int64_t tin_h = th * fin, tin_w = tw * fin, tout_h = th * fout, tout_w = tw * fout;
+
+        const std::string key = strfmt("%s:%lldx%lld", decoder ? "dec" : "enc", (long long)tin_w, (long long)tin_h);
+        auto build = [&](ggml_context *ctx) {
+            return decoder ? build_decoder(ctx, tin_w, tin_h) : build_encoder(ctx, tin_w, tin_h);
+        };
+        const char *in_name = decoder ? "z" : "image";
+        const char *out_name = decoder ? "out" : "moments";
+
+        std::vector<float> out(size_t(out_c * out_h * out_w), 0.0f);
+        const bool single = ys.size() == 1 && xs.size() == 1;
+        last_tiles = int(ys.size() * xs.size());
+        try {
+            if (single) {
+                runner.prepare(key, build);
+                runner.set_input(in_name, in, size_t(in_c * in_h * in_w) * 4);
+                runner.compute();
+                std::vector<float> r = runner.get_output(out_name);
+                std::memcpy(out.data(), r.data(), out.size() * 4);  // encode: the mean comes first
+            } else {
+                const auto wy = axis_weights(ys, th, fout), wx = axis_weights(xs, tw, fout);
+                std::vector<float> wsum(size_t(out_h * out_w), 0.0f);
+                std::vector<float> tile_in(size_t(in_c * tin_h * tin_w));
+                for (size_t ty = 0; ty < ys.size(); ++ty) {
+                    for (size_t tx = 0; tx < xs.size(); ++tx) {
+                        const int64_t y0 = ys[ty] * fin, x0 = xs[tx] * fin;
+                        for (int64_t c = 0; c < in_c; ++c)
+                            for (int64_t y = 0; y < tin_h; ++y)
+                                std::memcpy(&tile_in[size_t((c * tin_h + y) * tin_w)],
+                                            in + (c * in_h + y0 + y) * in_w + x0, size_t(tin_w) * 4);
+                        runner.prepare(key, build);
+                        runner.set_input(in_name, tile_in.data(), tile_in.size() * 4);
+                        runner.compute();
+                        std::vector<float> r = runner.get_output(out_name);
+                        if (int64_t(r.size()) != out_c_graph * tout_h * tout_w)
+                            fail_runtime("internal error: VAE tile output has %zu values", r.size());
+                        const int64_t oy0 = ys[ty] * fout, ox0 = xs[tx] * fout;
+                        const auto &wyv = wy[ty], &wxv = wx[tx];
+                        for (int64_t y = 0; y < tout_h; ++y) {
+                            float *ws = &wsum[size_t((oy0 + y) * out_w + ox0)];
+                            for (int64_t x = 0; x < tout_w; ++x) ws[x] += wyv[size_t(y)] * wxv[size_t(x)];
+                            for (int64_t c = 0; c < out_c; ++c) {
+                                const float *src = &r[size_t((c * tout_h + y) * tout_w)];
+                                float *dst = &out[size_t((c * out_h + oy0 + y) * out_w + ox0)];
+                                for (int64_t x = 0; x < tout_w; ++x) dst[x] += wyv[size_t(y)] * wxv[size_t(x)] * src[x];
+                            }
+                        }
+                    }
+                }
+                for (int64_t c = 0; c < out_c; ++c)
+                    for (int64_t i = 0; i < out_h * out_w; ++i) out[size_t(c * out_h * out_w + i)] /= wsum[size_t(i)];
+            }
+        } catch (...) {
+            runner.release();
+            throw;
+        }
+        last_compute = runner.compute_buffer_bytes();
+        log_info("VAE %s %lldx%lld: %d tile(s) of %lldx%lld latent px, compute buffer %.1f MiB", decoder ? "decode" : "encode",
+                 (long long)out_w, (long long)out_h, last_tiles, (long long)tw, (long long)th, last_compute / 1048576.0);
+        runner.release();  // the VAE runs once per image: give its compute memory back
+        return out;
+    }
+
+    void load() { params.materialize(); }
 };
 
 VaeNet::VaeNet(Backend &backend, const ComponentWeights &weights) : impl_(new Impl(backend, weights)) {}
 VaeNet::~VaeNet() = default;
 const VaeConfig &VaeNet::config() const { return impl_->cfg; }
-void VaeNet::load() { impl_->params.materialize(); }
-void VaeNet::release() { impl_->params.release(); }
+void VaeNet::load() { impl_->load(); }
+void VaeNet::release() {
+    impl_->runner.release();
+    impl_->params.release();
+}
 bool VaeNet::loaded() const { return impl_->params.bytes() > 0; }
 size_t VaeNet::weight_bytes() const { return impl_->params.bytes(); }
+int VaeNet::last_tiles() const { return impl_->last_tiles; }
+size_t VaeNet::last_compute_bytes() const { return impl_->last_compute; }
 
-std::vector<float> VaeNet::decode(const float *, int64_t, int64_t, const VaeTiling &) {
-    fail_runtime("the VAE decoder is not implemented yet");
+static void check_side(const char *what, int64_t n) {
+    if (n < 1 || n > kVaeMaxLatentSide)
+        fail_value("%s %lld is out of range: the VAE takes 1 to %lld latent pixels per side", what, (long long)n,
+                   (long long)kVaeMaxLatentSide);
 }
-std::vector<float> VaeNet::encode(const float *, int64_t, int64_t, const VaeTiling &) {
-    fail_runtime("the VAE encoder is not implemented yet");
+
+std::vector<float> VaeNet::decode(const float *z, int64_t h, int64_t w, const VaeTiling &tiling) {
+    check_side("latent height", h);
+    check_side("latent width", w);
+    return impl_->run_tiled(true, z, h, w, tiling);
+}
+
+std::vector<float> VaeNet::encode(const float *image, int64_t height, int64_t width, const VaeTiling &tiling) {
+    const VaeConfig &c = impl_->cfg;
+    if (!c.has_encoder)
+        fail_value("these VAE weights have no encoder (encoder.* tensors); use a VAE file with the encoder for img2img");
+    const int64_t s = c.scale();
+    if (height < 1 || width < 1 || height % s != 0 || width % s != 0)
+        fail_value("image size %lldx%lld (width x height) must be positive multiples of %lld for the VAE encoder; "
+                   "crop or resize the image",
+                   (long long)width, (long long)height, (long long)s);
+    check_side("image height / scale", height / s);
+    check_side("image width / scale", width / s);
+    return impl_->run_tiled(false, image, height / s, width / s, tiling);
 }
 
 }  // namespace fm

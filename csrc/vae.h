@@ -14,17 +14,25 @@ namespace fm {
 struct VaeConfig {
     int64_t z_channels = 0, ch = 0, levels = 0, num_res_blocks = 0, in_channels = 0, out_channels = 0;
     int64_t top_channels = 0;
+    std::vector<int64_t> level_channels;  // output channels of each level, level 0 first (ch·ch_mult)
     bool has_encoder = false;
+    int64_t scale() const { return int64_t(1) << (levels - 1); }  // image px per latent px
     static VaeConfig infer(const ComponentWeights &w);
     std::vector<std::pair<std::string, int64_t>> items() const;
 };
 
 struct VaeTiling {
     int mode = -1;           // -1 auto (tile when an untiled pass would exceed budget), 0 off, 1 on
-    int tile = 64;           // tile size in latent pixels
-    int overlap = 16;        // overlap in latent pixels
+    int tile = 72;           // largest tile side in latent pixels (decode and encode); tiles are
+                             // shrunk to cover the image evenly. 72 covers 1024 px (128 latent)
+                             // with 2x2 tiles at overlap 16; each tile's decode needs ~1 GiB
+    int overlap = 16;        // least overlap of neighbouring tiles in latent pixels (0 <= overlap < tile)
     size_t budget_mb = 1536; // auto mode: largest compute buffer an untiled pass may use
+                             // (the environment variable FLUXMINI_VAE_BUDGET_MB overrides it)
 };
+
+// Largest latent side the VAE accepts (8192 image pixels).
+constexpr int64_t kVaeMaxLatentSide = 1024;
 
 class VaeNet {
 public:
@@ -40,6 +48,11 @@ public:
     std::vector<float> decode(const float *z, int64_t h, int64_t w, const VaeTiling &tiling);
     // image [3, H, W] in [-1, 1] -> mean [z_channels, H/8, W/8].
     std::vector<float> encode(const float *image, int64_t height, int64_t width, const VaeTiling &tiling);
+
+    // What the last decode/encode did (for tests and benchmarks): tiles run (1 = untiled) and the
+    // compute buffer of its graph in bytes.
+    int last_tiles() const;
+    size_t last_compute_bytes() const;
 
 private:
     struct Impl;
