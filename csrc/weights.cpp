@@ -539,7 +539,9 @@ int classify_bare(const std::string &n) {
         starts(n, "txt_in.") || starts(n, "time_in.") || starts(n, "vector_in.") || starts(n, "guidance_in.") ||
         starts(n, "final_layer."))
         return int(Component::Diffusion);
-    if (starts(n, "text_model.")) return int(Component::ClipL);
+    if (starts(n, "text_model.") || starts(n, "embeddings.") || starts(n, "encoder.layers.") ||
+        starts(n, "final_layer_norm."))
+        return int(Component::ClipL);
     if (starts(n, "shared.") || starts(n, "encoder.block.") || starts(n, "encoder.final_layer_norm.") ||
         starts(n, "encoder.embed_tokens."))
         return int(Component::T5xxl);
