@@ -51,14 +51,17 @@ PYBIND11_MODULE(_core, m) {
         d["neon"] = bool(ggml_cpu_has_neon());
         return d;
     });
-    // Micro-benchmarks for benchmarks/bench_flux.py (seconds per op, median of reps).
+    // Micro-benchmarks for benchmarks/bench_flux.py: (wall seconds, process CPU seconds) of one op,
+    // medians of reps.
     m.def("bench_mul_mat", [](const std::string &type, int64_t k, int64_t n, int64_t tokens, int threads, int reps) {
         py::gil_scoped_release nogil;
-        return fm::bench_mul_mat(type, k, n, tokens, threads, reps);
+        const fm::BenchTime t = fm::bench_mul_mat(type, k, n, tokens, threads, reps);
+        return std::make_pair(t.wall, t.cpu);
     }, py::arg("type"), py::arg("k"), py::arg("n"), py::arg("tokens"), py::arg("threads"), py::arg("reps") = 3);
     m.def("bench_attention", [](int64_t d, int64_t heads, int64_t tokens, bool flash, int threads, int reps) {
         py::gil_scoped_release nogil;
-        return fm::bench_attention(d, heads, tokens, flash, threads, reps);
+        const fm::BenchTime t = fm::bench_attention(d, heads, tokens, flash, threads, reps);
+        return std::make_pair(t.wall, t.cpu);
     }, py::arg("d"), py::arg("heads"), py::arg("tokens"), py::arg("flash"), py::arg("threads"), py::arg("reps") = 3);
     bind_model(m);
 }

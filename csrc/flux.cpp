@@ -16,6 +16,7 @@
 
 #include <ggml-alloc.h>
 #include <strings.h>
+#include <sys/resource.h>
 
 #include <algorithm>
 #include <chrono>
@@ -379,15 +380,18 @@ std::vector<float> FluxNet::forward(const float *latent, int64_t h, int64_t w, f
     }
     I.runner.set_input_i32("pos_row", pos_row);
     I.runner.set_input_i32("pos_col", pos_col);
-    // Frequency factors: ggml's rope turns pair i at position p into angle p·θ^(−2i/d) / ff[i];
-    // the axis-k frequency of pair j (local index in the axis) is θ^(−2j/dim_k).
+    // Frequency factors: ggml's rope turns pair i at position p into angle p·s^i / ff[i], with
+    // s = θ^(−2/d) rounded to float (ggml multiplies by s once per pair; using the same float s
+    // here cancels its rounding, which would otherwise grow with i); the axis-k frequency of pair
+    // j (local index in the axis) is θ^(−2j/dim_k).
     const int64_t d = c.head_dim;
+    const float s_ggml = std::pow(float(kRopeTheta), -2.0f / float(d));
     std::vector<float> ff_row(size_t(d / 2), INFINITY), ff_col(size_t(d / 2), INFINITY);
     int64_t pair = kAxes[0] / 2;
     for (int axis = 1; axis < 3; ++axis) {
         std::vector<float> &ff = axis == 1 ? ff_row : ff_col;
         for (int j = 0; j < kAxes[axis] / 2; ++j, ++pair) {
-            const double ggml_freq = std::pow(kRopeTheta, -2.0 * double(pair) / double(d));
+            const double ggml_freq = std::pow(double(s_ggml), double(pair));
             const double want = std::pow(kRopeTheta, -2.0 * double(j) / double(kAxes[axis]));
             ff[size_t(pair)] = float(ggml_freq / want);
         }
@@ -416,16 +420,26 @@ std::vector<float> FluxNet::forward(const float *latent, int64_t h, int64_t w, f
 namespace fm {
 
 namespace {
-double median_seconds(GraphRunner &runner, int reps) {
+double process_cpu_seconds() {
+    rusage ru{};
+    getrusage(RUSAGE_SELF, &ru);
+    return double(ru.ru_utime.tv_sec + ru.ru_stime.tv_sec) + 1e-6 * double(ru.ru_utime.tv_usec + ru.ru_stime.tv_usec);
+}
+
+// Median wall-clock seconds and median process CPU seconds (all threads) of one compute.
+BenchTime median_seconds(GraphRunner &runner, int reps) {
     runner.compute();  // warm-up
-    std::vector<double> t;
+    std::vector<double> wall, cpu;
     for (int i = 0; i < std::max(1, reps); ++i) {
+        const double c0 = process_cpu_seconds();
         const auto t0 = std::chrono::steady_clock::now();
         runner.compute();
-        t.push_back(std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count());
+        wall.push_back(std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count());
+        cpu.push_back(process_cpu_seconds() - c0);
     }
-    std::sort(t.begin(), t.end());
-    return t[t.size() / 2];
+    std::sort(wall.begin(), wall.end());
+    std::sort(cpu.begin(), cpu.end());
+    return {wall[wall.size() / 2], cpu[cpu.size() / 2]};
 }
 
 std::vector<float> random_values(size_t n, float scale, uint32_t seed) {
@@ -437,7 +451,7 @@ std::vector<float> random_values(size_t n, float scale, uint32_t seed) {
 }
 }  // namespace
 
-double bench_mul_mat(const std::string &type_name, int64_t k, int64_t n, int64_t m, int threads, int reps) {
+BenchTime bench_mul_mat(const std::string &type_name, int64_t k, int64_t n, int64_t m, int threads, int reps) {
     ggml_type type = GGML_TYPE_COUNT;
     for (int t = 0; t < GGML_TYPE_COUNT; ++t) {
         const char *nm = ggml_type_name(ggml_type(t));
@@ -465,7 +479,7 @@ double bench_mul_mat(const std::string &type_name, int64_t k, int64_t n, int64_t
         else ggml_quantize_chunk(type, f.data(), q.data(), 0, n, k, nullptr);
         ggml_backend_tensor_set(w, q.data(), 0, q.size());
     }
-    double s = 0;
+    BenchTime s{};
     try {
         GraphRunner runner(backend, 16);
         runner.prepare("mm", [&](ggml_context *ctx) {
@@ -490,13 +504,14 @@ double bench_mul_mat(const std::string &type_name, int64_t k, int64_t n, int64_t
     return s;
 }
 
-double bench_attention(int64_t d, int64_t heads, int64_t l, bool flash, int threads, int reps) {
+BenchTime bench_attention(int64_t d, int64_t heads, int64_t l, bool flash, int threads, int reps) {
     if (d < 1 || heads < 1 || l < 1 || d * heads * l > (int64_t(1) << 28)) fail_value("bench_attention sizes out of range");
     Backend backend("cpu", threads);
     GraphRunner runner(backend, 32);
     runner.prepare("fa", [&](ggml_context *ctx) {
         Ops o{ctx};
         o.flash_attn = flash;
+        o.flash_kv_f32 = backend.is_cpu();  // as FluxNet::forward chooses
         auto in = [&](const char *name) {
             ggml_tensor *t = ggml_new_tensor_3d(ctx, GGML_TYPE_F32, d, heads, l);
             ggml_set_name(t, name);

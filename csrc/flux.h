@@ -45,12 +45,16 @@ private:
 
 namespace fm {
 
-// Micro-benchmarks for benchmarks/bench_flux.py (the matmul-bound estimate): median seconds of
-// one F32-activation matmul of a [k -> n] weight of `type` (placed as the model's weights are,
-// repacked where ggml has a kernel) over m tokens, and of one attention of `heads` heads of d
-// over l tokens as the Flux graph computes it (flash: F16 K/V; else explicit F32 softmax).
-// CPU backend, `threads` threads.
-double bench_mul_mat(const std::string &type, int64_t k, int64_t n, int64_t m, int threads, int reps);
-double bench_attention(int64_t d, int64_t heads, int64_t l, bool flash, int threads, int reps);
+// Micro-benchmarks for benchmarks/bench_flux.py (the matmul-bound estimate): median wall-clock
+// seconds and median process CPU seconds (all threads; less sensitive to other processes on a
+// shared machine) of one F32-activation matmul of a [k -> n] weight of `type` (placed as the
+// model's weights are, repacked where ggml has a kernel) over m tokens, and of one attention of
+// `heads` heads of d over l tokens as the Flux graph computes it on the CPU (flash: F32 K/V;
+// else the explicit F32 softmax). CPU backend, `threads` threads.
+struct BenchTime {
+    double wall = 0, cpu = 0;
+};
+BenchTime bench_mul_mat(const std::string &type, int64_t k, int64_t n, int64_t m, int threads, int reps);
+BenchTime bench_attention(int64_t d, int64_t heads, int64_t l, bool flash, int threads, int reps);
 
 }  // namespace fm

@@ -105,6 +105,27 @@ def test_graph_reuse_across_sizes_and_steps(goldens):
         assert rel_err(run, goldens[f"c{i}_out"]) <= 1e-4
 
 
+def test_graph_built_once_per_size():
+    """Steps at one size reuse the graph and its reserved memory; a new size builds one more
+    (the engine logs each build at verbosity 1)."""
+    script = textwrap.dedent(f"""
+        import sys, numpy as np
+        sys.path.insert(0, {os.path.dirname(os.path.abspath(__file__))!r})
+        import make_flux_goldens as G
+        from fluxmini.model import FluxMini
+        m = FluxMini.load(G.model_path("q4_0"), components=["diffusion"], threads=2, verbose=1)
+        t5, pooled = np.zeros((7, 64), np.float32), np.zeros(64, np.float32)
+        for shape in [(16, 8, 8)] * 3 + [(16, 8, 10)] * 2:
+            m.transformer(np.ones(shape, np.float32), 0.5, 3.5, t5, pooled)
+    """)
+    r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    builds = [line for line in r.stderr.splitlines() if "built and reserved" in line]
+    assert len(builds) == 2, r.stderr
+    # key: patch grid / text tokens / flags
+    assert builds[0].split()[2].startswith("4x4/7/") and builds[1].split()[2].startswith("4x5/7/"), builds
+
+
 def test_guidance_input(goldens):
     """guidance_in is used when present (3.5 vs 1.0 differ) and ignored by models without it."""
     i = 0
