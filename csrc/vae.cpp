@@ -416,15 +416,17 @@ struct VaeNet::Impl {
         const int64_t in_h = lat_h * fin, in_w = lat_w * fin, out_h = lat_h * fout, out_w = lat_w * fout;
 
         if (tiling.mode < -1 || tiling.mode > 1) fail_value("tiling mode must be -1 (auto), 0 (off) or 1 (on)");
-        if (tiling.tile < 1 || tiling.tile > kVaeMaxLatentSide)
-            fail_value("VAE tile size %d is out of range; use 1 to %lld latent pixels (default 64)", tiling.tile,
-                       (long long)kVaeMaxLatentSide);
-        if (tiling.overlap < 0 || tiling.overlap >= tiling.tile)
-            fail_value("VAE tile overlap %d must be at least 0 and smaller than the tile size %d", tiling.overlap,
-                       tiling.tile);
+        const int64_t T = tiling.tile;
+        const int64_t O = tiling.overlap >= 0 ? tiling.overlap : std::min<int64_t>(16, T / 4);
+        if (tiling.mode != 0) {
+            if (T < kVaeMinTile || T > kVaeMaxLatentSide)
+                fail_value("VAE tile size %lld is out of range; use %lld to %lld latent pixels (default 72)", (long long)T,
+                           (long long)kVaeMinTile, (long long)kVaeMaxLatentSide);
+            if (O >= T)
+                fail_value("VAE tile overlap %lld must be smaller than the tile size %lld", (long long)O, (long long)T);
+        }
 
         load();
-        const int64_t T = tiling.tile, O = tiling.overlap;
         bool tiled = tiling.mode == 1;
         if (tiling.mode == -1 && (lat_h > T || lat_w > T)) {
             size_t budget = tiling.budget_mb;

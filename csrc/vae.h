@@ -26,13 +26,15 @@ struct VaeTiling {
     int tile = 72;           // largest tile side in latent pixels (decode and encode); tiles are
                              // shrunk to cover the image evenly. 72 covers 1024 px (128 latent)
                              // with 2x2 tiles at overlap 16; each tile's decode needs ~1 GiB
-    int overlap = 16;        // least overlap of neighbouring tiles in latent pixels (0 <= overlap < tile)
+    int overlap = -1;        // least overlap of neighbouring tiles in latent pixels (0 <= overlap < tile);
+                             // -1: min(16, tile / 4)
     size_t budget_mb = 1536; // auto mode: largest compute buffer an untiled pass may use
                              // (the environment variable FLUXMINI_VAE_BUDGET_MB overrides it)
 };
 
-// Largest latent side the VAE accepts (8192 image pixels).
+// Largest latent side the VAE accepts (8192 image pixels), and the smallest tile side.
 constexpr int64_t kVaeMaxLatentSide = 1024;
+constexpr int64_t kVaeMinTile = 8;
 
 class VaeNet {
 public:

@@ -261,6 +261,7 @@ BAD_INPUTS = {
     "z_too_wide": "m.vae_decode(np.zeros((16, 1, 1025), np.float32))",
     "overlap_ge_tile": "m.vae_decode(np.zeros((16, 8, 8), np.float32), tiling=True, tile=8, overlap=8)",
     "tile_too_big": "m.vae_decode(np.zeros((16, 8, 8), np.float32), tiling=True, tile=5000)",
+    "tile_too_small": "m.vae_decode(np.zeros((16, 8, 8), np.float32), tiling=True, tile=4)",
     "image_not_multiple": "m.vae_encode(np.zeros((3, 60, 64), np.float32))",
     "image_channels": "m.vae_encode(np.zeros((4, 64, 64), np.float32))",
     "image_empty": "m.vae_encode(np.zeros((3, 0, 64), np.float32))",
@@ -295,6 +296,11 @@ def test_bad_inputs_raise():
     for name in BAD_INPUTS:
         assert lines.get(name) == "ok", (name, r.stdout)
     assert lines["good"] == "(3, 16, 24)"
+
+
+def test_default_overlap_fits_small_tiles(tiling_latent, tiled_decode):
+    # overlap not given: min(16, tile / 4), i.e. 2 for tile 8 (16 would not fit in the tile).
+    np.testing.assert_array_equal(engine("f32").vae_decode(tiling_latent, tiling=True, tile=8), tiled_decode)
 
 
 def test_bad_input_messages():

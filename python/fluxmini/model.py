@@ -139,12 +139,14 @@ class FluxMini:
         """VAE decode: z [16, h, w] in VAE space -> image [3, 8h, 8w] (unclamped, about [-1, 1]).
 
         tiling: None = automatic (tiles when an untiled pass would need too much memory), True, False.
+        tile: largest tile side in latent pixels (0 = default 72); overlap: least overlap of
+        neighbouring tiles in latent pixels (-1 = default min(16, tile / 4)).
         """
         mode = -1 if tiling is None else int(bool(tiling))
         return self._m.vae_decode(np.asarray(z, np.float32), mode, int(tile), int(overlap))
 
     def vae_encode(self, image, *, tiling=None, tile: int = 0, overlap: int = -1) -> np.ndarray:
-        """VAE encode: image [3, H, W] in [-1, 1] -> latent mean [16, H/8, W/8]."""
+        """VAE encode: image [3, H, W] in [-1, 1] -> latent mean [16, H/8, W/8] (tiling as vae_decode)."""
         mode = -1 if tiling is None else int(bool(tiling))
         return self._m.vae_encode(np.asarray(image, np.float32), mode, int(tile), int(overlap))
 
