@@ -159,7 +159,10 @@ std::vector<float> ClipNet::encode(const int32_t *ids, int64_t n) {
     m.runner.compute();
     std::vector<float> hidden = m.runner.get_output("hidden");
     const int64_t h = c.hidden;
-    return std::vector<float>(hidden.begin() + pooled * h, hidden.begin() + (pooled + 1) * h);
+    std::vector<float> out(hidden.begin() + pooled * h, hidden.begin() + (pooled + 1) * h);
+    for (float v : out)
+        if (!std::isfinite(v)) fail_runtime("the CLIP-L text model produced non-finite values; the weights are damaged");
+    return out;
 }
 
 }  // namespace fm

@@ -183,7 +183,12 @@ std::vector<float> T5Net::encode(const int32_t *ids, int64_t n) {
     m.runner.set_input("ids", ids, size_t(n) * sizeof(int32_t));
     m.runner.set_input_i32("buckets", m.bucket_indices(n));
     m.runner.compute();
-    return m.runner.get_output("hidden");
+    std::vector<float> out = m.runner.get_output("hidden");
+    for (float v : out)
+        if (!std::isfinite(v))
+            fail_runtime("the T5 encoder produced non-finite values (an activation outside the F16 range with F16 "
+                         "weights?); use a Q8_0 or F32 T5 file");
+    return out;
 }
 
 }  // namespace fm

@@ -36,6 +36,7 @@ import textwrap
 import numpy as np
 import pytest
 
+import fixtures
 import fluxmini
 import make_text_goldens as mk
 from fluxmini.errors import FluxMiniError
@@ -223,6 +224,26 @@ def test_bad_ids_raise_value_errors():
     assert "4097 token ids" in res["t5_too_long"]
 
 
+def test_non_finite_output_is_an_error(tmp_path):
+    """Damaged weights (an infinite embedding row) give a clear error, not NaN states."""
+    import gguf
+
+    tensors = {k: v.copy() for k, v in fixtures.read_component(mk.model_path("f32"), "t5xxl").items()}
+    tensors["shared.weight"][5] = np.inf
+    path = tmp_path / "t5-inf.gguf"
+    w = gguf.GGUFWriter(str(path), "fluxmini-test")
+    for name, arr in tensors.items():
+        w.add_tensor(name, arr)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    m = fluxmini.FluxMini.load(str(path), components=["t5xxl"], threads=2)
+    assert np.isfinite(m.encode_t5(np.array([3, 9, 1], np.int32))).all()
+    with pytest.raises(fluxmini.errors.FluxMiniRuntimeError, match="non-finite"):
+        m.encode_t5(np.array([3, 5, 1], np.int32))
+
+
 def test_errors_are_fluxmini_errors():
     m = model("f32")
     with pytest.raises(FluxMiniError):
@@ -251,7 +272,12 @@ def test_goldens_match_live_reference(refs, goldens):
         ref, err, emax = refs.outputs(net, big, ids)
         key = f"{net}_{name}"
         np.testing.assert_allclose(goldens[key + "_out"], ref, rtol=0, atol=1e-5, err_msg=key)
-        assert abs(float(goldens[key + "_model_err"]) - err) <= 0.05 * err + 1e-12, key
+        # The rounding model's error depends on rounding flips, so another CPU's torch may give
+        # a somewhat different size; it must still be the same order.
+        if big == "f32":
+            assert float(goldens[key + "_model_err"]) == 0.0 and err == 0.0
+        else:
+            assert 0.5 * err <= float(goldens[key + "_model_err"]) <= 2.0 * err, key
 
 
 LIVE_CLIP = [("f32", 11), ("f32", 12), ("f16", 13), ("q8_0", 14), ("q4_0", 15)]
