@@ -3,12 +3,18 @@
 // Images are ggml tensors [W, H, C, 1], which is the memory order of a row-major [C, H, W]
 // array, so numpy inputs and outputs are used as they are.
 //
-// Tiling: the latent (decode) or the image (encode) is cut into tiles of one fixed size that
-// overlap by `overlap` latent pixels; the last tile of a row/column is shifted back to end at the
-// border, so every tile has the same shape and one graph serves all of them. Each tile's result
-// is accumulated with a weight that ramps smoothly (smootherstep) across the overlap with each
-// neighbour, and the sum is divided by the accumulated weight, so the weights of every output
-// pixel sum to exactly 1 wherever the tiles fall.
+// Tiling: the latent (decode) or the image (encode) is cut into tiles of one size that overlap
+// by at least `overlap` latent pixels: per axis the fewest tiles of at most `tile` pixels, shrunk
+// to one common size and spaced evenly from the first border to the last (the last tile ends at
+// the border), so every tile has the same shape and one graph serves all of them. Each tile's
+// result is accumulated with a weight that ramps smoothly (smootherstep) across the overlap with
+// each neighbour, and the sum is divided by the accumulated weight, so the weights of every
+// output pixel sum to exactly 1 wherever the tiles fall. Only the output image and the weight
+// sums are image-sized; the compute memory depends on the tile size.
+//
+// Memory: convolutions use ggml_conv_2d_direct, which builds its im2col patches in a small work
+// buffer batch by batch (the im2col + matmul form would need a 9·Cin × H·W matrix: 2.4 GB for
+// one 256-channel conv at 512²), and the mid attention is evaluated in query chunks.
 #include "vae.h"
 
 #include "common.h"
@@ -34,7 +40,10 @@ VaeConfig VaeConfig::infer(const ComponentWeights &w) {
     c.ch = conv_out.ne[2];
     c.out_channels = conv_out.ne[3];
     c.levels = w.count_indexed("decoder.up.");
-    if (c.levels == 0) fail_value("the VAE decoder has no up levels");
+    if (c.levels == 0 && w.has("decoder.up_blocks.0.resnets.0.conv1.weight"))
+        fail_value("this VAE file uses diffusers' tensor names (decoder.up_blocks.*); use a file with the BFL / "
+                   "CompVis names (encoder.down.*, decoder.up.*), such as BFL's ae.safetensors");
+    if (c.levels == 0) fail_value("the VAE decoder has no up levels (no decoder.up.N.* tensors)");
     if (c.levels > 8) fail_value("the VAE decoder has %lld up levels; at most 8 are supported", (long long)c.levels);
     c.num_res_blocks = w.count_indexed("decoder.up.0.block.") - 1;
     if (c.num_res_blocks < 1) fail_value("the VAE decoder's up.0 level has no resnet blocks");

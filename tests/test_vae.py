@@ -328,6 +328,15 @@ def test_decoder_only_file(tmp_path):
         m.vae_encode(np.zeros((3, 64, 64), np.float32))
 
 
+def test_diffusers_named_vae_is_explained(tmp_path):
+    p = fixtures.write_safetensors(tmp_path / "vae.safetensors", {
+        "decoder.conv_in.weight": np.zeros((64, 16, 3, 3), np.float32),
+        "decoder.conv_out.weight": np.zeros((3, 32, 3, 3), np.float32),
+        "decoder.up_blocks.0.resnets.0.conv1.weight": np.zeros((64, 64, 3, 3), np.float32)})
+    with pytest.raises(FluxMiniValueError, match="diffusers' tensor names"):
+        FluxMini.load(p, vae=p, components=["vae"])
+
+
 @pytest.mark.parametrize("name,shape", [
     ("decoder.up.2.block.0.conv1.weight", (64, 64, 1, 3)),   # wrong kernel size
     ("decoder.mid.attn_1.q.weight", (64, 32, 1, 1)),         # wrong width
