@@ -28,10 +28,10 @@ def rel(a, b):
     return float(np.max(np.abs(a - b)) / max(np.max(np.abs(b)), 1e-30))
 
 
-def parity(backend: str, tmp: str) -> bool:
+def parity(backend: str, tmp: str, types=("f32", "f16", "q8_0", "q4_0"), only=None) -> bool:
     ok = True
     rng = np.random.default_rng(0)
-    for big in ("f32", "f16", "q8_0", "q4_0"):
+    for big in types:
         path = fixtures.write_model(os.path.join(tmp, f"tiny-{big}.gguf"), big_type=big)
         cpu = fluxmini.FluxMini.load(path, backend="cpu")
         gpu = fluxmini.FluxMini.load(path, backend=backend)
@@ -55,6 +55,8 @@ def parity(backend: str, tmp: str) -> bool:
         # weights, 2e-2 for the lower-precision types whose activations are quantized.
         tol = 1e-3 if big == "f32" else 2e-2
         for name, fn in checks.items():
+            if only and name not in only:
+                continue
             try:
                 e = rel(fn(gpu), fn(cpu))
                 good = e <= tol
@@ -103,12 +105,17 @@ def main() -> int:
     p.add_argument("--backend", default="cuda")
     p.add_argument("--full", help="full-size model file to time")
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--only", nargs="*", help="checks to run (transformer, encode_t5, encode_clip, vae_decode, vae_encode)")
+    p.add_argument("--types", nargs="*", default=["f32", "f16", "q8_0", "q4_0"])
+    p.add_argument("--no-parity", action="store_true")
     args = p.parse_args()
     from fluxmini import _core
 
     print("backends:", _core.available_backends())
-    with tempfile.TemporaryDirectory() as tmp:
-        ok = parity(args.backend, tmp)
+    ok = True
+    if not args.no_parity:
+        with tempfile.TemporaryDirectory() as tmp:
+            ok = parity(args.backend, tmp, args.types, args.only)
     if args.full:
         full_size(args.backend, args.full, args.repeats)
     print("PARITY", "OK" if ok else "FAILED")

@@ -21,4 +21,11 @@ full=""
 if [ "${FULL:-1}" = 1 ]; then
   python3 benchmarks/make_random.py -o /tmp/FLUX.1-mini-Q4_0.gguf --variant Q4_0 -q && full=/tmp/FLUX.1-mini-Q4_0.gguf
 fi
-PYTHONUNBUFFERED=1 python3 benchmarks/gpu_check.py --backend cuda ${full:+--full "$full"} 2>&1 | tee "$out/gpu_check.log"
+# Each check in its own process: a failed GGML_ASSERT in one must not hide the others.
+export PYTHONUNBUFFERED=1
+for check in transformer encode_t5 encode_clip vae_decode vae_encode; do
+  python3 benchmarks/gpu_check.py --backend cuda --only $check 2>&1 | grep -v "^backends" | tee -a "$out/gpu_check.log" || true
+done
+if [ -n "$full" ]; then
+  timeout 300 python3 benchmarks/gpu_check.py --backend cuda --no-parity --repeats 2 --full "$full" 2>&1 | tee -a "$out/gpu_check.log" || true
+fi

@@ -157,19 +157,28 @@ void GraphRunner::release() {
 
 void GraphRunner::prepare(const std::string &key, const BuildFn &build) {
     GgmlAbortGuard guard;
-    if (!graph_ || key != key_) {
+    auto fresh_graph = [&]() {
         if (ctx_) ggml_free(ctx_);
         ctx_ = nullptr;
         graph_ = nullptr;
-        key_.clear();
         ggml_init_params ip{ggml_tensor_overhead() * max_nodes_ + ggml_graph_overhead_custom(max_nodes_, false),
                             nullptr, true};
         ctx_ = ggml_init(ip);
         if (!ctx_) fail_runtime("out of memory while building a graph");
         graph_ = build(ctx_);
+    };
+    // Splitting a graph across two backends rewrites its nodes' inputs to the scheduler's
+    // copies, so a split graph cannot be split again: with a GPU backend every allocation gets
+    // a freshly built graph (cheap next to a step). A CPU-only graph is never rewritten and is
+    // reused as long as the key stays the same.
+    const bool multi_backend = !backend_.is_cpu();
+    const bool new_key = !graph_ || key != key_;
+    if (new_key) {
+        key_.clear();
+        fresh_graph();
         if (!sched_) {
             ggml_backend_t backends[2] = {backend_.main(), backend_.cpu()};
-            int n = backend_.is_cpu() ? 1 : 2;
+            int n = multi_backend ? 2 : 1;
             sched_ = ggml_backend_sched_new(backends, nullptr, n, max_nodes_, false, true);
         }
         if (!ggml_backend_sched_reserve(sched_, graph_))
@@ -180,6 +189,7 @@ void GraphRunner::prepare(const std::string &key, const BuildFn &build) {
         log_info("graph %s: %d nodes, compute buffer %.1f MiB (built and reserved)", key.c_str(),
                  ggml_graph_n_nodes(graph_), compute_buffer_bytes() / 1048576.0);
     }
+    if (multi_backend) fresh_graph();
     ggml_backend_sched_reset(sched_);
     if (!ggml_backend_sched_alloc_graph(sched_, graph_))
         fail_runtime("could not allocate the compute graph on %s (out of memory?)", backend_.name().c_str());

@@ -32,7 +32,14 @@ ggml_tensor *group_norm(const Ops &o, ggml_tensor *x, ggml_tensor *w, ggml_tenso
     return y;
 }
 
+// GPU backends (CUDA) implement unary ops on contiguous tensors only; views such as the MLP
+// half of a single block's linear1 output are made contiguous first.
+static ggml_tensor *contiguous(const Ops &o, ggml_tensor *x) {
+    return ggml_is_contiguous(x) ? x : ggml_cont(o.ctx, x);
+}
+
 ggml_tensor *gelu_tanh(const Ops &o, ggml_tensor *x) {
+    x = contiguous(o, x);
     if (!o.exact) return ggml_gelu(o.ctx, x);
     // 0.5·x·(1 + tanh(√(2/π)·(x + 0.044715·x³))) from exact F32 ops (ggml_gelu uses an F16 table).
     const float c = std::sqrt(2.0f / float(M_PI));
@@ -43,11 +50,12 @@ ggml_tensor *gelu_tanh(const Ops &o, ggml_tensor *x) {
 }
 
 ggml_tensor *quick_gelu(const Ops &o, ggml_tensor *x) {
+    x = contiguous(o, x);
     if (!o.exact) return ggml_gelu_quick(o.ctx, x);
     return ggml_mul(o.ctx, x, ggml_sigmoid(o.ctx, ggml_scale(o.ctx, x, 1.702f)));
 }
 
-ggml_tensor *silu(const Ops &o, ggml_tensor *x) { return ggml_silu(o.ctx, x); }
+ggml_tensor *silu(const Ops &o, ggml_tensor *x) { return ggml_silu(o.ctx, contiguous(o, x)); }
 
 ggml_tensor *attention(const Ops &o, ggml_tensor *q, ggml_tensor *k, ggml_tensor *v, ggml_tensor *mask,
                        float scale) {
