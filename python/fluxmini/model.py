@@ -23,6 +23,12 @@ def _core():
     return core
 
 
+def _version() -> str:
+    from . import __version__
+
+    return __version__
+
+
 def _path_arg(value, what: str) -> str:
     if value is None:
         return ""
@@ -71,6 +77,12 @@ class FluxMini:
         core = _core()
         m = core.Model(paths["model"], paths["clip_l"], paths["t5xxl"], paths["vae"], backend,
                        threads or 0, comps, bool(flash_attn), int(verbose))
+        if m.backend != "cpu":
+            import warnings
+
+            warnings.warn(f"the {m.backend} backend is experimental in fluxmini {_version()}: its results have not "
+                          "been checked against the reference yet (see README, 'GPU builds'); the CPU backend is verified",
+                          RuntimeWarning, stacklevel=2)
         return cls(m, paths)
 
     # ------------------------------------------------------------------ description
