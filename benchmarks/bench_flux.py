@@ -99,7 +99,7 @@ def main(argv=None) -> int:
                     help="untimed steps before each size; one number or one per size (0 is fine for a later "
                          "size: the weights are loaded already and building a graph takes milliseconds)")
     ap.add_argument("--preload", action="store_true",
-                    help="run one untimed 64x64 step first (loads the weights), e.g. with --warmup 0 to save "
+                    help="run one untimed 64x64 step with 8 text tokens first (loads the weights), e.g. with --warmup 0 to save "
                          "whole warm-up steps on a slow machine")
     ap.add_argument("--no-flash", action="store_true", help="explicit softmax attention")
     ap.add_argument("--extrapolate", default="", help="D,S: also extrapolate to D double and S single blocks")
@@ -166,9 +166,9 @@ def main(argv=None) -> int:
         if args.preload:
             t0 = time.perf_counter()
             model.transformer(np.zeros((cfg["latent_channels"], 8, 8), np.float32), 0.7, 3.5,
-                              np.zeros((args.t5_len, cfg["context_dim"]), np.float32),
+                              np.zeros((8, cfg["context_dim"]), np.float32),
                               np.zeros(cfg["vec_dim"], np.float32))
-            print(f"  preload (64x64 step): {time.perf_counter() - t0:.1f} s", flush=True)
+            print(f"  preload (64x64 step, 8 text tokens): {time.perf_counter() - t0:.1f} s", flush=True)
         for size, n_runs, n_warm in zip(sizes, runs_per_size, warmup_per_size):
             if n_runs < 1:
                 raise SystemExit("--runs must be at least 1")
