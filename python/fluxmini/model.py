@@ -29,6 +29,17 @@ def _version() -> str:
     return __version__
 
 
+def _token_ids(ids) -> np.ndarray:
+    """Token ids as int32, refusing values a cast would wrap (the engine checks the vocab range)."""
+    a = np.asarray(ids)
+    if a.dtype.kind not in "iu":
+        raise FluxMiniValueError(f"token ids must be integers, got an array of {a.dtype}")
+    i32 = np.iinfo(np.int32)
+    if a.size and (a.min() < i32.min or a.max() > i32.max):
+        raise FluxMiniValueError(f"token ids {a.min()}..{a.max()} do not fit in 32 bits: they are not token ids")
+    return a.astype(np.int32)
+
+
 def _path_arg(value, what: str) -> str:
     if value is None:
         return ""
@@ -141,11 +152,11 @@ class FluxMini:
 
     def encode_clip(self, ids) -> np.ndarray:
         """CLIP-L pooled output [hidden] for 77 token ids."""
-        return self._m.encode_clip(np.asarray(ids, np.int32))
+        return self._m.encode_clip(_token_ids(ids))
 
     def encode_t5(self, ids) -> np.ndarray:
         """T5 last hidden state [len(ids), d_model]."""
-        return self._m.encode_t5(np.asarray(ids, np.int32))
+        return self._m.encode_t5(_token_ids(ids))
 
     def vae_decode(self, z, *, tiling=None, tile: int = 0, overlap: int = -1) -> np.ndarray:
         """VAE decode: z [16, h, w] in VAE space -> image [3, 8h, 8w] (unclamped, about [-1, 1]).
