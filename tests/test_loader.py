@@ -398,6 +398,15 @@ def test_bad_arguments(gpustack_f32):
         fluxmini.FluxMini.load(None)
 
 
+def test_token_ids_that_would_wrap_are_refused(gpustack_f32):
+    # 2**32 + 5 would become 5 in a plain int32 cast and be accepted as a valid id.
+    model = fluxmini.FluxMini.load(gpustack_f32)
+    with pytest.raises(fluxmini.FluxMiniValueError, match="32 bits"):
+        model.encode_t5(np.array([2**32 + 5, 1], np.int64))
+    with pytest.raises(fluxmini.FluxMiniValueError, match="integers"):
+        model.encode_t5(np.array([1.5, 1.0]))
+
+
 def test_cli_info(gpustack_f32):
     r = subprocess.run([sys.executable, "-m", "fluxmini.cli", "info", str(gpustack_f32)], capture_output=True,
                        text=True, timeout=120, env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
