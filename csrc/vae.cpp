@@ -12,9 +12,9 @@
 // output pixel sum to exactly 1 wherever the tiles fall. Only the output image and the weight
 // sums are image-sized; the compute memory depends on the tile size.
 //
-// Memory: convolutions use ggml_conv_2d_direct, which builds its im2col patches in a small work
-// buffer batch by batch (the im2col + matmul form would need a 9·Cin × H·W matrix: 2.4 GB for
-// one 256-channel conv at 512²), and the mid attention is evaluated in query chunks.
+// Memory: convolutions are im2col + matmul in bands of output rows (one whole im2col matrix,
+// 9·Cin × H·W, would be 2.4 GB for one 256-channel conv at 512²), and the mid attention is
+// evaluated in query chunks, so the compute memory is a few activation maps plus 64 MiB.
 #include "vae.h"
 
 #include "common.h"
@@ -174,18 +174,23 @@ struct VaeNet::Impl {
     ParamStore params;
     DecoderP dec;
     EncoderP enc;
-    // im2col + matmul measured 2.4x faster than ggml_conv_2d_direct on the CPU (AVX2, 2 threads);
-    // its larger buffers are bounded by auto tiling. FLUXMINI_VAE_CONV=direct selects the other.
+    // Convolution: im2col + matmul in bands of output rows (default), or ggml_conv_2d_direct
+    // (FLUXMINI_VAE_CONV=direct). Both bound memory; on one thread they run at the same speed,
+    // but conv_2d_direct synchronises its threads twice per batch of ~16 MiB of patches, hundreds
+    // of times per convolution, which costs up to 2x on a loaded machine (measured here).
     bool conv_direct = false;
+    size_t band_bytes = size_t(64) << 20;
     GraphRunner runner;
     int last_tiles = 0;
     size_t last_compute = 0;
 
-    Impl(Backend &b, const ComponentWeights &w) : backend(b), weights(w), cfg(VaeConfig::infer(w)), params(b, w), runner(b) {
+    Impl(Backend &b, const ComponentWeights &w) : backend(b), weights(w), cfg(VaeConfig::infer(w)), params(b, w), runner(b, kMaxNodes) {
         if (const char *e = std::getenv("FLUXMINI_VAE_CONV")) {
-            if (!std::strcmp(e, "im2col")) conv_direct = false;
+            if (!std::strcmp(e, "im2col") || !std::strcmp(e, "banded")) conv_direct = false;
             else if (!std::strcmp(e, "direct")) conv_direct = true;
         }
+        if (const char *e = std::getenv("FLUXMINI_VAE_BAND_KB"))
+            if (size_t kb = size_t(std::strtoull(e, nullptr, 10))) band_bytes = kb << 10;
         declare_decoder();
         if (cfg.has_encoder) declare_encoder();
     }
@@ -283,9 +288,50 @@ struct VaeNet::Impl {
     }
 
     ggml_tensor *conv(const Ops &o, ggml_tensor *x, const ConvP &c, int stride, int pad) const {
-        if (!conv_direct) return conv2d(o, x, c.w, c.b, stride, pad);
-        ggml_tensor *y = ggml_conv_2d_direct(o.ctx, c.w, x, stride, stride, pad, pad, 1, 1);
+        ggml_tensor *y = conv_direct ? ggml_conv_2d_direct(o.ctx, c.w, x, stride, stride, pad, pad, 1, 1)
+                                     : conv_banded(o.ctx, x, c.w, stride, pad);
         return ggml_add(o.ctx, y, ggml_reshape_4d(o.ctx, c.b, 1, 1, c.b->ne[0], 1));
+    }
+
+    // im2col + one matmul per band of output rows, each band's patch matrix at most band_bytes
+    // (64 MiB; FLUXMINI_VAE_BAND_KB overrides, for tests) or 1/kMaxBands of the whole, written
+    // into the output in place. The bands run one after the other, so their patch matrices share
+    // memory: an unbanded 3x3 conv of 256 channels at 576² would need a 3 GB patch matrix.
+    // x [W, H, Cin, 1], kernel [k, k, Cin, Cout]; patches in the kernel's type (F32: exact).
+    static constexpr int64_t kMaxBands = 64;
+    ggml_tensor *conv_banded(ggml_context *ctx, ggml_tensor *x, ggml_tensor *kernel, int s, int p) const {
+        const int64_t k = kernel->ne[0], cin = x->ne[2], cout = kernel->ne[3];
+        const int64_t W = x->ne[0], H = x->ne[1];
+        const int64_t OW = (W + 2 * p - k) / s + 1, OH = (H + 2 * p - k) / s + 1, K = k * k * cin;
+        ggml_tensor *w2 = ggml_reshape_2d(ctx, kernel, K, cout);
+        const size_t row_bytes = size_t(K * OW) * ggml_type_size(kernel->type);
+        int64_t nb = std::max<int64_t>(1, int64_t(band_bytes / row_bytes));
+        nb = std::max(nb, (OH + kMaxBands - 1) / kMaxBands);
+        auto band = [&](int64_t oy0, int64_t n) {  // output rows [oy0, oy0 + n) -> [OW, n, Cout]
+            const int64_t lo = oy0 * s - p, hi = (oy0 + n - 1) * s - p + k - 1;  // input rows needed
+            const int64_t r0 = std::max<int64_t>(0, lo), r1 = std::min<int64_t>(H - 1, hi);
+            const bool padded = lo < 0 || hi > H - 1;  // touches the top or bottom border
+            ggml_tensor *xv = (r0 == 0 && r1 == H - 1)
+                                  ? x
+                                  : ggml_view_3d(ctx, x, W, r1 - r0 + 1, cin, x->nb[1], x->nb[2], size_t(r0) * x->nb[1]);
+            ggml_tensor *cols = ggml_im2col(ctx, kernel, xv, s, s, p, padded ? p : 0, 1, 1, true, kernel->type);
+            // cols [K, OW, rows]: row j starts at input row r0 − (padded ? p : 0) + j·s
+            const int64_t j0 = (oy0 * s - p - (r0 - (padded ? p : 0))) / s;
+            if (j0 < 0 || j0 + n > cols->ne[2] || cols->ne[1] != OW)
+                fail_runtime("internal error: VAE conv band %lld+%lld of %lld rows", (long long)oy0, (long long)n,
+                             (long long)OH);
+            if (j0 != 0 || n != cols->ne[2])
+                cols = ggml_view_3d(ctx, cols, K, OW, n, cols->nb[1], cols->nb[2], size_t(j0) * cols->nb[2]);
+            ggml_tensor *y = ggml_mul_mat(ctx, ggml_reshape_2d(ctx, cols, K, OW * n), w2);  // [OW·n, Cout]
+            return ggml_reshape_3d(ctx, y, OW, n, cout);
+        };
+        if (nb >= OH) return ggml_reshape_4d(ctx, band(0, OH), OW, OH, cout, 1);
+        ggml_tensor *y = ggml_pad(ctx, band(0, nb), 0, int(OH - nb), 0, 0);  // [OW, OH, Cout], rows ≥ nb zero
+        for (int64_t oy0 = nb; oy0 < OH; oy0 += nb) {
+            const int64_t n = std::min(nb, OH - oy0);
+            y = ggml_set_inplace(ctx, y, band(oy0, n), y->nb[1], y->nb[2], y->nb[3], size_t(oy0) * y->nb[1]);
+        }
+        return ggml_reshape_4d(ctx, y, OW, OH, cout, 1);
     }
 
     static ggml_tensor *norm(const Ops &o, ggml_tensor *x, const NormP &n) {
@@ -387,7 +433,7 @@ struct VaeNet::Impl {
         return g;
     }
 
-    static constexpr size_t kMaxNodes = 8192;
+    static constexpr size_t kMaxNodes = 32768;  // banded convs of an untiled 1024² decode: ~15k nodes
 
     // Compute memory an untiled pass would need, measured by planning its graph (nothing allocated).
     size_t measure(bool decoder, int64_t w, int64_t h) const {
@@ -441,7 +487,8 @@ struct VaeNet::Impl {
         bool tiled = tiling.mode == 1;
         if (tiling.mode == -1 && (lat_h > T || lat_w > T)) {
             size_t budget = tiling.budget_mb;
-            if (const char *e = std::getenv("FLUXMINI_VAE_BUDGET_MB")) budget = size_t(std::strtoull(e, nullptr, 10));
+            if (const char *e = std::getenv("FLUXMINI_VAE_BUDGET_MB"))
+                if (*e) budget = size_t(std::strtoull(e, nullptr, 10));
             const size_t need = measure(decoder, in_w, in_h);
             tiled = need > budget * 1048576ull;
             log_info("VAE %s %lldx%lld: an untiled pass needs %.0f MiB (budget %zu MiB): %s",

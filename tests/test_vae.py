@@ -10,7 +10,8 @@ inputs regenerated from their seeds); the live tests recompute the reference wit
 Tolerances, as relative error = max |engine − reference| / max |reference|:
 * F32 conv kernels ("f32", "res2", and "gpustack": F32 kernels with F16 GroupNorm weights, which
   the engine widens to F32 exactly): 1e-4, the issue's bound. Everything then runs in F32
-  (attention: explicit F32 softmax); what is left is float32 summation order (measured 0.8-1.3e-6).
+  (convolutions as im2col + F32 matmul; attention: explicit F32 softmax); what is left is float32
+  summation order (measured 0.8-1.3e-6).
 * F16 conv kernels ("f16"): 3e-3. ggml's convolution with an F16 kernel writes its im2col patches
   in F16, i.e. rounds every conv input to F16 (relative error <= 2^-11 ~ 4.9e-4 per value); the
   1x1 attention projections do the same in their F16 matmul. Rounding exactly those inputs to F16
@@ -89,6 +90,21 @@ def test_config_from_file():
                    "has_encoder": 1}
     cfg = engine("res2").config["vae"]
     assert cfg["top_channels"] == 128 and cfg["res_blocks"] == 2 and cfg["levels"] == 4
+
+
+def test_banded_convolutions(goldens, monkeypatch):
+    """Convolutions run as im2col + matmul in bands of output rows (64 MiB of patches each on real
+    sizes). With 4 KiB bands every conv of these small cases is split into single rows (or 64
+    bands): first and last bands with zero padding, stride-2 bands in the encoder. The result is
+    the unbanded one, bit for bit (the same dot products), and matches the reference."""
+    m = engine("f32")
+    cases = [("f32", "decode", 6, 10, 2), ("f32", "encode", 10, 6, 4)]
+    whole = [run(m, c[1], G.case_input(c), tiling=False) for c in cases]
+    monkeypatch.setenv("FLUXMINI_VAE_BAND_KB", "4")
+    for case, ref in zip(cases, whole):
+        got = run(m, case[1], G.case_input(case), tiling=False)
+        np.testing.assert_array_equal(got, ref)
+        assert rel_err(got, goldens[G.case_key(case)]) <= TOL["f32"]
 
 
 def test_repeated_calls_and_sizes_are_independent(goldens):
