@@ -17,6 +17,18 @@ then times one decode of a random latent. Reported: wall seconds, CPU seconds / 
 machine shared with other work the better guide to an idle machine; the load average is printed),
 GFLOP/s from the decoder's convolution and attention FLOPs, the engine's compute buffer, and the
 peak RSS.
+
+Measured on the project machine (2 logical CPUs, AVX2 ggml wheel without llamafile sgemm, 24 GB),
+2 threads, F32 kernels unless noted, load average <= 4 (mostly this benchmark itself):
+
+    decode   512 untiled          122 s wall,  87 CPU-s/thread, compute  864 MiB, peak RSS 1100 MiB
+    decode   512 untiled (F16)    101 s wall, 101 CPU-s/thread, compute  704 MiB, peak RSS  849 MiB
+    decode   512 tiled 2x2 of 40  118 s wall, 118 CPU-s/thread, compute  300 MiB, peak RSS  534 MiB
+    decode  1024 tiled 2x2 of 72  526 s wall, 349 CPU-s/thread, compute 1067 MiB, peak RSS 1319 MiB
+    decode  1024 untiled          451 s wall, 344 CPU-s/thread, compute 3168 MiB, peak RSS 3427 MiB
+
+On the idle machine at 256 px, F32 and F16 kernels and conv_2d_direct vs banded im2col all
+decode in 23-26 s (within run-to-run noise); under load banded im2col was 1.2-1.3x faster.
 """
 
 from __future__ import annotations
