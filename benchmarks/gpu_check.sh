@@ -27,5 +27,5 @@ for check in transformer encode_t5 encode_clip vae_decode vae_encode; do
   python3 benchmarks/gpu_check.py --backend cuda --only $check 2>&1 | grep -v "^backends" | tee -a "$out/gpu_check.log" || true
 done
 if [ -n "$full" ]; then
-  timeout 300 python3 benchmarks/gpu_check.py --backend cuda --no-parity --repeats 2 --full "$full" 2>&1 | tee -a "$out/gpu_check.log" || true
+  timeout "${FULL_TIMEOUT:-300}" python3 benchmarks/gpu_check.py --backend cuda --no-parity --repeats "${REPEATS:-2}" -v --full "$full" 2>&1 | tee -a "$out/gpu_check.log" || true
 fi

@@ -186,8 +186,18 @@ void GraphRunner::prepare(const std::string &key, const BuildFn &build) {
                          "size or VAE tiling",
                          backend_.name().c_str());
         key_ = key;
-        log_info("graph %s: %d nodes, compute buffer %.1f MiB (built and reserved)", key.c_str(),
-                 ggml_graph_n_nodes(graph_), compute_buffer_bytes() / 1048576.0);
+        if (multi_backend) {
+            // Ops the GPU backend lacks run on the CPU, with copies at every split: worth seeing.
+            int on_cpu = 0;
+            for (int i = 0; i < ggml_graph_n_nodes(graph_); ++i)
+                if (ggml_backend_sched_get_tensor_backend(sched_, ggml_graph_node(graph_, i)) == backend_.cpu()) ++on_cpu;
+            log_info("graph %s: %d nodes (%d on the CPU, %d splits), compute buffer %.1f MiB (built and reserved)",
+                     key.c_str(), ggml_graph_n_nodes(graph_), on_cpu, ggml_backend_sched_get_n_splits(sched_),
+                     compute_buffer_bytes() / 1048576.0);
+        } else {
+            log_info("graph %s: %d nodes, compute buffer %.1f MiB (built and reserved)", key.c_str(),
+                     ggml_graph_n_nodes(graph_), compute_buffer_bytes() / 1048576.0);
+        }
     }
     if (multi_backend) fresh_graph();
     ggml_backend_sched_reset(sched_);

@@ -314,6 +314,9 @@ struct VaeNet::Impl {
             ggml_tensor *xv = (r0 == 0 && r1 == H - 1)
                                   ? x
                                   : ggml_view_3d(ctx, x, W, r1 - r0 + 1, cin, x->nb[1], x->nb[2], size_t(r0) * x->nb[1]);
+            // The CPU reads the band in place; GPU im2col kernels take contiguous inputs only (the
+            // scheduler would otherwise run every convolution on the CPU).
+            if (!backend.is_cpu() && !ggml_is_contiguous(xv)) xv = ggml_cont(ctx, xv);
             ggml_tensor *cols = ggml_im2col(ctx, kernel, xv, s, s, p, padded ? p : 0, 1, 1, true, kernel->type);
             // cols [K, OW, rows]: row j starts at input row r0 − (padded ? p : 0) + j·s
             const int64_t j0 = (oy0 * s - p - (r0 - (padded ? p : 0))) / s;
