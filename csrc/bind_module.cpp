@@ -1,11 +1,17 @@
 // The extension module fluxmini._core: error translation and module-level functions.
 #include "backend.h"
 #include "common.h"
+#include "cpu_conv.h"
 #include "flux.h"
 
 #include <ggml-cpu.h>
 #include <ggml.h>
 
+#include <optional>
+#include <thread>
+#include <vector>
+
+#include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
@@ -63,5 +69,32 @@ PYBIND11_MODULE(_core, m) {
         const fm::BenchTime t = fm::bench_attention(d, heads, tokens, flash, threads, reps);
         return std::make_pair(t.wall, t.cpu);
     }, py::arg("d"), py::arg("heads"), py::arg("tokens"), py::arg("flash"), py::arg("threads"), py::arg("reps") = 3);
+    // The CPU convolution kernel on its own, for tests against a numpy reference: x [Cin, H, W],
+    // kernel [Cout, Cin, k, k] (torch's layout), bias [Cout] or None -> [Cout, OH, OW]; the
+    // output pixels are split over `threads` threads as the graph op splits them.
+    using f32_array = py::array_t<float, py::array::c_style | py::array::forcecast>;
+    m.def("conv2d_f32", [](f32_array x, f32_array kernel, std::optional<f32_array> bias, int stride, int pad,
+                           int threads) {
+        if (x.ndim() != 3 || kernel.ndim() != 4 || kernel.shape(1) != x.shape(0) || kernel.shape(2) != kernel.shape(3))
+            fm::fail_value("conv2d_f32 takes x [Cin, H, W] and kernel [Cout, Cin, k, k]");
+        const int64_t cin = x.shape(0), h = x.shape(1), w = x.shape(2), cout = kernel.shape(0), k = kernel.shape(2);
+        if (bias && (bias->ndim() != 1 || bias->shape(0) != cout)) fm::fail_value("bias must be [Cout]");
+        if (stride < 1 || pad < 0 || threads < 1 || h + 2 * pad < k || w + 2 * pad < k)
+            fm::fail_value("bad stride, padding or thread count");
+        const int64_t oh = (h + 2 * pad - k) / stride + 1, ow = (w + 2 * pad - k) / stride + 1;
+        f32_array out({cout, oh, ow});
+        const float *xp = x.data(), *kp = kernel.data(), *bp = bias ? bias->data() : nullptr;
+        float *op = out.mutable_data();
+        {
+            py::gil_scoped_release nogil;
+            std::vector<std::thread> pool;
+            for (int t = 1; t < threads; ++t)
+                pool.emplace_back([&, t] { fm::conv2d_f32(kp, xp, bp, op, w, h, cin, cout, k, stride, pad, t, threads); });
+            fm::conv2d_f32(kp, xp, bp, op, w, h, cin, cout, k, stride, pad, 0, threads);
+            for (auto &th : pool) th.join();
+        }
+        return out;
+    }, py::arg("x"), py::arg("kernel"), py::arg("bias"), py::arg("stride") = 1, py::arg("pad") = 0, py::arg("threads") = 1);
+    m.def("cpu_conv2d_available", &fm::cpu_conv2d_available);
     bind_model(m);
 }

@@ -12,12 +12,14 @@
 // output pixel sum to exactly 1 wherever the tiles fall. Only the output image and the weight
 // sums are image-sized; the compute memory depends on the tile size.
 //
-// Memory: convolutions are im2col + matmul in bands of output rows (one whole im2col matrix,
-// 9·Cin × H·W, would be 2.4 GB for one 256-channel conv at 512²), and the mid attention is
-// evaluated in query chunks, so the compute memory is a few activation maps plus 64 MiB.
+// Memory: convolutions never hold a whole im2col matrix (9·Cin × H·W, 2.4 GB for one 256-channel
+// conv at 512²): ours packs it panel by panel, ggml's runs in bands of output rows; the mid
+// attention is evaluated in query chunks. The compute memory is a few activation maps (plus up
+// to 64 MiB of patches on the ggml path).
 #include "vae.h"
 
 #include "common.h"
+#include "cpu_conv.h"
 #include "layers.h"
 #include "params.h"
 
@@ -174,11 +176,14 @@ struct VaeNet::Impl {
     ParamStore params;
     DecoderP dec;
     EncoderP enc;
-    // Convolution: im2col + matmul in bands of output rows (default), or ggml_conv_2d_direct
-    // (FLUXMINI_VAE_CONV=direct). Both bound memory; on one thread they run at the same speed,
-    // but conv_2d_direct synchronises its threads twice per batch of ~16 MiB of patches, hundreds
-    // of times per convolution, which costs up to 2x on a loaded machine (measured here).
+    // Convolution. F32 kernels on an AVX2 CPU: our own (cpu_conv.h; 2.5x ggml's im2col + F32
+    // matmul in the PyPI wheel, measured on the full VAE). Otherwise ggml's im2col + matmul in
+    // bands of output rows, or ggml_conv_2d_direct. Both ggml forms bound memory; on one thread
+    // they run at the same speed, but conv_2d_direct synchronises its threads twice per batch of
+    // ~16 MiB of patches, hundreds of times per convolution, which costs up to 2x on a loaded
+    // machine (measured here). FLUXMINI_VAE_CONV=im2col|direct picks a ggml form (tests, benchmarks).
     bool conv_direct = false;
+    bool conv_own = true;
     size_t band_bytes = size_t(64) << 20;
     GraphRunner runner;
     int last_tiles = 0;
@@ -186,8 +191,8 @@ struct VaeNet::Impl {
 
     Impl(Backend &b, const ComponentWeights &w) : backend(b), weights(w), cfg(VaeConfig::infer(w)), params(b, w), runner(b, kMaxNodes) {
         if (const char *e = std::getenv("FLUXMINI_VAE_CONV")) {
-            if (!std::strcmp(e, "im2col") || !std::strcmp(e, "banded")) conv_direct = false;
-            else if (!std::strcmp(e, "direct")) conv_direct = true;
+            if (!std::strcmp(e, "im2col") || !std::strcmp(e, "banded")) conv_own = false;
+            else if (!std::strcmp(e, "direct")) conv_own = false, conv_direct = true;
         }
         if (const char *e = std::getenv("FLUXMINI_VAE_BAND_KB"))
             if (size_t kb = size_t(std::strtoull(e, nullptr, 10))) band_bytes = kb << 10;
@@ -288,9 +293,17 @@ struct VaeNet::Impl {
     }
 
     ggml_tensor *conv(const Ops &o, ggml_tensor *x, const ConvP &c, int stride, int pad) const {
+        if (use_own_conv(c.w)) {  // bias fused, no patch matrix
+            if (!ggml_is_contiguous(x)) x = ggml_cont(o.ctx, x);
+            return conv2d_f32_op(o.ctx, x, c.w, c.b, stride, pad);
+        }
         ggml_tensor *y = conv_direct ? ggml_conv_2d_direct(o.ctx, c.w, x, stride, stride, pad, pad, 1, 1)
                                      : conv_banded(o.ctx, x, c.w, stride, pad);
         return ggml_add(o.ctx, y, ggml_reshape_4d(o.ctx, c.b, 1, 1, c.b->ne[0], 1));
+    }
+
+    bool use_own_conv(const ggml_tensor *kernel) const {
+        return conv_own && backend.is_cpu() && kernel->type == GGML_TYPE_F32 && cpu_conv2d_available();
     }
 
     // im2col + one matmul per band of output rows, each band's patch matrix at most band_bytes

@@ -10,8 +10,8 @@ inputs regenerated from their seeds); the live tests recompute the reference wit
 Tolerances, as relative error = max |engine − reference| / max |reference|:
 * F32 conv kernels ("f32", "res2", and "gpustack": F32 kernels with F16 GroupNorm weights, which
   the engine widens to F32 exactly): 1e-4, the issue's bound. Everything then runs in F32
-  (convolutions as im2col + F32 matmul; attention: explicit F32 softmax); what is left is float32
-  summation order (measured 0.8-1.3e-6).
+  (convolutions: our CPU kernel, csrc/cpu_conv.cpp, or ggml's im2col + F32 matmul; attention:
+  explicit F32 softmax); what is left is float32 summation order (measured 0.8-1.3e-6).
 * F16 conv kernels ("f16"): 3e-3. ggml's convolution with an F16 kernel writes its im2col patches
   in F16, i.e. rounds every conv input to F16 (relative error <= 2^-11 ~ 4.9e-4 per value); the
   1x1 attention projections do the same in their F16 matmul. Rounding exactly those inputs to F16
@@ -93,18 +93,39 @@ def test_config_from_file():
 
 
 def test_banded_convolutions(goldens, monkeypatch):
-    """Convolutions run as im2col + matmul in bands of output rows (64 MiB of patches each on real
-    sizes). With 4 KiB bands every conv of these small cases is split into single rows (or 64
-    bands): first and last bands with zero padding, stride-2 bands in the encoder. The result is
-    the unbanded one, bit for bit (the same dot products), and matches the reference."""
-    m = engine("f32")
+    """ggml's convolution path (F16 kernels, GPU backends; FLUXMINI_VAE_CONV=im2col forces it for
+    F32 kernels on the CPU) runs as im2col + matmul in bands of output rows (64 MiB of patches
+    each on real sizes). With 4 KiB bands every conv of these small cases is split into single
+    rows (or 64 bands): first and last bands with zero padding, stride-2 bands in the encoder.
+    The result is the unbanded one, bit for bit (the same dot products), and matches the
+    reference."""
+    monkeypatch.setenv("FLUXMINI_VAE_CONV", "im2col")
+    m = FluxMini.load(G.model_path("f32"), components=["vae"], threads=2)
     cases = [("f32", "decode", 6, 10, 2), ("f32", "encode", 10, 6, 4)]
     whole = [run(m, c[1], G.case_input(c), tiling=False) for c in cases]
     monkeypatch.setenv("FLUXMINI_VAE_BAND_KB", "4")
+    m = FluxMini.load(G.model_path("f32"), components=["vae"], threads=2)
     for case, ref in zip(cases, whole):
         got = run(m, case[1], G.case_input(case), tiling=False)
         np.testing.assert_array_equal(got, ref)
         assert rel_err(got, goldens[G.case_key(case)]) <= TOL["f32"]
+
+
+def test_own_and_ggml_convolutions_agree(goldens, monkeypatch):
+    """F32 kernels on an AVX2 CPU use our convolution (csrc/cpu_conv.cpp), elsewhere ggml's: both
+    meet the reference, and they differ only by float32 summation order (≤ 1e-5 relative; they
+    measure ~1e-6 apart)."""
+    from fluxmini import _core
+
+    ours = engine("f32")
+    monkeypatch.setenv("FLUXMINI_VAE_CONV", "im2col")
+    theirs = FluxMini.load(G.model_path("f32"), components=["vae"], threads=2)
+    for case in [("f32", "decode", 6, 10, 2), ("f32", "encode", 10, 6, 4)]:
+        a = run(ours, case[1], G.case_input(case), tiling=False)
+        b = run(theirs, case[1], G.case_input(case), tiling=False)
+        assert rel_err(a, b) <= 1e-5
+        if _core.cpu_conv2d_available():
+            assert not np.array_equal(a, b), "expected our kernel (another summation order) on this CPU"
 
 
 def test_repeated_calls_and_sizes_are_independent(goldens):

@@ -1,0 +1,218 @@
+// F32 convolution for the CPU (see cpu_conv.h): a register-blocked GEMM in the style of BLIS over the
+// im2col matrix, which is packed panel by panel from the image and never stored whole.
+//
+// The output is cut into tiles of kRows channels x 16 pixels held in 12 AVX registers. Each
+// thread owns a range of 16-pixel panels; per block of kKc values of k it packs a chunk of its
+// panels k-major (so one k step loads 16 pixels with two aligned loads), then sweeps the
+// channels in groups of kRows, whose kKc weights stay in L1 while the packed chunk streams from
+// L2. Sums are kept in the same order for every output (k blocks in order, k ascending inside),
+// whatever the column range, so banding and thread counts do not change results.
+#include "cpu_conv.h"
+
+#include "common.h"
+
+#include <algorithm>
+#include <cstring>
+#include <vector>
+
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#define FM_GEMM_X86 1
+#include <immintrin.h>
+#endif
+
+namespace fm {
+
+namespace {
+constexpr int kRows = 6;         // output channels per register tile
+constexpr int kCols = 16;        // output columns per register tile (two 8-float registers)
+constexpr int64_t kKc = 256;     // k per block: kRows·kKc weights (6 KiB) stay in L1
+constexpr int64_t kChunk = 24;   // panels packed together: 24·16·kKc floats (384 KiB) in L2
+}  // namespace
+
+#ifdef FM_GEMM_X86
+
+bool cpu_conv2d_available() {
+    static const bool ok = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+    return ok;
+}
+
+namespace {
+
+// 6 x 16 tile: c[r·ldc + j] (+)= Σ_k w[r·ldw + k] · xp[k·16 + j], for k < kc. Twelve named
+// accumulators (with an array of them GCC spills to the stack on every step).
+__attribute__((target("avx2,fma"))) void tile_kernel(const float *xp, const float *w, int64_t ldw, int64_t kc,
+                                                     float *c, int64_t ldc, bool init, const float *bias) {
+    __m256 a00, a01, a10, a11, a20, a21, a30, a31, a40, a41, a50, a51;
+    if (init) {
+#define FM_INIT(r) a##r##0 = a##r##1 = _mm256_set1_ps(bias ? bias[r] : 0.0f);
+        FM_INIT(0) FM_INIT(1) FM_INIT(2) FM_INIT(3) FM_INIT(4) FM_INIT(5)
+#undef FM_INIT
+    } else {
+#define FM_LOAD(r) a##r##0 = _mm256_loadu_ps(c + r * ldc); a##r##1 = _mm256_loadu_ps(c + r * ldc + 8);
+        FM_LOAD(0) FM_LOAD(1) FM_LOAD(2) FM_LOAD(3) FM_LOAD(4) FM_LOAD(5)
+#undef FM_LOAD
+    }
+    const float *w0 = w, *w1 = w + ldw, *w2 = w + 2 * ldw, *w3 = w + 3 * ldw, *w4 = w + 4 * ldw, *w5 = w + 5 * ldw;
+    for (int64_t k = 0; k < kc; ++k) {
+        const __m256 x0 = _mm256_load_ps(xp + k * kCols), x1 = _mm256_load_ps(xp + k * kCols + 8);
+        __m256 b;
+#define FM_STEP(r) b = _mm256_broadcast_ss(w##r + k); a##r##0 = _mm256_fmadd_ps(b, x0, a##r##0); \
+                   a##r##1 = _mm256_fmadd_ps(b, x1, a##r##1);
+        FM_STEP(0) FM_STEP(1) FM_STEP(2) FM_STEP(3) FM_STEP(4) FM_STEP(5)
+#undef FM_STEP
+    }
+#define FM_STORE(r) _mm256_storeu_ps(c + r * ldc, a##r##0); _mm256_storeu_ps(c + r * ldc + 8, a##r##1);
+    FM_STORE(0) FM_STORE(1) FM_STORE(2) FM_STORE(3) FM_STORE(4) FM_STORE(5)
+#undef FM_STORE
+}
+
+// The im2col matrix of a convolution, never stored: panels are 16 output pixels of one output
+// row, packed straight from the image x [W, H, Cin]. k runs as in ggml's im2col (kx fastest, then
+// ky, then the input channel), so results equal im2col + gemm bit for bit.
+struct ConvPanels {
+    const float *x;
+    int64_t W, H, Cin, k, s, pad, OW, OH;
+    int64_t per_row() const { return (OW + kCols - 1) / kCols; }
+    int64_t count() const { return OH * per_row(); }
+    int64_t width(int64_t q) const { return std::min<int64_t>(kCols, OW - (q % per_row()) * kCols); }
+    int64_t first(int64_t q) const { return (q / per_row()) * OW + (q % per_row()) * kCols; }
+    __attribute__((target("avx2,fma"))) void pack(int64_t q, int64_t k0, int64_t kc, float *dst) const {
+        const int64_t oy = q / per_row(), ox0 = (q % per_row()) * kCols, n = width(q);
+        int64_t kx = k0 % k, ky = (k0 / k) % k, ci = k0 / (k * k);
+        for (int64_t kk = 0; kk < kc; ++kk, dst += kCols) {
+            const int64_t iy = oy * s + ky - pad, ix0 = ox0 * s + kx - pad;
+            if (iy < 0 || iy >= H) {
+                std::memset(dst, 0, kCols * sizeof(float));
+            } else {
+                const float *row = x + (ci * H + iy) * W;
+                if (s == 1 && n == kCols && ix0 >= 0 && ix0 + kCols <= W) {
+                    _mm256_store_ps(dst, _mm256_loadu_ps(row + ix0));
+                    _mm256_store_ps(dst + 8, _mm256_loadu_ps(row + ix0 + 8));
+                } else {
+                    for (int64_t j = 0; j < kCols; ++j) {
+                        const int64_t ix = ix0 + j * s;
+                        dst[j] = (j < n && ix >= 0 && ix < W) ? row[ix] : 0.0f;
+                    }
+                }
+            }
+            if (++kx == k) {
+                kx = 0;
+                if (++ky == k) ky = 0, ++ci;
+            }
+        }
+    }
+};
+
+// out[c·ldo + first(q) + j] = bias[c] + Σ_k w[c·K + k] · panel_q[k][j]: this thread's panels.
+template <class Panels>
+void gemm_driver(const Panels &src, const float *w, const float *bias, float *out, int64_t ldo, int64_t C, int64_t K,
+                 int ith, int nth) {
+    const int64_t panels = src.count();
+    const int64_t pa = panels * ith / nth, pb = panels * (ith + 1) / nth;
+    if (pa >= pb) return;
+    const int64_t nkb = (K + kKc - 1) / kKc;
+    const int64_t kc_max = (K + nkb - 1) / nkb;  // equal k blocks
+    thread_local std::vector<float> buf;
+    const size_t need = size_t(kChunk * kCols * kc_max) + 16;
+    if (buf.size() < need) buf.resize(need);
+    float *packed = reinterpret_cast<float *>((reinterpret_cast<uintptr_t>(buf.data()) + 31) & ~uintptr_t(31));
+    alignas(32) float tmp[kRows * kCols];
+    std::vector<float> wpad(size_t(kRows * kc_max));
+    float bpad[kRows];
+
+    for (int64_t q0 = pa; q0 < pb; q0 += kChunk) {
+        const int64_t q1 = std::min(pb, q0 + kChunk);
+        for (int64_t kb = 0; kb < nkb; ++kb) {
+            const int64_t k0 = kb * kc_max, kc = std::min(kc_max, K - k0);
+            for (int64_t q = q0; q < q1; ++q) src.pack(q, k0, kc, packed + (q - q0) * kCols * kc);
+            const bool init = kb == 0;
+            for (int64_t c0 = 0; c0 < C; c0 += kRows) {
+                const int rows = int(std::min<int64_t>(kRows, C - c0));
+                const float *wr = w + c0 * K + k0;
+                int64_t ldw = K;
+                const float *br = bias ? bias + c0 : nullptr;
+                if (rows < kRows) {  // the last channels: weights and bias padded with zero rows
+                    std::fill(wpad.begin(), wpad.end(), 0.0f);
+                    for (int r = 0; r < rows; ++r) std::memcpy(&wpad[size_t(r * kc)], wr + r * K, size_t(kc) * sizeof(float));
+                    std::fill(bpad, bpad + kRows, 0.0f);
+                    if (br) std::memcpy(bpad, br, size_t(rows) * sizeof(float));
+                    wr = wpad.data();
+                    ldw = kc;
+                    br = br ? bpad : nullptr;
+                }
+                for (int64_t q = q0; q < q1; ++q) {
+                    const int64_t n = src.width(q);
+                    float *c = out + c0 * ldo + src.first(q);
+                    const float *xp = packed + (q - q0) * kCols * kc;
+                    if (n == kCols && rows == kRows) {
+                        tile_kernel(xp, wr, ldw, kc, c, ldo, init, br);
+                    } else {  // a partial tile goes through a full one
+                        if (!init)
+                            for (int r = 0; r < rows; ++r) std::memcpy(tmp + r * kCols, c + r * ldo, size_t(n) * sizeof(float));
+                        tile_kernel(xp, wr, ldw, kc, tmp, kCols, init, br);
+                        for (int r = 0; r < rows; ++r) std::memcpy(c + r * ldo, tmp + r * kCols, size_t(n) * sizeof(float));
+                    }
+                }
+            }
+        }
+    }
+}
+
+}  // namespace
+
+void conv2d_f32(const float *kernel, const float *x, const float *bias, float *out, int64_t W, int64_t H, int64_t Cin,
+                int64_t Cout, int64_t k, int64_t stride, int64_t pad, int ith, int nth) {
+    const int64_t OW = (W + 2 * pad - k) / stride + 1, OH = (H + 2 * pad - k) / stride + 1;
+    gemm_driver(ConvPanels{x, W, H, Cin, k, stride, pad, OW, OH}, kernel, bias, out, OW * OH, Cout, k * k * Cin, ith,
+                nth);
+}
+
+#else  // no x86-64 AVX2 kernel: callers use ggml_mul_mat
+
+bool cpu_conv2d_available() { return false; }
+
+void conv2d_f32(const float *kernel, const float *x, const float *bias, float *out, int64_t W, int64_t H, int64_t Cin,
+                int64_t Cout, int64_t k, int64_t stride, int64_t pad, int ith, int nth) {
+    const int64_t OW = (W + 2 * pad - k) / stride + 1, OH = (H + 2 * pad - k) / stride + 1, K = k * k * Cin;
+    for (int64_t p = OW * OH * ith / nth; p < OW * OH * (ith + 1) / nth; ++p)
+        for (int64_t c = 0; c < Cout; ++c) {
+            float sum = bias ? bias[c] : 0.0f;
+            for (int64_t kk = 0; kk < K; ++kk) {
+                const int64_t kx = kk % k, ky = (kk / k) % k, ci = kk / (k * k);
+                const int64_t iy = (p / OW) * stride + ky - pad, ix = (p % OW) * stride + kx - pad;
+                if (iy >= 0 && iy < H && ix >= 0 && ix < W) sum += kernel[c * K + kk] * x[(ci * H + iy) * W + ix];
+            }
+            out[c * OW * OH + p] = sum;
+        }
+}
+
+#endif
+
+namespace {
+// The custom op's own parameters hold its function; stride and padding travel in the userdata
+// pointer's value (nothing to allocate or free).
+void *conv_geometry(int64_t stride, int64_t pad) { return reinterpret_cast<void *>(uintptr_t(stride | (pad << 16))); }
+
+void conv_node(ggml_tensor *dst, int ith, int nth, void *userdata) {
+    const ggml_tensor *x = dst->src[0], *kw = dst->src[1], *b = dst->src[2];
+    const auto geometry = reinterpret_cast<uintptr_t>(userdata);
+    const int64_t stride = int64_t(geometry & 0xffff), pad = int64_t(geometry >> 16);
+    conv2d_f32(static_cast<const float *>(kw->data), static_cast<const float *>(x->data),
+               b ? static_cast<const float *>(b->data) : nullptr, static_cast<float *>(dst->data), x->ne[0], x->ne[1],
+               x->ne[2], kw->ne[3], kw->ne[0], stride, pad, ith, nth);
+}
+
+}  // namespace
+
+ggml_tensor *conv2d_f32_op(ggml_context *ctx, ggml_tensor *x, ggml_tensor *kernel, ggml_tensor *bias, int stride,
+                           int pad) {
+    if (stride < 1 || stride > 0xffff || pad < 0 || pad > 0xffff)
+        fail_value("convolution stride %d / padding %d out of range", stride, pad);
+    const int64_t k = kernel->ne[0];
+    const int64_t OW = (x->ne[0] + 2 * pad - k) / stride + 1, OH = (x->ne[1] + 2 * pad - k) / stride + 1;
+    ggml_tensor *args[3] = {x, kernel, bias};
+    return ggml_custom_4d(ctx, GGML_TYPE_F32, OW, OH, kernel->ne[3], 1, args, bias ? 3 : 2, conv_node, GGML_N_TASKS_MAX,
+                          conv_geometry(stride, pad));
+}
+
+}  // namespace fm

@@ -1,0 +1,30 @@
+// F32 convolution for the CPU, used where ggml's is slow: the PyPI ggml wheel has no llamafile
+// sgemm, so im2col + F32 mul_mat runs at ~35-45 GFLOP/s on 2 AVX2 cores (a quarter of the FMA
+// peak) plus a memory-bound im2col pass. The VAE's convolutions (F32 kernels in gpustack's
+// files) are most of its work.
+#pragma once
+
+#include <ggml.h>
+
+#include <cstddef>
+#include <cstdint>
+
+namespace fm {
+
+// Whether this CPU runs the fast kernel (x86-64 with AVX2 and FMA); elsewhere callers keep ggml's
+// convolution.
+bool cpu_conv2d_available();
+
+// out [OW, OH, Cout] = conv(x [W, H, Cin], kernel [k, k, Cin, Cout]) + bias, one thread's share
+// (output pixels split over nth threads): im2col + GEMM, with the patch matrix packed straight
+// from x (no k²·Cin x OW·OH matrix in memory, no im2col pass). Every output sums its k²·Cin
+// products in one fixed order, so results do not depend on the thread count.
+void conv2d_f32(const float *kernel, const float *x, const float *bias, float *out, int64_t W, int64_t H, int64_t Cin,
+                int64_t Cout, int64_t k, int64_t stride, int64_t pad, int ith, int nth);
+
+// ggml graph node computing conv2d_f32 on the CPU backend: x [W, H, Cin, 1] F32 contiguous,
+// kernel [k, k, Cin, Cout] F32 contiguous, bias [Cout] F32 or null -> [OW, OH, Cout, 1].
+ggml_tensor *conv2d_f32_op(ggml_context *ctx, ggml_tensor *x, ggml_tensor *kernel, ggml_tensor *bias, int stride,
+                           int pad);
+
+}  // namespace fm

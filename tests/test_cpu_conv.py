@@ -1,0 +1,90 @@
+"""The CPU convolution kernel (csrc/cpu_conv.cpp) against a float64 numpy convolution.
+
+The kernel is a blocked F32 GEMM over an im2col matrix it packs from the image panel by panel
+(16 output pixels of one row), so the cases cover: widths that are and are not multiples of 16
+(partial panels), output channels that are not multiples of the 6-row register tile, stride 2,
+1x1 kernels, padding larger than the image, and K = k²·Cin large enough for several k blocks
+whose length is not a multiple of 8.
+
+Tolerance: float32 summation of K products in blocks. Its error is bounded by about
+K·2^-24·Σ|x·w| and in practice near √K·2^-24·Σ|x·w|; we require |got − ref| ≤ 2e-6·Σ|x·w| + 1e-30,
+where Σ|x·w| is the convolution of |x| with |w| (+|b|) (measured: at most 2.1e-7 of it). A wrong
+index, a missing panel or a stale accumulator gives errors of the order of Σ|x·w| itself.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from fluxmini import _core
+
+
+def conv_ref(x, w, b, stride, pad):
+    """float64 convolution (cross-correlation, as torch.nn.Conv2d) and the same of |x|, |w|, |b|."""
+    x = np.asarray(x, np.float64)
+    w = np.asarray(w, np.float64)
+    cout, cin, k, _ = w.shape
+    _, h, wd = x.shape
+    xp = np.pad(x, ((0, 0), (pad, pad), (pad, pad)))
+    oh, ow = (h + 2 * pad - k) // stride + 1, (wd + 2 * pad - k) // stride + 1
+    out = np.zeros((cout, oh, ow))
+    mag = np.zeros((cout, oh, ow))
+    for ky in range(k):
+        for kx in range(k):
+            patch = xp[:, ky:ky + stride * (oh - 1) + 1:stride, kx:kx + stride * (ow - 1) + 1:stride]
+            out += np.einsum("oc,chw->ohw", w[:, :, ky, kx], patch)
+            mag += np.einsum("oc,chw->ohw", np.abs(w[:, :, ky, kx]), np.abs(patch))
+    if b is not None:
+        out += np.asarray(b, np.float64)[:, None, None]
+        mag += np.abs(np.asarray(b, np.float64))[:, None, None]
+    return out, mag
+
+
+CASES = [  # (Cin, H, W, Cout, k, stride, pad)
+    (3, 7, 37, 13, 3, 1, 1),    # partial panel (37 = 2·16 + 5), 13 = 2·6 + 1 channels
+    (5, 16, 16, 6, 3, 1, 1),    # whole panels and tiles only
+    (4, 9, 33, 12, 3, 2, 0),    # stride 2 without padding (the encoder's downsampling)
+    (8, 5, 17, 7, 1, 1, 0),     # 1x1 (the resnet shortcuts)
+    (300, 6, 20, 5, 3, 1, 1),   # K = 2700: 11 k blocks of 246 (not a multiple of 8), Cout < 6
+    (2, 1, 1, 3, 3, 1, 1),      # one pixel, all neighbours padding
+    (16, 12, 40, 32, 3, 2, 1),  # stride 2 with padding
+    (2, 3, 4, 4, 3, 1, 2),      # padding of 2: whole rows and columns of zeros
+]
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: "x".join(map(str, c)))
+def test_matches_float64_reference(case):
+    cin, h, w, cout, k, s, p = case
+    rng = np.random.default_rng(sum(case))
+    x = rng.standard_normal((cin, h, w)).astype(np.float32)
+    kern = rng.standard_normal((cout, cin, k, k)).astype(np.float32)
+    bias = rng.standard_normal(cout).astype(np.float32)
+    ref, mag = conv_ref(x, kern, bias, s, p)
+    got = _core.conv2d_f32(x, kern, bias, stride=s, pad=p, threads=2)
+    assert got.shape == ref.shape and got.dtype == np.float32
+    assert np.all(np.abs(got - ref) <= 2e-6 * mag + 1e-30), float(np.max(np.abs(got - ref) / mag))
+
+
+def test_without_bias_and_thread_counts_give_identical_results():
+    """Each output sums its products in one order whatever the split of pixels over threads."""
+    rng = np.random.default_rng(7)
+    x = rng.standard_normal((24, 11, 45)).astype(np.float32)
+    kern = rng.standard_normal((20, 24, 3, 3)).astype(np.float32)
+    one = _core.conv2d_f32(x, kern, None, stride=1, pad=1, threads=1)
+    for t in (2, 3, 5):
+        np.testing.assert_array_equal(_core.conv2d_f32(x, kern, None, stride=1, pad=1, threads=t), one)
+    ref, mag = conv_ref(x, kern, None, 1, 1)
+    assert np.all(np.abs(one - ref) <= 2e-6 * mag)
+
+
+def test_bad_arguments_raise():
+    from fluxmini.errors import FluxMiniValueError
+
+    x = np.zeros((3, 4, 4), np.float32)
+    with pytest.raises(FluxMiniValueError):
+        _core.conv2d_f32(x, np.zeros((2, 4, 3, 3), np.float32), None)  # Cin mismatch
+    with pytest.raises(FluxMiniValueError):
+        _core.conv2d_f32(x, np.zeros((2, 3, 3, 3), np.float32), np.zeros(3, np.float32))  # bias size
+    with pytest.raises(FluxMiniValueError):
+        _core.conv2d_f32(x, np.zeros((2, 3, 9, 9), np.float32), None)  # kernel larger than the padded image
