@@ -181,3 +181,36 @@ def cached_model(name: str, **kwargs) -> Path:
         write_model(tmp, **kwargs)
         os.replace(tmp, p)
     return p
+
+
+def check_bad_inputs(setup: str, bad_inputs: dict, good: str) -> str:
+    """Runs each expression of bad_inputs after `setup` (which defines `m` and any variables) in
+    a subprocess, so that a crash fails the caller's test instead of taking pytest down. Asserts
+    that every one raises FluxMiniValueError with a message; returns repr of `good`'s shape,
+    evaluated last (a good call still works after the bad ones)."""
+    import subprocess
+    import sys
+    import textwrap
+
+    script = "\n".join([
+        "import sys, numpy as np",
+        f"sys.path.insert(0, {os.path.dirname(os.path.abspath(__file__))!r})",
+        "from fluxmini.errors import FluxMiniValueError",
+        "from fluxmini.model import FluxMini",
+        textwrap.dedent(setup).strip(),
+        f"for name, expr in {bad_inputs!r}.items():",
+        "    try:",
+        "        eval(expr)",
+        "        print(name, 'NO-ERROR')",
+        "    except FluxMiniValueError as e:",
+        "        assert str(e), name",
+        "        print(name, 'ok')",
+        f"print('good', ({good}).shape)",
+    ])
+    r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300,
+                       env=dict(os.environ))
+    assert r.returncode == 0, r.stderr[-2000:]
+    lines = dict(line.split(" ", 1) for line in r.stdout.strip().splitlines())
+    for name in bad_inputs:
+        assert lines.get(name) == "ok", (name, r.stdout)
+    return lines["good"]

@@ -267,7 +267,7 @@ def case_noise(params) -> np.ndarray:
 
 def run_case(models, name: str):
     p = dict(CASES[name])
-    seed = p.pop("seed")
+    p.pop("seed")  # the noise carries it
     init = init_image(p["width"], p["height"]) if "strength" in p else None
     noise = case_noise(dict(CASES[name]))
     decoded, latent = reference_generate(models, noise=noise, init=init, **p)

@@ -33,7 +33,7 @@ import textwrap
 import numpy as np
 import pytest
 
-import fixtures  # noqa: F401  (tests/ on sys.path)
+import fixtures  # tests/ on sys.path
 import make_flux_goldens as G
 from fluxmini.errors import FluxMiniError, FluxMiniValueError
 from fluxmini.model import FluxMini
@@ -163,32 +163,14 @@ BAD_INPUTS = {
 
 
 def test_bad_inputs_raise():
-    """Each bad input gives a FluxMiniValueError with a message (run in a subprocess: a crash
-    would fail the test instead of taking pytest down); a good call still works afterwards."""
-    script = textwrap.dedent(f"""
-        import sys, numpy as np
-        sys.path.insert(0, {os.path.dirname(os.path.abspath(__file__))!r})
+    """Each bad input gives a FluxMiniValueError with a message (in a subprocess: a crash would
+    fail the test instead of taking pytest down); a good call still works afterwards."""
+    setup = """
         import make_flux_goldens as G
-        from fluxmini.errors import FluxMiniValueError
-        from fluxmini.model import FluxMini
         m = FluxMini.load(G.model_path("q4_0"), components=["diffusion"], threads=2)
         lat, t5, pooled = np.zeros((16, 8, 8), np.float32), np.zeros((7, 64), np.float32), np.zeros(64, np.float32)
-        for name, expr in {BAD_INPUTS!r}.items():
-            try:
-                eval(expr)
-                print(name, "NO-ERROR")
-            except FluxMiniValueError as e:
-                assert str(e), name
-                print(name, "ok")
-        print("good", m.transformer(lat, 0.5, 3.5, t5, pooled).shape)
-    """)
-    r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300,
-                       env=dict(os.environ))
-    assert r.returncode == 0, r.stderr[-2000:]
-    lines = dict(line.split(" ", 1) for line in r.stdout.strip().splitlines())
-    for name in BAD_INPUTS:
-        assert lines.get(name) == "ok", (name, r.stdout)
-    assert lines["good"] == "(16, 8, 8)"
+    """
+    assert fixtures.check_bad_inputs(setup, BAD_INPUTS, "m.transformer(lat, 0.5, 3.5, t5, pooled)") == "(16, 8, 8)"
 
 
 def test_bad_input_messages():

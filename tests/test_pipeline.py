@@ -29,7 +29,7 @@ import pytest
 
 import fluxmini
 from fluxmini import pipeline
-from fluxmini.errors import Cancelled, FluxMiniError, FluxMiniFileError, FluxMiniValueError
+from fluxmini.errors import Cancelled, FluxMiniFileError, FluxMiniValueError
 from fluxmini.imageio import image_to_array, read_metadata, save_png, to_uint8
 from fluxmini.rng import initial_noise
 

@@ -31,10 +31,6 @@ seam shows as 4.7x, checked too so the measure is known to see seams).
 from __future__ import annotations
 
 import math
-import os
-import subprocess
-import sys
-import textwrap
 
 import numpy as np
 import pytest
@@ -308,31 +304,13 @@ BAD_INPUTS = {
 
 
 def test_bad_inputs_raise():
-    """Each bad input gives a FluxMiniValueError with a message (run in a subprocess: a crash
-    would fail the test instead of taking pytest down); a good call still works afterwards."""
-    script = textwrap.dedent(f"""
-        import sys, numpy as np
-        sys.path.insert(0, {os.path.dirname(os.path.abspath(__file__))!r})
+    """Each bad input gives a FluxMiniValueError with a message (in a subprocess: a crash would
+    fail the test instead of taking pytest down); a good call still works afterwards."""
+    setup = """
         import make_vae_goldens as G
-        from fluxmini.errors import FluxMiniValueError
-        from fluxmini.model import FluxMini
         m = FluxMini.load(G.model_path("f32"), components=["vae"], threads=2)
-        for name, expr in {BAD_INPUTS!r}.items():
-            try:
-                eval(expr)
-                print(name, "NO-ERROR")
-            except FluxMiniValueError as e:
-                assert str(e), name
-                print(name, "ok")
-        print("good", m.vae_decode(np.zeros((16, 2, 3), np.float32)).shape)
-    """)
-    r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300,
-                       env=dict(os.environ))
-    assert r.returncode == 0, r.stderr[-2000:]
-    lines = dict(line.split(" ", 1) for line in r.stdout.strip().splitlines())
-    for name in BAD_INPUTS:
-        assert lines.get(name) == "ok", (name, r.stdout)
-    assert lines["good"] == "(3, 16, 24)"
+    """
+    assert fixtures.check_bad_inputs(setup, BAD_INPUTS, "m.vae_decode(np.zeros((16, 2, 3), np.float32))") == "(3, 16, 24)"
 
 
 def test_default_overlap_fits_small_tiles(tiling_latent, tiled_decode):

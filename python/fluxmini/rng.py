@@ -42,11 +42,10 @@ offset 0, in ggml memory order (x fastest, then y, then channel): :func:`initial
 
 from __future__ import annotations
 
-import operator
 
 import numpy as np
 
-from .errors import FluxMiniValueError
+from .errors import FluxMiniValueError, int_arg
 
 __all__ = ["philox_randn", "initial_noise"]
 
@@ -72,19 +71,8 @@ _U64_MAX = (1 << 64) - 1
 _U32_MAX = (1 << 32) - 1
 
 
-def _as_int(value, name: str) -> int:
-    if isinstance(value, (bool, np.bool_)):
-        raise FluxMiniValueError(f"{name} must be an integer, got a bool ({value!r})")
-    try:
-        return operator.index(value)
-    except TypeError:
-        raise FluxMiniValueError(
-            f"{name} must be an integer, got {type(value).__name__} ({value!r})"
-        ) from None
-
-
 def _check_seed(seed) -> int:
-    seed = _as_int(seed, "seed")
+    seed = int_arg(seed, "seed")
     if seed < 0 or seed > _U64_MAX:
         raise FluxMiniValueError(
             f"seed must be in [0, 2**64 - 1], got {seed} "
@@ -173,8 +161,8 @@ def philox_randn(seed: int, n: int, offset: int = 0) -> np.ndarray:
         FluxMiniValueError: an argument is not an integer or is out of range.
     """
     seed = _check_seed(seed)
-    n = _as_int(n, "n")
-    offset = _as_int(offset, "offset")
+    n = int_arg(n, "n")
+    offset = int_arg(offset, "offset")
     if n < 0 or n > (1 << 32):
         raise FluxMiniValueError(f"n must be in [0, 2**32], got {n}")
     if offset < 0 or offset > _U32_MAX:
@@ -201,7 +189,7 @@ def initial_noise(seed: int, channels: int, h: int, w: int) -> np.ndarray:
     """
     dims = []
     for name, value in (("channels", channels), ("h", h), ("w", w)):
-        value = _as_int(value, name)
+        value = int_arg(value, name)
         if value < 1:
             raise FluxMiniValueError(f"{name} must be a positive integer, got {value}")
         dims.append(value)

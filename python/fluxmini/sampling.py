@@ -27,12 +27,11 @@ from __future__ import annotations
 
 import math
 import numbers
-import operator
 from typing import Callable, Optional
 
 import numpy as np
 
-from .errors import Cancelled, FluxMiniValueError
+from .errors import Cancelled, FluxMiniValueError, int_arg
 
 __all__ = [
     "time_shift",
@@ -64,17 +63,6 @@ _SDCPP_T_MAX = _SDCPP_TIMESTEPS - 1
 # --------------------------------------------------------------------------- validation
 
 
-def _int_arg(value, name: str) -> int:
-    if isinstance(value, (bool, np.bool_)):
-        raise FluxMiniValueError(f"{name} must be an integer, got a bool ({value!r})")
-    try:
-        return operator.index(value)
-    except TypeError:
-        raise FluxMiniValueError(
-            f"{name} must be an integer, got {type(value).__name__} ({value!r})"
-        ) from None
-
-
 def _float_arg(value, name: str) -> float:
     if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real):
         raise FluxMiniValueError(
@@ -87,7 +75,7 @@ def _float_arg(value, name: str) -> float:
 
 
 def _check_steps(steps) -> int:
-    steps = _int_arg(steps, "steps")
+    steps = int_arg(steps, "steps")
     if not 1 <= steps <= MAX_STEPS:
         raise FluxMiniValueError(f"steps must be between 1 and {MAX_STEPS}, got {steps}")
     return steps
@@ -133,7 +121,7 @@ def bfl_mu(image_tokens) -> float:
     1024x1024 -> 1.15, 512x512 -> 0.63. Not clamped: larger images get larger ``mu``, as in
     BFL's and diffusers' code.
     """
-    tokens = _int_arg(image_tokens, "image_tokens")
+    tokens = int_arg(image_tokens, "image_tokens")
     if tokens < 0:
         raise FluxMiniValueError(f"image_tokens must be >= 0, got {tokens}")
     m = (_MAX_SHIFT - _BASE_SHIFT) / (_MAX_SEQ_LEN - _BASE_SEQ_LEN)
@@ -195,8 +183,8 @@ def sigmas(steps, width, height, compat=None, *, mu_fixed: float = 1.15) -> np.n
         FluxMiniValueError: a bad argument.
     """
     steps = _check_steps(steps)
-    width = _int_arg(width, "width")
-    height = _int_arg(height, "height")
+    width = int_arg(width, "width")
+    height = int_arg(height, "height")
     if width < 1 or height < 1:
         raise FluxMiniValueError(f"width and height must be positive, got {width}x{height}")
     compat = _check_compat(compat)
