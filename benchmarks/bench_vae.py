@@ -138,6 +138,8 @@ def main(argv=None) -> int:
     ap.add_argument("--overlap", type=int, default=-1, help="tile overlap in latent px (-1 = default, min(16, tile/4))")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--encode", action="store_true", help="time the encoder instead (image of the size)")
+    ap.add_argument("--convs", default="own", help="convolutions: own (csrc/cpu_conv.cpp, the default for F32 "
+                    "kernels on AVX2), im2col (ggml's banded im2col + mul_mat), direct (ggml_conv_2d_direct)")
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--model", help=argparse.SUPPRESS)
     ap.add_argument("--size", type=int, help=argparse.SUPPRESS)
@@ -152,41 +154,42 @@ def main(argv=None) -> int:
     overlap = min(16, tile // 4) if args.overlap < 0 else args.overlap
     print(f"threads {args.threads}, load average {os.getloadavg()[0]:.1f} "
           f"(this machine: {os.cpu_count()} logical CPUs); tile {tile}, overlap {overlap}", flush=True)
-    header = (f"{'what':<7} {'size':>5} {'kernels':>7} {'mode':>8} {'tiles':>9} {'wall s':>8} {'cpu s/thr':>9} "
+    header = (f"{'what':<7} {'size':>5} {'kernels':>7} {'conv':>6} {'mode':>8} {'tiles':>9} {'wall s':>8} {'cpu s/thr':>9} "
               f"{'GFLOP/s':>8} {'compute MiB':>11} {'peak RSS MiB':>12} {'load':>5}")
     rows = []
     for t in args.types.split(","):
         path = os.path.join(args.dir, f"vae-full-{t}.gguf")
         ensure_model(path, t)
-        for size in [int(s) for s in args.sizes.split(",")]:
-            for mode in args.modes.split(","):
-                cmd = [sys.executable, os.path.abspath(__file__), "--child", "--model", path, "--size", str(size),
-                       "--mode", mode, "--tile", str(args.tile), "--overlap", str(args.overlap),
-                       "--threads", str(args.threads)] + (["--encode"] if args.encode else [])
-                load = os.getloadavg()[0]
-                p = subprocess.run(cmd, capture_output=True, text=True)
-                res = next((json.loads(line[7:]) for line in p.stdout.splitlines() if line.startswith("RESULT ")), None)
-                if p.returncode != 0 or res is None:
-                    print(f"{size} {t} {mode}: failed (rc {p.returncode})\n{p.stderr[-1500:]}", flush=True)
-                    continue
-                compute = [ln for ln in p.stderr.splitlines() if "compute buffer" in ln and "tile(s)" in ln]
-                cmib = compute[-1].rsplit("compute buffer", 1)[1].strip().split()[0] if compute else "?"
-                lat = size // 8
-                if mode == "tiled" and not args.encode:
-                    fl, n, side = tiled_flops(lat, tile, overlap)
-                    tiles = f"{n}x{n}@{side}"
-                else:
-                    fl, tiles = decoder_flops(h=lat, w=lat), "1"
-                    if mode == "tiled":
-                        tiles = "(enc)"
-                gf = "" if args.encode else f"{fl / res['wall'] / 1e9:8.1f}"
-                row = (f"{'encode' if args.encode else 'decode':<7} {size:>5} {t:>7} {mode:>8} {tiles:>9} "
-                       f"{res['wall']:8.1f} {res['cpu'] / args.threads:9.1f} {gf:>8} {cmib:>11} "
-                       f"{res['hwm']:12.0f} {load:5.1f}")
-                rows.append(row)
-                if len(rows) == 1:
-                    print(header)
-                print(row, flush=True)
+        for size, conv, mode in [(int(s), c, m) for s in args.sizes.split(",") for c in args.convs.split(",")
+                                 for m in args.modes.split(",")]:
+            cmd = [sys.executable, os.path.abspath(__file__), "--child", "--model", path, "--size", str(size),
+                   "--mode", mode, "--tile", str(args.tile), "--overlap", str(args.overlap),
+                   "--threads", str(args.threads)] + (["--encode"] if args.encode else [])
+            load = os.getloadavg()[0]
+            env = dict(os.environ, FLUXMINI_VAE_CONV="" if conv == "own" else conv)
+            p = subprocess.run(cmd, capture_output=True, text=True, env=env)
+            res = next((json.loads(line[7:]) for line in p.stdout.splitlines() if line.startswith("RESULT ")), None)
+            if p.returncode != 0 or res is None:
+                print(f"{size} {t} {mode}: failed (rc {p.returncode})\n{p.stderr[-1500:]}", flush=True)
+                continue
+            compute = [ln for ln in p.stderr.splitlines() if "compute buffer" in ln and "tile(s)" in ln]
+            cmib = compute[-1].rsplit("compute buffer", 1)[1].strip().split()[0] if compute else "?"
+            lat = size // 8
+            if mode == "tiled" and not args.encode:
+                fl, n, side = tiled_flops(lat, tile, overlap)
+                tiles = f"{n}x{n}@{side}"
+            else:
+                fl, tiles = decoder_flops(h=lat, w=lat), "1"
+                if mode == "tiled":
+                    tiles = "(enc)"
+            gf = "" if args.encode else f"{fl / res['wall'] / 1e9:8.1f}"
+            row = (f"{'encode' if args.encode else 'decode':<7} {size:>5} {t:>7} {conv:>6} {mode:>8} {tiles:>9} "
+                   f"{res['wall']:8.1f} {res['cpu'] / args.threads:9.1f} {gf:>8} {cmib:>11} "
+                   f"{res['hwm']:12.0f} {load:5.1f}")
+            rows.append(row)
+            if len(rows) == 1:
+                print(header)
+            print(row, flush=True)
     return 0
 
 

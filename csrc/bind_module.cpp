@@ -2,6 +2,7 @@
 #include "backend.h"
 #include "common.h"
 #include "cpu_conv.h"
+#include "cpu_q4.h"
 #include "flux.h"
 
 #include <ggml-cpu.h>
@@ -96,5 +97,33 @@ PYBIND11_MODULE(_core, m) {
         return out;
     }, py::arg("x"), py::arg("kernel"), py::arg("bias"), py::arg("stride") = 1, py::arg("pad") = 0, py::arg("threads") = 1);
     m.def("cpu_conv2d_available", &fm::cpu_conv2d_available);
+    // The Q4_0 matmul kernel on its own, for tests: w = ggml Q4_0 rows as bytes [n, k/32·18],
+    // x [rows, k] -> [rows, n]; quantization of x and the product split over `threads` threads.
+    m.def("matmul_q4_0", [](py::array_t<uint8_t, py::array::c_style> w, f32_array x, std::optional<f32_array> bias,
+                            int threads) {
+        if (x.ndim() != 2 || w.ndim() != 2 || x.shape(1) % 32 != 0 || w.shape(1) != x.shape(1) / 32 * 18 ||
+            w.shape(0) % 8 != 0 || threads < 1)
+            fm::fail_value("matmul_q4_0 takes w [n, k/32*18] uint8 (n a multiple of 8) and x [rows, k] (k a multiple of 32)");
+        const int64_t rows = x.shape(0), k = x.shape(1), n = w.shape(0);
+        if (bias && (bias->ndim() != 1 || bias->shape(0) != n)) fm::fail_value("bias must be [n]");
+        std::vector<fm::QuantBlock> xq(size_t(rows * (k / 32)));
+        f32_array out({rows, n});
+        const uint8_t *wp = w.data();
+        const float *xp = x.data(), *bp = bias ? bias->data() : nullptr;
+        float *op = out.mutable_data();
+        {
+            py::gil_scoped_release nogil;
+            auto run = [&](auto &&fn) {
+                std::vector<std::thread> pool;
+                for (int t = 1; t < threads; ++t) pool.emplace_back([&, t] { fn(t); });
+                fn(0);
+                for (auto &th : pool) th.join();
+            };
+            run([&](int t) { fm::quantize_rows_q8(xp, k, rows * t / threads, rows * (t + 1) / threads, xq.data()); });
+            run([&](int t) { fm::gemm_q4_0(wp, size_t(k / 32 * 18), xq.data(), bp, op, rows, n, k, t, threads); });
+        }
+        return out;
+    }, py::arg("w"), py::arg("x"), py::arg("bias") = py::none(), py::arg("threads") = 1);
+    m.def("cpu_q4_0_available", &fm::cpu_q4_0_available);
     bind_model(m);
 }

@@ -92,10 +92,11 @@ struct ClipNet::Impl {
     // Graph: ids [positions] -> final-LN hidden states [hidden, positions] ("hidden").
     ggml_cgraph *build(ggml_context *ctx) {
         Ops o{ctx};
+        o.own_q4_0 = backend.own_q4_0();
         o.exact = params.all_f32();
         // 77 tokens: the explicit softmax path is cheap and keeps K/V and the mask in F32.
         o.flash_attn = false;
-        const int64_t n = cfg.positions, h = cfg.hidden, d = 64, heads = cfg.heads;
+        const int64_t n = cfg.positions, d = 64, heads = cfg.heads;
         ggml_tensor *ids = ggml_new_tensor_1d(ctx, GGML_TYPE_I32, n);
         ggml_set_name(ids, "ids");
         ggml_set_input(ids);

@@ -197,9 +197,16 @@ void conv_node(ggml_tensor *dst, int ith, int nth, void *userdata) {
     const ggml_tensor *x = dst->src[0], *kw = dst->src[1], *b = dst->src[2];
     const auto geometry = reinterpret_cast<uintptr_t>(userdata);
     const int64_t stride = int64_t(geometry & 0xffff), pad = int64_t(geometry >> 16);
-    conv2d_f32(static_cast<const float *>(kw->data), static_cast<const float *>(x->data),
-               b ? static_cast<const float *>(b->data) : nullptr, static_cast<float *>(dst->data), x->ne[0], x->ne[1],
-               x->ne[2], kw->ne[3], kw->ne[0], stride, pad, ith, nth);
+    const float *kernel = static_cast<const float *>(kw->data);
+    std::vector<float> widened;
+    if (kw->type == GGML_TYPE_F16) {  // F16 kernels: each thread widens its own copy (≤ 9.4 MB, ~1 ms)
+        widened.resize(size_t(ggml_nelements(kw)));
+        ggml_fp16_to_fp32_row(static_cast<const ggml_fp16_t *>(kw->data), widened.data(), ggml_nelements(kw));
+        kernel = widened.data();
+    }
+    conv2d_f32(kernel, static_cast<const float *>(x->data), b ? static_cast<const float *>(b->data) : nullptr,
+               static_cast<float *>(dst->data), x->ne[0], x->ne[1], x->ne[2], kw->ne[3], kw->ne[0], stride, pad, ith,
+               nth);
 }
 
 }  // namespace
@@ -208,6 +215,11 @@ ggml_tensor *conv2d_f32_op(ggml_context *ctx, ggml_tensor *x, ggml_tensor *kerne
                            int pad) {
     if (stride < 1 || stride > 0xffff || pad < 0 || pad > 0xffff)
         fail_value("convolution stride %d / padding %d out of range", stride, pad);
+    if ((kernel->type != GGML_TYPE_F32 && kernel->type != GGML_TYPE_F16) || x->type != GGML_TYPE_F32 ||
+        !ggml_is_contiguous(x) || !ggml_is_contiguous(kernel) || kernel->ne[0] != kernel->ne[1] ||
+        kernel->ne[2] != x->ne[2] || x->ne[3] != 1 || (bias && (bias->type != GGML_TYPE_F32 || bias->ne[0] != kernel->ne[3])))
+        fail_runtime("internal error: conv2d_f32_op takes contiguous F32 x [W, H, Cin, 1], F32/F16 kernel "
+                     "[k, k, Cin, Cout], F32 bias [Cout]");
     const int64_t k = kernel->ne[0];
     const int64_t OW = (x->ne[0] + 2 * pad - k) / stride + 1, OH = (x->ne[1] + 2 * pad - k) / stride + 1;
     ggml_tensor *args[3] = {x, kernel, bias};

@@ -23,7 +23,8 @@ void conv2d_f32(const float *kernel, const float *x, const float *bias, float *o
                 int64_t Cout, int64_t k, int64_t stride, int64_t pad, int ith, int nth);
 
 // ggml graph node computing conv2d_f32 on the CPU backend: x [W, H, Cin, 1] F32 contiguous,
-// kernel [k, k, Cin, Cout] F32 contiguous, bias [Cout] F32 or null -> [OW, OH, Cout, 1].
+// kernel [k, k, Cin, Cout] F32 or F16 (widened to F32 exactly, per call) contiguous, bias [Cout]
+// F32 or null -> [OW, OH, Cout, 1].
 ggml_tensor *conv2d_f32_op(ggml_context *ctx, ggml_tensor *x, ggml_tensor *kernel, ggml_tensor *bias, int stride,
                            int pad);
 

@@ -19,6 +19,8 @@ struct Ops {
     // Ask GPU backends to accumulate linear() matmuls in F32 (CUDA may use F16 for F16 weights,
     // which overflows on T5's activations). The CPU backend accumulates in F32 anyway.
     bool f32_matmul = false;
+    // Q4_0 weights of linear() go through our CPU kernel (Backend::own_q4_0(); cpu_q4.h).
+    bool own_q4_0 = false;
 };
 
 // y = x·Wᵀ + b; x [in, n...], W ne=[in, out]; b may be null.

@@ -176,8 +176,9 @@ struct VaeNet::Impl {
     ParamStore params;
     DecoderP dec;
     EncoderP enc;
-    // Convolution. F32 kernels on an AVX2 CPU: our own (cpu_conv.h; 2.5x ggml's im2col + F32
-    // matmul in the PyPI wheel, measured on the full VAE). Otherwise ggml's im2col + matmul in
+    // Convolution. On an AVX2 CPU: our own (cpu_conv.h; 2.5x ggml's im2col + F32 matmul in the
+    // PyPI wheel, measured on the full VAE), F16 kernels widened to F32 exactly (ggml's F16 path
+    // would round every activation to F16 too). Otherwise ggml's im2col + matmul in
     // bands of output rows, or ggml_conv_2d_direct. Both ggml forms bound memory; on one thread
     // they run at the same speed, but conv_2d_direct synchronises its threads twice per batch of
     // ~16 MiB of patches, hundreds of times per convolution, which costs up to 2x on a loaded
@@ -303,7 +304,8 @@ struct VaeNet::Impl {
     }
 
     bool use_own_conv(const ggml_tensor *kernel) const {
-        return conv_own && backend.is_cpu() && kernel->type == GGML_TYPE_F32 && cpu_conv2d_available();
+        return conv_own && backend.is_cpu() && (kernel->type == GGML_TYPE_F32 || kernel->type == GGML_TYPE_F16) &&
+               cpu_conv2d_available();
     }
 
     // im2col + one matmul per band of output rows, each band's patch matrix at most band_bytes
