@@ -12,9 +12,10 @@ inputs. --profile adds one step with ggml's per-op timings (FLUXMINI_PROFILE=1) 
 The estimate is FLOPs / throughput, from the model's configuration and the token counts:
 * weight matmuls: 2·tokens·in·out for every Linear applied to the tokens, split by the weight's
   type (block weights in the file's main type; gpustack keeps the embedders and the final layer
-  in F32), each divided by the GEMM throughput ggml reaches for that type on this machine,
-  measured here with ``_core.bench_mul_mat`` (weight [hidden -> mlp_hidden], placed as the model's
-  weights are, i.e. repacked where ggml has a kernel; 512 tokens);
+  in F32), each divided by the GEMM throughput the engine reaches for that type on this
+  machine, measured here with ``_core.bench_mul_mat`` (weight [hidden -> mlp_hidden], placed and
+  multiplied as the model's weights are: fluxmini's Q4_0/Q8_0 kernel where the CPU has AVX-VNNI,
+  else ggml's matmul, repacked where ggml has a kernel; 512 tokens);
 * attention: 4·L²·hidden per block (Q·Kᵀ and P·V), divided by the throughput of the attention the
   graph uses, measured with ``_core.bench_attention`` at the step's L (2 heads);
 * the per-step mat-vecs (modulations, timestep/guidance/text embedders) are memory-bound and are

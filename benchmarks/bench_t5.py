@@ -8,7 +8,7 @@ Each (file, length) runs in a fresh process that loads only the T5 component, to
 prompt to `length` ids, and encodes it `--repeat` times. Reported per run:
   load   seconds of FluxMini.load (maps the file, checks shapes; reads no weights)
   first  seconds of the first encode_t5: includes placing the weights (page faults from the file
-         or its page cache, repacking Q4_0/Q8_0 for ggml's CPU kernels) and building the graph
+         or its page cache, repacking for ggml's CPU kernels where ggml's are used) and building the graph
   next   best seconds of the following encodes (weights and graph ready): the steady cost
   cpu/t  CPU seconds (user + system) of that best encode divided by the threads: about what
          `next` would be on otherwise idle cores (ggml's threads spin briefly between ops, so

@@ -1,7 +1,7 @@
 #include "backend.h"
 
 #include "common.h"
-#include "cpu_q4.h"
+#include "cpu_qmatmul.h"
 
 #include <ggml-cpu.h>
 
@@ -109,7 +109,7 @@ Backend::Backend(const std::string &name_in, int threads) {
             if (std::strstr(ggml_backend_buft_name(*b), "REPACK")) repack_buft_ = *b;
     }
     const char *kernels = std::getenv("FLUXMINI_KERNELS");  // "ggml": ggml's kernels only (comparisons)
-    own_q4_0_ = is_cpu() && cpu_q4_0_available() && !(kernels && !std::strcmp(kernels, "ggml"));
+    own_qmatmul_ = is_cpu() && cpu_qmatmul_available() && !(kernels && !std::strcmp(kernels, "ggml"));
     set_threads(threads);
 }
 

@@ -30,10 +30,10 @@ public:
     int threads() const { return threads_; }
     void set_threads(int threads);
 
-    // Whether Q4_0 linear weights use our CPU kernel (cpu_q4.h: the CPU backend on a CPU with
-    // AVX-VNNI, unless FLUXMINI_KERNELS=ggml) instead of ggml's repacked matmul; such weights
-    // stay in place in the file mapping.
-    bool own_q4_0() const { return own_q4_0_; }
+    // Whether Q4_0 / Q8_0 linear weights use our CPU kernel (cpu_qmatmul.h: the CPU backend on a
+    // CPU with AVX-VNNI, unless FLUXMINI_KERNELS=ggml) instead of ggml's matmul; such weights stay
+    // in place in the file mapping (never repacked).
+    bool own_qmatmul() const { return own_qmatmul_; }
 
     // The CPU buffer type that repacks weights for faster matmul, or nullptr.
     ggml_backend_buffer_type_t repack_buft() const { return repack_buft_; }
@@ -52,7 +52,7 @@ private:
     ggml_backend_t cpu_ = nullptr;
     ggml_backend_buffer_type_t repack_buft_ = nullptr;
     int threads_ = 1;
-    bool own_q4_0_ = false;
+    bool own_qmatmul_ = false;
     std::atomic<bool> interrupt_{false};
 };
 

@@ -2,7 +2,7 @@
 #include "backend.h"
 #include "common.h"
 #include "cpu_conv.h"
-#include "cpu_q4.h"
+#include "cpu_qmatmul.h"
 #include "flux.h"
 
 #include <ggml-cpu.h>
@@ -60,11 +60,13 @@ PYBIND11_MODULE(_core, m) {
     });
     // Micro-benchmarks for benchmarks/bench_flux.py: (wall seconds, process CPU seconds) of one op,
     // medians of reps.
-    m.def("bench_mul_mat", [](const std::string &type, int64_t k, int64_t n, int64_t tokens, int threads, int reps) {
+    m.def("bench_mul_mat", [](const std::string &type, int64_t k, int64_t n, int64_t tokens, int threads, int reps,
+                              bool ggml_only) {
         py::gil_scoped_release nogil;
-        const fm::BenchTime t = fm::bench_mul_mat(type, k, n, tokens, threads, reps);
+        const fm::BenchTime t = fm::bench_mul_mat(type, k, n, tokens, threads, reps, ggml_only);
         return std::make_pair(t.wall, t.cpu);
-    }, py::arg("type"), py::arg("k"), py::arg("n"), py::arg("tokens"), py::arg("threads"), py::arg("reps") = 3);
+    }, py::arg("type"), py::arg("k"), py::arg("n"), py::arg("tokens"), py::arg("threads"), py::arg("reps") = 3,
+       py::arg("ggml_only") = false);
     m.def("bench_attention", [](int64_t d, int64_t heads, int64_t tokens, bool flash, int threads, int reps) {
         py::gil_scoped_release nogil;
         const fm::BenchTime t = fm::bench_attention(d, heads, tokens, flash, threads, reps);
@@ -97,13 +99,16 @@ PYBIND11_MODULE(_core, m) {
         return out;
     }, py::arg("x"), py::arg("kernel"), py::arg("bias"), py::arg("stride") = 1, py::arg("pad") = 0, py::arg("threads") = 1);
     m.def("cpu_conv2d_available", &fm::cpu_conv2d_available);
-    // The Q4_0 matmul kernel on its own, for tests: w = ggml Q4_0 rows as bytes [n, k/32·18],
-    // x [rows, k] -> [rows, n]; quantization of x and the product split over `threads` threads.
-    m.def("matmul_q4_0", [](py::array_t<uint8_t, py::array::c_style> w, f32_array x, std::optional<f32_array> bias,
-                            int threads) {
-        if (x.ndim() != 2 || w.ndim() != 2 || x.shape(1) % 32 != 0 || w.shape(1) != x.shape(1) / 32 * 18 ||
+    // The quantized matmul kernel on its own, for tests: w = ggml Q4_0 or Q8_0 rows as bytes
+    // [n, row bytes], x [rows, k] -> [rows, n]; quantization of x and the product split over
+    // `threads` threads.
+    m.def("qmatmul", [](const std::string &type_name, py::array_t<uint8_t, py::array::c_style> w, f32_array x,
+                        std::optional<f32_array> bias, int threads) {
+        const ggml_type type = type_name == "q4_0" ? GGML_TYPE_Q4_0 : type_name == "q8_0" ? GGML_TYPE_Q8_0 : GGML_TYPE_COUNT;
+        if (type == GGML_TYPE_COUNT) fm::fail_value("qmatmul takes type q4_0 or q8_0");
+        if (x.ndim() != 2 || w.ndim() != 2 || x.shape(1) % 32 != 0 || size_t(w.shape(1)) != ggml_row_size(type, x.shape(1)) ||
             w.shape(0) % 8 != 0 || threads < 1)
-            fm::fail_value("matmul_q4_0 takes w [n, k/32*18] uint8 (n a multiple of 8) and x [rows, k] (k a multiple of 32)");
+            fm::fail_value("qmatmul takes w [n, row bytes] uint8 (n a multiple of 8) and x [rows, k] (k a multiple of 32)");
         const int64_t rows = x.shape(0), k = x.shape(1), n = w.shape(0);
         if (bias && (bias->ndim() != 1 || bias->shape(0) != n)) fm::fail_value("bias must be [n]");
         std::vector<fm::QuantBlock> xq(size_t(rows * (k / 32)));
@@ -120,10 +125,10 @@ PYBIND11_MODULE(_core, m) {
                 for (auto &th : pool) th.join();
             };
             run([&](int t) { fm::quantize_rows_q8(xp, k, rows * t / threads, rows * (t + 1) / threads, xq.data()); });
-            run([&](int t) { fm::gemm_q4_0(wp, size_t(k / 32 * 18), xq.data(), bp, op, rows, n, k, t, threads); });
+            run([&](int t) { fm::qmatmul(type, wp, ggml_row_size(type, k), xq.data(), bp, op, rows, n, k, t, threads); });
         }
         return out;
-    }, py::arg("w"), py::arg("x"), py::arg("bias") = py::none(), py::arg("threads") = 1);
-    m.def("cpu_q4_0_available", &fm::cpu_q4_0_available);
+    }, py::arg("type"), py::arg("w"), py::arg("x"), py::arg("bias") = py::none(), py::arg("threads") = 1);
+    m.def("cpu_qmatmul_available", &fm::cpu_qmatmul_available);
     bind_model(m);
 }

@@ -11,7 +11,7 @@
 #include "flux.h"
 
 #include "common.h"
-#include "cpu_q4.h"
+#include "cpu_qmatmul.h"
 #include "layers.h"
 #include "params.h"
 
@@ -221,7 +221,7 @@ struct FluxNet::Impl {
 
     ggml_cgraph *build(ggml_context *ctx, int64_t l_img, int64_t l_txt, bool exact, bool flash, bool kv_f32) {
         Ops o{ctx};
-        o.own_q4_0 = backend.own_q4_0();
+        o.own_qmatmul = backend.own_qmatmul();
         o.exact = exact;
         o.flash_attn = flash;
         o.flash_kv_f32 = kv_f32;
@@ -453,7 +453,8 @@ std::vector<float> random_values(size_t n, float scale, uint32_t seed) {
 }
 }  // namespace
 
-BenchTime bench_mul_mat(const std::string &type_name, int64_t k, int64_t n, int64_t m, int threads, int reps) {
+BenchTime bench_mul_mat(const std::string &type_name, int64_t k, int64_t n, int64_t m, int threads, int reps,
+                        bool ggml_only) {
     ggml_type type = GGML_TYPE_COUNT;
     for (int t = 0; t < GGML_TYPE_COUNT; ++t) {
         const char *nm = ggml_type_name(ggml_type(t));
@@ -467,7 +468,7 @@ BenchTime bench_mul_mat(const std::string &type_name, int64_t k, int64_t n, int6
     ggml_init_params ip{ggml_tensor_overhead() * 2, nullptr, true};
     ggml_context *wctx = ggml_init(ip);
     ggml_tensor *w = ggml_new_tensor_2d(wctx, type, k, n);
-    const bool own = backend.own_q4_0() && q4_0_kernel_shape(w);  // placed and used as the engine does
+    const bool own = !ggml_only && backend.own_qmatmul() && qmatmul_shape(w);  // placed and used as the engine does
     const bool repack = !own && backend.can_repack(type, k, n);
     ggml_backend_buffer_t buf = ggml_backend_alloc_ctx_tensors_from_buft(
         wctx, repack ? backend.repack_buft() : ggml_backend_get_default_buffer_type(backend.cpu()));
@@ -489,7 +490,7 @@ BenchTime bench_mul_mat(const std::string &type_name, int64_t k, int64_t n, int6
             ggml_tensor *x = ggml_new_tensor_2d(ctx, GGML_TYPE_F32, k, m);
             ggml_set_name(x, "x");
             ggml_set_input(x);
-            ggml_tensor *y = own ? matmul_q4_0_op(ctx, w, x, nullptr) : ggml_mul_mat(ctx, w, x);
+            ggml_tensor *y = own ? qmatmul_op(ctx, w, x, nullptr) : ggml_mul_mat(ctx, w, x);
             ggml_set_output(y);
             ggml_cgraph *g = ggml_new_graph_custom(ctx, 16, false);
             ggml_build_forward_expand(g, y);

@@ -54,7 +54,9 @@ namespace fm {
 struct BenchTime {
     double wall = 0, cpu = 0;
 };
-BenchTime bench_mul_mat(const std::string &type, int64_t k, int64_t n, int64_t m, int threads, int reps);
+// ggml_only: ggml's matmul even where the engine would use its own kernel (cpu_qmatmul.h).
+BenchTime bench_mul_mat(const std::string &type, int64_t k, int64_t n, int64_t m, int threads, int reps,
+                        bool ggml_only = false);
 BenchTime bench_attention(int64_t d, int64_t heads, int64_t l, bool flash, int threads, int reps);
 
 }  // namespace fm

@@ -1,14 +1,14 @@
 #include "layers.h"
 
-#include "cpu_q4.h"
+#include "cpu_qmatmul.h"
 
 #include <cmath>
 
 namespace fm {
 
 ggml_tensor *linear(const Ops &o, ggml_tensor *x, ggml_tensor *w, ggml_tensor *b) {
-    if (o.own_q4_0 && q4_0_kernel_shape(w) && x->type == GGML_TYPE_F32 && (!b || b->type == GGML_TYPE_F32))
-        return matmul_q4_0_op(o.ctx, w, x, b);  // bias fused
+    if (o.own_qmatmul && qmatmul_shape(w) && x->type == GGML_TYPE_F32 && (!b || b->type == GGML_TYPE_F32))
+        return qmatmul_op(o.ctx, w, x, b);  // bias fused
     ggml_tensor *y = ggml_mul_mat(o.ctx, w, x);
     if (o.f32_matmul) ggml_mul_mat_set_prec(y, GGML_PREC_F32);
     if (b) y = ggml_add(o.ctx, y, b);

@@ -19,8 +19,9 @@ struct Ops {
     // Ask GPU backends to accumulate linear() matmuls in F32 (CUDA may use F16 for F16 weights,
     // which overflows on T5's activations). The CPU backend accumulates in F32 anyway.
     bool f32_matmul = false;
-    // Q4_0 weights of linear() go through our CPU kernel (Backend::own_q4_0(); cpu_q4.h).
-    bool own_q4_0 = false;
+    // Q4_0 / Q8_0 weights of linear() go through our CPU kernel (Backend::own_qmatmul();
+    // cpu_qmatmul.h).
+    bool own_qmatmul = false;
 };
 
 // y = x·Wᵀ + b; x [in, n...], W ne=[in, out]; b may be null.

@@ -1,7 +1,7 @@
 #include "params.h"
 
 #include "common.h"
-#include "cpu_q4.h"
+#include "cpu_qmatmul.h"
 
 #include <ggml-cpu.h>
 
@@ -77,7 +77,7 @@ void ParamStore::materialize() {
     for (auto &e : entries_) {
         const bool same_type = e.tensor->type == e.src->type;
         const bool aligned = (reinterpret_cast<uintptr_t>(e.src->data) % 32) == 0;
-        const bool own_kernel = backend_.own_q4_0() && e.kind == ParamKind::Matmul && q4_0_kernel_shape(e.tensor);
+        const bool own_kernel = backend_.own_qmatmul() && e.kind == ParamKind::Matmul && qmatmul_shape(e.tensor);
         if (cpu && e.kind == ParamKind::Matmul && same_type && e.src->n_dims == 2 && !own_kernel &&
             backend_.can_repack(e.tensor->type, e.tensor->ne[0], e.tensor->ne[1]))
             repack.push_back(&e);

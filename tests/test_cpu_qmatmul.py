@@ -1,7 +1,7 @@
-"""The Q4_0 matmul kernel (csrc/cpu_q4.cpp) against numpy.
+"""The quantized matmul kernel (csrc/cpu_qmatmul.cpp, Q4_0 and Q8_0 weights) against numpy.
 
 Weights are quantized and dequantized by the gguf package (an independent implementation of
-ggml's Q4_0). Activations are quantized as ggml's CPU backend does for Q4_0 weights (blocks of
+ggml's Q4_0 and Q8_0). Activations are quantized as ggml's CPU backend does for these (blocks of
 32, scale = max|x| / 127, round half to even), here in numpy. With both operands' rounded values,
 the product is computed in float64: the kernel's integer block sums are exact, so it may differ
 only by the F32 scaling and summation of the block results: |got − ref| ≤ 1e-5·Σ|ŵ·x̂| (measured
@@ -22,10 +22,13 @@ from gguf.quants import dequantize, quantize
 from fluxmini import _core
 
 
-def q4_0(w: np.ndarray):
-    """Q4_0 bytes [n, k/32·18] and their dequantized values (gguf's implementation)."""
-    raw = quantize(w.astype(np.float32), QT.Q4_0)
-    return np.ascontiguousarray(raw), dequantize(raw, QT.Q4_0).astype(np.float64)
+TYPES = {"q4_0": QT.Q4_0, "q8_0": QT.Q8_0}
+
+
+def quantized(w: np.ndarray, type_name: str = "q4_0"):
+    """ggml block bytes [n, row bytes] and their dequantized values (gguf's implementation)."""
+    raw = quantize(w.astype(np.float32), TYPES[type_name])
+    return np.ascontiguousarray(raw), dequantize(raw, TYPES[type_name]).astype(np.float64)
 
 
 def quantize_activations(x: np.ndarray):
@@ -47,17 +50,18 @@ SHAPES = [  # (rows, k, n)
 ]
 
 
+@pytest.mark.parametrize("type_name", list(TYPES))
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
-def test_matches_float64_product_of_the_rounded_operands(shape):
+def test_matches_float64_product_of_the_rounded_operands(shape, type_name):
     rows, k, n = shape
     rng = np.random.default_rng(rows * 1000 + n)
     w = rng.standard_normal((n, k)).astype(np.float32)
     x = (rng.standard_normal((rows, k)) * rng.uniform(0.1, 10, (rows, 1))).astype(np.float32)
     x[0, :32] = 0.0  # an all-zero block (scale 0)
     bias = rng.standard_normal(n).astype(np.float32)
-    raw, w_hat = q4_0(w)
+    raw, w_hat = quantized(w, type_name)
     x_hat, d = quantize_activations(x)
-    got = _core.matmul_q4_0(raw, x, bias, threads=2)
+    got = _core.qmatmul(type_name, raw, x, bias, threads=2)
     assert got.shape == (rows, n) and got.dtype == np.float32
     ref = x_hat @ w_hat.T + bias
     mag = np.abs(x_hat) @ np.abs(w_hat).T + np.abs(bias)
@@ -68,49 +72,55 @@ def test_matches_float64_product_of_the_rounded_operands(shape):
     assert np.all(np.abs(got - exact) <= half_step * 1.001 + 1e-5 * mag)
 
 
-def test_thread_counts_give_identical_results():
+@pytest.mark.parametrize("type_name", list(TYPES))
+def test_thread_counts_give_identical_results(type_name):
     rng = np.random.default_rng(3)
-    raw, _ = q4_0(rng.standard_normal((48, 512)).astype(np.float32))
+    raw, _ = quantized(rng.standard_normal((48, 512)).astype(np.float32), type_name)
     x = rng.standard_normal((20, 512)).astype(np.float32)
-    one = _core.matmul_q4_0(raw, x, None, threads=1)
+    one = _core.qmatmul(type_name, raw, x, None, threads=1)
     for t in (2, 3, 4):
-        np.testing.assert_array_equal(_core.matmul_q4_0(raw, x, None, threads=t), one)
+        np.testing.assert_array_equal(_core.qmatmul(type_name, raw, x, None, threads=t), one)
 
 
 def test_bad_arguments_raise():
     from fluxmini.errors import FluxMiniValueError
 
-    raw, _ = q4_0(np.ones((8, 64), np.float32))
+    raw, _ = quantized(np.ones((8, 64), np.float32))
     with pytest.raises(FluxMiniValueError):
-        _core.matmul_q4_0(raw, np.zeros((2, 32), np.float32))  # k mismatch
+        _core.qmatmul("q4_0", raw, np.zeros((2, 32), np.float32))  # k mismatch
     with pytest.raises(FluxMiniValueError):
-        _core.matmul_q4_0(raw[:4], np.zeros((2, 64), np.float32))  # n not a multiple of 8
+        _core.qmatmul("q4_0", raw[:4], np.zeros((2, 64), np.float32))  # n not a multiple of 8
     with pytest.raises(FluxMiniValueError):
-        _core.matmul_q4_0(raw, np.zeros((2, 64), np.float32), np.zeros(3, np.float32))  # bias size
+        _core.qmatmul("q4_0", raw, np.zeros((2, 64), np.float32), np.zeros(3, np.float32))  # bias size
+    with pytest.raises(FluxMiniValueError):
+        _core.qmatmul("q8_0", raw, np.zeros((2, 64), np.float32))  # Q4_0 bytes given as Q8_0
+    with pytest.raises(FluxMiniValueError):
+        _core.qmatmul("q5_0", raw, np.zeros((2, 64), np.float32))
 
 
-def test_engine_uses_the_kernel(monkeypatch):
-    """On a CPU with AVX-VNNI the engine's Q4_0 linears run this kernel (FLUXMINI_KERNELS=ggml
-    gives ggml's repacked matmul): on the Q4_0 transformer goldens (diffusers' reference) both
-    meet test_flux's Q4_0 tolerance and are equally close to the reference (within 1.5x of each
-    other's error: both quantize the same activations the same way; ggml also rounds the block
-    scales to F16), and they differ, so the kernel did run."""
+@pytest.mark.parametrize("name", ["q4_0", "q8_0"])
+def test_engine_uses_the_kernel(monkeypatch, name):
+    """On a CPU with AVX-VNNI the engine's Q4_0 / Q8_0 linears run this kernel (FLUXMINI_KERNELS=ggml
+    gives ggml's matmul): on the transformer goldens (diffusers' reference) both meet test_flux's
+    tolerance and are equally close to the reference (within 1.5x of each other's error: both
+    quantize the same activations the same way; ggml also rounds the block scales to F16), and
+    they differ, so the kernel did run."""
     import make_flux_goldens as G
     from fluxmini.model import FluxMini
     from test_flux import tolerance
 
     goldens = np.load(G.GOLDENS)
-    i = next(k for k, c in enumerate(G.CASES) if c[0] == "q4_0")
+    i = next(k for k, c in enumerate(G.CASES) if c[0] == name)
     _, h, w, sigma, guidance, _, _ = G.CASES[i]
     args = (goldens[f"c{i}_latent"], sigma, guidance, goldens[f"c{i}_t5"], goldens[f"c{i}_pooled"])
     ref = goldens[f"c{i}_out"]
-    ours = FluxMini.load(G.model_path("q4_0"), components=["diffusion"], threads=2).transformer(*args)
+    ours = FluxMini.load(G.model_path(name), components=["diffusion"], threads=2).transformer(*args)
     monkeypatch.setenv("FLUXMINI_KERNELS", "ggml")
-    theirs = FluxMini.load(G.model_path("q4_0"), components=["diffusion"], threads=2).transformer(*args)
+    theirs = FluxMini.load(G.model_path(name), components=["diffusion"], threads=2).transformer(*args)
 
     def err(a):
         return float(np.abs(a - ref).max() / np.abs(ref).max())
 
-    assert err(ours) <= tolerance("q4_0") and err(theirs) <= tolerance("q4_0")
+    assert err(ours) <= tolerance(name) and err(theirs) <= tolerance(name)
     assert err(ours) <= 1.5 * err(theirs) and err(theirs) <= 1.5 * err(ours), (err(ours), err(theirs))
-    assert _core.cpu_q4_0_available() == (not np.array_equal(ours, theirs))
+    assert _core.cpu_qmatmul_available() == (not np.array_equal(ours, theirs))

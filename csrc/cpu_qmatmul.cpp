@@ -1,13 +1,17 @@
-// Q4_0 x Q8 GEMM with AVX-VNNI (see cpu_q4.h).
+// Q4_0 / Q8_0 x Q8 GEMM with AVX-VNNI (see cpu_qmatmul.h).
 //
-// Layout of the work: each thread owns a range of 8-column groups of the output. Per block of
-// kBlocksPerPass Q4_0 blocks (256 values of k) it unpacks the weights of up to kGroupsPerChunk
-// groups into a "panel": for every Q4_0 block, 8 registers of 32 bytes, register g holding
-// values 4g..4g+3 of each of the 8 columns (what dpbusd multiplies with 4 bytes of one
-// activation row), then the 8 weight scales. The register tile is 6 activation rows x 8
+// dpbusd multiplies unsigned by signed bytes, so weights enter with a zero point: Q4_0 nibbles
+// are 0..15 for values q − 8, Q8_0 bytes are stored as q + 128; Σ(q_w − zp)·q_a is the unsigned
+// product minus zp·Σq_a, the latter computed once per activation block.
+//
+// Layout of the work: each thread owns a range of 8-column groups of the output. Per pass of
+// kBlocksPerPass blocks (256 values of k) it unpacks the weights of up to kGroupsPerChunk
+// groups into a "panel": for every block, 8 registers of 32 bytes, register g holding values
+// 4g..4g+3 of each of the 8 columns (what dpbusd multiplies with 4 bytes of one activation
+// row), then the 8 weight scales. The register tile is 6 activation rows x 8
 // columns: six dpbusd accumulators for a block's integer sums and six F32 accumulators they are
 // scaled into. Activations are quantized once per matmul, by their own graph node.
-#include "cpu_q4.h"
+#include "cpu_qmatmul.h"
 
 #include "common.h"
 
@@ -17,7 +21,7 @@
 #include <vector>
 
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
-#define FM_Q4_X86 1
+#define FM_QMM_X86 1
 #include <immintrin.h>
 #endif
 
@@ -29,6 +33,16 @@ constexpr int64_t kBlocksPerPass = 8;    // Q4_0 blocks (of 32 values) per pass 
 constexpr int64_t kGroupsPerChunk = 8;   // 8-column groups unpacked together (64 columns)
 constexpr int64_t kPanelBlockBytes = 8 * 32 + 8 * 4;  // per block and group: 8 registers + 8 scales
 constexpr size_t kQ4BlockBytes = 18;     // ggml's block_q4_0: F16 scale, 16 bytes of nibbles
+constexpr size_t kQ8BlockBytes = 34;     // ggml's block_q8_0: F16 scale, 32 signed bytes
+
+size_t block_bytes(ggml_type t) { return t == GGML_TYPE_Q4_0 ? kQ4BlockBytes : kQ8BlockBytes; }
+int32_t zero_point(ggml_type t) { return t == GGML_TYPE_Q4_0 ? 8 : 128; }
+
+// Weight value j (0..31) of a block as the unsigned byte dpbusd takes (value + zero point).
+inline int32_t weight_u8(ggml_type t, const uint8_t *blk, int j) {
+    if (t == GGML_TYPE_Q4_0) return j < 16 ? (blk[2 + j] & 15) : (blk[2 + j - 16] >> 4);
+    return int32_t(int8_t(blk[2 + j])) + 128;
+}
 
 float fp16_to_f32(const uint8_t *p) {
     ggml_fp16_t h;
@@ -53,22 +67,24 @@ void quantize_rows_q8_portable(const float *x, int64_t k, int64_t r0, int64_t r1
                 q.q[j] = int8_t(std::nearbyint(xb[j] * id));
                 sum += q.q[j];
             }
-            q.s = 8 * sum;
+            q.sum = sum;
         }
 }
 
-void gemm_q4_0_portable(const uint8_t *w, size_t row_bytes, const QuantBlock *x, const float *bias, float *out, int64_t rows,
-                          int64_t n, int64_t k, int ith, int nth) {
+void gemm_portable(ggml_type type, const uint8_t *w, size_t row_bytes, const QuantBlock *x, const float *bias,
+                   float *out, int64_t rows, int64_t n, int64_t k, int ith, int nth) {
     const int64_t nb = k / 32;
+    const size_t bb = block_bytes(type);
+    const int32_t zp = zero_point(type);
     for (int64_t c = n * ith / nth; c < n * (ith + 1) / nth; ++c)
         for (int64_t r = 0; r < rows; ++r) {
             float acc = bias ? bias[c] : 0.0f;
             for (int64_t b = 0; b < nb; ++b) {
-                const uint8_t *blk = w + size_t(c) * row_bytes + size_t(b) * kQ4BlockBytes;
+                const uint8_t *blk = w + size_t(c) * row_bytes + size_t(b) * bb;
                 const QuantBlock &q = x[r * nb + b];
                 int32_t dot = 0;
-                for (int j = 0; j < 16; ++j) dot += (blk[2 + j] & 15) * q.q[j] + (blk[2 + j] >> 4) * q.q[j + 16];
-                acc += float(dot - q.s) * (fp16_to_f32(blk) * q.d);
+                for (int j = 0; j < 32; ++j) dot += weight_u8(type, blk, j) * q.q[j];
+                acc += float(dot - zp * q.sum) * (fp16_to_f32(blk) * q.d);
             }
             out[r * n + c] = acc;
         }
@@ -76,9 +92,9 @@ void gemm_q4_0_portable(const uint8_t *w, size_t row_bytes, const QuantBlock *x,
 
 }  // namespace
 
-#ifdef FM_Q4_X86
+#ifdef FM_QMM_X86
 
-bool cpu_q4_0_available() {
+bool cpu_qmatmul_available() {
     static const bool ok = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
                            __builtin_cpu_supports("avxvnni");
     return ok;
@@ -113,25 +129,32 @@ __attribute__((target("avx2,fma"))) void quantize_rows_q8_avx2(const float *x, i
             s4 = _mm_add_epi32(s4, _mm_shuffle_epi32(s4, 0xB1));
             const __m256i p = _mm256_packs_epi16(_mm256_packs_epi32(i0, i1), _mm256_packs_epi32(i2, i3));
             q->d = d;
-            q->s = 8 * _mm_cvtsi128_si32(s4);
+            q->sum = _mm_cvtsi128_si32(s4);
             _mm256_storeu_si256(reinterpret_cast<__m256i *>(q->q), _mm256_permutevar8x32_epi32(p, order));
         }
     }
 }
 
-// Unpacks 8 columns (c0..c0+7) of Q4_0 blocks [b0, b0 + nblk) into the panel layout.
-__attribute__((target("avx2,fma,f16c"))) void pack_group(const uint8_t *w, size_t row_bytes, int64_t c0, int64_t b0,
-                                                        int64_t nblk, uint8_t *dst) {
+// Unpacks 8 columns (c0..c0+7) of blocks [b0, b0 + nblk) into the panel layout.
+__attribute__((target("avx2,fma,f16c"))) void pack_group(ggml_type type, const uint8_t *w, size_t row_bytes,
+                                                        int64_t c0, int64_t b0, int64_t nblk, uint8_t *dst) {
     const __m128i low4 = _mm_set1_epi8(0x0F);
+    const __m256i flip = _mm256_set1_epi8(char(0x80));
+    const size_t bb = block_bytes(type);
     for (int64_t b = 0; b < nblk; ++b, dst += kPanelBlockBytes) {
         __m256 r[8];
         float *scales = reinterpret_cast<float *>(dst + 256);
         for (int c = 0; c < 8; ++c) {
-            const uint8_t *blk = w + size_t(c0 + c) * row_bytes + size_t(b0 + b) * kQ4BlockBytes;
+            const uint8_t *blk = w + size_t(c0 + c) * row_bytes + size_t(b0 + b) * bb;
             scales[c] = fp16_to_f32(blk);
-            const __m128i qs = _mm_loadu_si128(reinterpret_cast<const __m128i *>(blk + 2));
-            const __m128i lo = _mm_and_si128(qs, low4), hi = _mm_and_si128(_mm_srli_epi16(qs, 4), low4);
-            r[c] = _mm256_castsi256_ps(_mm256_set_m128i(hi, lo));  // values 0..31 of column c
+            if (type == GGML_TYPE_Q4_0) {
+                const __m128i qs = _mm_loadu_si128(reinterpret_cast<const __m128i *>(blk + 2));
+                const __m128i lo = _mm_and_si128(qs, low4), hi = _mm_and_si128(_mm_srli_epi16(qs, 4), low4);
+                r[c] = _mm256_castsi256_ps(_mm256_set_m128i(hi, lo));  // values 0..31 of column c
+            } else {  // signed bytes + 128
+                const __m256i qs = _mm256_loadu_si256(reinterpret_cast<const __m256i *>(blk + 2));
+                r[c] = _mm256_castsi256_ps(_mm256_xor_si256(qs, flip));
+            }
         }
         // 8x8 transpose of 4-byte groups: register g gets group g of every column.
         const __m256 t0 = _mm256_unpacklo_ps(r[0], r[1]), t1 = _mm256_unpackhi_ps(r[0], r[1]);
@@ -162,9 +185,9 @@ inline int32_t load_i32(const int8_t *p) {
 
 // Tile: rows a[0..nrows) (row stride lda blocks) x 8 columns, blocks [0, nblk) of the panel.
 // Named accumulators: with arrays GCC spills them to the stack on every step.
-__attribute__((target("avx2,fma,avxvnni"))) void tile_q4(const uint8_t *panel, const QuantBlock *a, int64_t lda,
-                                                        int nrows, int64_t nblk, float *out, int64_t ldo, bool init,
-                                                        const float *bias) {
+__attribute__((target("avx2,fma,avxvnni"))) void tile(const uint8_t *panel, const QuantBlock *a, int64_t lda,
+                                                     int nrows, int64_t nblk, int32_t zp, float *out, int64_t ldo,
+                                                     bool init, const float *bias) {
     const QuantBlock *a0 = a, *a1 = a + (nrows > 1 ? 1 : 0) * lda, *a2 = a + (nrows > 2 ? 2 : 0) * lda;
     const QuantBlock *a3 = a + (nrows > 3 ? 3 : 0) * lda, *a4 = a + (nrows > 4 ? 4 : 0) * lda;
     const QuantBlock *a5 = a + (nrows > 5 ? 5 : 0) * lda;
@@ -183,7 +206,7 @@ __attribute__((target("avx2,fma,avxvnni"))) void tile_q4(const uint8_t *panel, c
         }
         const __m256 dw = _mm256_load_ps(reinterpret_cast<const float *>(panel + 256));
 #define FM_SCALE(r)                                                                                              \
-    f##r = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_sub_epi32(i##r, _mm256_set1_epi32(a##r[b].s))),          \
+    f##r = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_sub_epi32(i##r, _mm256_set1_epi32(zp * a##r[b].sum))),  \
                            _mm256_mul_ps(dw, _mm256_set1_ps(a##r[b].d)), f##r);
         FM_SCALE(0) FM_SCALE(1) FM_SCALE(2) FM_SCALE(3) FM_SCALE(4) FM_SCALE(5)
 #undef FM_SCALE
@@ -194,8 +217,8 @@ __attribute__((target("avx2,fma,avxvnni"))) void tile_q4(const uint8_t *panel, c
 #undef FM_STORE
 }
 
-void gemm_q4_0_vnni(const uint8_t *w, size_t row_bytes, const QuantBlock *x, const float *bias, float *out,
-                    int64_t rows, int64_t n, int64_t k, int ith, int nth) {
+void gemm_vnni(ggml_type type, const uint8_t *w, size_t row_bytes, const QuantBlock *x, const float *bias, float *out,
+               int64_t rows, int64_t n, int64_t k, int ith, int nth) {
     const int64_t nb = k / 32, groups = n / 8;
     const int64_t ga = groups * ith / nth, gb = groups * (ith + 1) / nth;
     if (ga >= gb || rows <= 0) return;
@@ -210,13 +233,13 @@ void gemm_q4_0_vnni(const uint8_t *w, size_t row_bytes, const QuantBlock *x, con
         for (int64_t p = 0; p < passes; ++p) {
             const int64_t b0 = p * per_pass, nblk = std::min(per_pass, nb - b0);
             for (int64_t j = 0; j < ng; ++j)
-                pack_group(w, row_bytes, (g0 + j) * 8, b0, nblk, panel + j * nblk * kPanelBlockBytes);
+                pack_group(type, w, row_bytes, (g0 + j) * 8, b0, nblk, panel + j * nblk * kPanelBlockBytes);
             for (int64_t r0 = 0; r0 < rows; r0 += kTileRows) {
                 const int nr = int(std::min<int64_t>(kTileRows, rows - r0));
                 for (int64_t j = 0; j < ng; ++j) {
                     const int64_t c0 = (g0 + j) * 8;
-                    tile_q4(panel + j * nblk * kPanelBlockBytes, x + r0 * nb + b0, nb, nr, nblk, out + r0 * n + c0, n,
-                            p == 0, bias ? bias + c0 : nullptr);
+                    tile(panel + j * nblk * kPanelBlockBytes, x + r0 * nb + b0, nb, nr, nblk, zero_point(type),
+                         out + r0 * n + c0, n, p == 0, bias ? bias + c0 : nullptr);
                 }
             }
         }
@@ -227,23 +250,24 @@ void gemm_q4_0_vnni(const uint8_t *w, size_t row_bytes, const QuantBlock *x, con
 
 #else
 
-bool cpu_q4_0_available() { return false; }
+bool cpu_qmatmul_available() { return false; }
 
 #endif
 
 void quantize_rows_q8(const float *x, int64_t k, int64_t r0, int64_t r1, QuantBlock *out) {
-#ifdef FM_Q4_X86
-    if (cpu_q4_0_available()) return quantize_rows_q8_avx2(x, k, r0, r1, out);
+#ifdef FM_QMM_X86
+    if (cpu_qmatmul_available()) return quantize_rows_q8_avx2(x, k, r0, r1, out);
 #endif
     quantize_rows_q8_portable(x, k, r0, r1, out);
 }
 
-void gemm_q4_0(const uint8_t *w, size_t row_bytes, const QuantBlock *x, const float *bias, float *out, int64_t rows,
-               int64_t n, int64_t k, int ith, int nth) {
-#ifdef FM_Q4_X86
-    if (cpu_q4_0_available()) return gemm_q4_0_vnni(w, row_bytes, x, bias, out, rows, n, k, ith, nth);
+void qmatmul(ggml_type type, const uint8_t *w, size_t row_bytes, const QuantBlock *x, const float *bias, float *out,
+             int64_t rows, int64_t n, int64_t k, int ith, int nth) {
+    if (type != GGML_TYPE_Q4_0 && type != GGML_TYPE_Q8_0) fail_runtime("internal error: qmatmul of %s", ggml_type_name(type));
+#ifdef FM_QMM_X86
+    if (cpu_qmatmul_available()) return gemm_vnni(type, w, row_bytes, x, bias, out, rows, n, k, ith, nth);
 #endif
-    gemm_q4_0_portable(w, row_bytes, x, bias, out, rows, n, k, ith, nth);
+    gemm_portable(type, w, row_bytes, x, bias, out, rows, n, k, ith, nth);
 }
 
 namespace {
@@ -256,16 +280,16 @@ void quantize_node(ggml_tensor *dst, int ith, int nth, void *) {
 
 void gemm_node(ggml_tensor *dst, int ith, int nth, void *) {
     const ggml_tensor *xq = dst->src[0], *w = dst->src[1], *b = dst->src[2];
-    gemm_q4_0(static_cast<const uint8_t *>(w->data), w->nb[1], static_cast<const QuantBlock *>(xq->data),
+    qmatmul(w->type, static_cast<const uint8_t *>(w->data), w->nb[1], static_cast<const QuantBlock *>(xq->data),
               b ? static_cast<const float *>(b->data) : nullptr, static_cast<float *>(dst->data), ggml_nrows(dst),
               w->ne[1], w->ne[0], ith, nth);
 }
 }  // namespace
 
-ggml_tensor *matmul_q4_0_op(ggml_context *ctx, ggml_tensor *w, ggml_tensor *x, ggml_tensor *bias) {
-    if (w->type != GGML_TYPE_Q4_0 || w->ne[0] % 32 != 0 || w->ne[1] % 8 != 0 || x->type != GGML_TYPE_F32 ||
-        x->ne[0] != w->ne[0] || (bias && (bias->type != GGML_TYPE_F32 || ggml_nelements(bias) != w->ne[1])))
-        fail_runtime("internal error: matmul_q4_0_op takes Q4_0 [k, n] (k %% 32 == 0, n %% 8 == 0), F32 x [k, ...]");
+ggml_tensor *qmatmul_op(ggml_context *ctx, ggml_tensor *w, ggml_tensor *x, ggml_tensor *bias) {
+    if (!qmatmul_shape(w) || x->type != GGML_TYPE_F32 || x->ne[0] != w->ne[0] ||
+        (bias && (bias->type != GGML_TYPE_F32 || ggml_nelements(bias) != w->ne[1])))
+        fail_runtime("internal error: qmatmul_op takes Q4_0/Q8_0 [k, n] (n %% 8 == 0), F32 x [k, ...]");
     if (!ggml_is_contiguous(x)) x = ggml_cont(ctx, x);
     const int64_t rows = ggml_nrows(x);
     ggml_tensor *xq = ggml_custom_4d(ctx, GGML_TYPE_I8, int64_t(sizeof(QuantBlock)) * (x->ne[0] / 32), rows, 1, 1, &x, 1,
