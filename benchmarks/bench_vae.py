@@ -18,17 +18,15 @@ machine shared with other work the better guide to an idle machine; the load ave
 GFLOP/s from the decoder's convolution and attention FLOPs, the engine's compute buffer, and the
 peak RSS.
 
-Measured on the project machine (2 logical CPUs, AVX2 ggml wheel without llamafile sgemm, 24 GB),
-2 threads, F32 kernels unless noted, load average <= 4 (mostly this benchmark itself):
+Measured on the project machine (2 cores, AVX2/AVX-VNNI, 24 GB), 2 threads, load <= 2 (this
+benchmark itself):
 
-    decode   512 untiled          122 s wall,  87 CPU-s/thread, compute  864 MiB, peak RSS 1100 MiB
-    decode   512 untiled (F16)    101 s wall, 101 CPU-s/thread, compute  704 MiB, peak RSS  849 MiB
-    decode   512 tiled 2x2 of 40  118 s wall, 118 CPU-s/thread, compute  300 MiB, peak RSS  534 MiB
-    decode  1024 tiled 2x2 of 72  526 s wall, 349 CPU-s/thread, compute 1067 MiB, peak RSS 1319 MiB
-    decode  1024 untiled          451 s wall, 344 CPU-s/thread, compute 3168 MiB, peak RSS 3427 MiB
-
-On the idle machine at 256 px, F32 and F16 kernels and conv_2d_direct vs banded im2col all
-decode in 23-26 s (within run-to-run noise); under load banded im2col was 1.2-1.3x faster.
+    decode   512 f32 own     untiled   28.5 s wall, compute  832 MiB, peak RSS 1067 MiB
+    decode   512 f32 im2col  untiled   72.3 s wall, compute  864 MiB, peak RSS 1100 MiB
+    decode   512 f16 own     untiled   29.0 s wall, compute  832 MiB, peak RSS  998 MiB
+    decode   512 f16 im2col  untiled   84.8 s wall, compute  704 MiB, peak RSS  848 MiB
+    decode  1024 f32 own     untiled  151.7 s wall, compute 3328 MiB, peak RSS 3583 MiB
+    decode  1024 f32 own     tiled    147.3 s wall (2x2 tiles of 72), compute 1053 MiB, peak RSS 1303 MiB
 """
 
 from __future__ import annotations

@@ -6,7 +6,7 @@
 // panels k-major (so one k step loads 16 pixels with two aligned loads), then sweeps the
 // channels in groups of kRows, whose kKc weights stay in L1 while the packed chunk streams from
 // L2. Sums are kept in the same order for every output (k blocks in order, k ascending inside),
-// whatever the column range, so banding and thread counts do not change results.
+// whatever the pixel range, so thread counts do not change results.
 #include "cpu_conv.h"
 
 #include "common.h"
@@ -16,7 +16,7 @@
 #include <vector>
 
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
-#define FM_GEMM_X86 1
+#define FM_CONV_X86 1
 #include <immintrin.h>
 #endif
 
@@ -29,7 +29,7 @@ constexpr int64_t kKc = 256;     // k per block: kRows·kKc weights (6 KiB) stay
 constexpr int64_t kChunk = 24;   // panels packed together: 24·16·kKc floats (384 KiB) in L2
 }  // namespace
 
-#ifdef FM_GEMM_X86
+#ifdef FM_CONV_X86
 
 bool cpu_conv2d_available() {
     static const bool ok = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
@@ -158,21 +158,25 @@ void gemm_driver(const Panels &src, const float *w, const float *bias, float *ou
     }
 }
 
-}  // namespace
-
-void conv2d_f32(const float *kernel, const float *x, const float *bias, float *out, int64_t W, int64_t H, int64_t Cin,
-                int64_t Cout, int64_t k, int64_t stride, int64_t pad, int ith, int nth) {
+void conv2d_avx2(const float *kernel, const float *x, const float *bias, float *out, int64_t W, int64_t H, int64_t Cin,
+                 int64_t Cout, int64_t k, int64_t stride, int64_t pad, int ith, int nth) {
     const int64_t OW = (W + 2 * pad - k) / stride + 1, OH = (H + 2 * pad - k) / stride + 1;
     gemm_driver(ConvPanels{x, W, H, Cin, k, stride, pad, OW, OH}, kernel, bias, out, OW * OH, Cout, k * k * Cin, ith,
                 nth);
 }
 
-#else  // no x86-64 AVX2 kernel: callers use ggml_mul_mat
+}  // namespace
+
+#else
 
 bool cpu_conv2d_available() { return false; }
 
-void conv2d_f32(const float *kernel, const float *x, const float *bias, float *out, int64_t W, int64_t H, int64_t Cin,
-                int64_t Cout, int64_t k, int64_t stride, int64_t pad, int ith, int nth) {
+#endif
+
+namespace {
+// Plain C++ (CPUs without AVX2; tests): the same sums, one output at a time.
+void conv2d_portable(const float *kernel, const float *x, const float *bias, float *out, int64_t W, int64_t H,
+                     int64_t Cin, int64_t Cout, int64_t k, int64_t stride, int64_t pad, int ith, int nth) {
     const int64_t OW = (W + 2 * pad - k) / stride + 1, OH = (H + 2 * pad - k) / stride + 1, K = k * k * Cin;
     for (int64_t p = OW * OH * ith / nth; p < OW * OH * (ith + 1) / nth; ++p)
         for (int64_t c = 0; c < Cout; ++c) {
@@ -185,8 +189,16 @@ void conv2d_f32(const float *kernel, const float *x, const float *bias, float *o
             out[c * OW * OH + p] = sum;
         }
 }
+}  // namespace
 
+void conv2d_f32(const float *kernel, const float *x, const float *bias, float *out, int64_t W, int64_t H, int64_t Cin,
+                int64_t Cout, int64_t k, int64_t stride, int64_t pad, int ith, int nth) {
+#ifdef FM_CONV_X86
+    if (cpu_conv2d_available())
+        return conv2d_avx2(kernel, x, bias, out, W, H, Cin, Cout, k, stride, pad, ith, nth);
 #endif
+    conv2d_portable(kernel, x, bias, out, W, H, Cin, Cout, k, stride, pad, ith, nth);
+}
 
 namespace {
 // The custom op's own parameters hold its function; stride and padding travel in the userdata

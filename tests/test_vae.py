@@ -12,11 +12,13 @@ Tolerances, as relative error = max |engine − reference| / max |reference|:
   the engine widens to F32 exactly): 1e-4, the issue's bound. Everything then runs in F32
   (convolutions: our CPU kernel, csrc/cpu_conv.cpp, or ggml's im2col + F32 matmul; attention:
   explicit F32 softmax); what is left is float32 summation order (measured 0.8-1.3e-6).
-* F16 conv kernels ("f16"): 3e-3. ggml's convolution with an F16 kernel writes its im2col patches
-  in F16, i.e. rounds every conv input to F16 (relative error <= 2^-11 ~ 4.9e-4 per value); the
-  1x1 attention projections do the same in their F16 matmul. Rounding exactly those inputs to F16
-  inside the torch reference moves it by 6.7e-4 (decode) / 7.9e-4 (encode); the engine measures
-  6.2e-4 / 8.5e-4. 3e-3 leaves ~4x room; real mistakes give errors of order 1.
+* F16 conv kernels ("f16"): 3e-3, for ggml's convolution (GPU backends, CPUs without AVX2):
+  with an F16 kernel it writes its im2col patches in F16, i.e. rounds every conv input to F16
+  (relative error <= 2^-11 ~ 4.9e-4 per value); the 1x1 attention projections do the same in
+  their F16 matmul. Rounding exactly those inputs to F16 inside the torch reference moves it by
+  6.7e-4 (decode) / 7.9e-4 (encode); ggml's path measured 6.2e-4 / 8.5e-4. Our CPU convolution
+  widens F16 kernels to F32 exactly, leaving only the attention projections' rounding (measured
+  0.9e-4 / 1.4e-4). 3e-3 leaves ~4x room over ggml's path; real mistakes give errors of order 1.
 
 Tiling (tiled != untiled: GroupNorm statistics and the mid attention are global over whatever is
 decoded at once): the tiled result must equal, to float rounding, the documented blend of the
