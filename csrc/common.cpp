@@ -3,6 +3,8 @@
 #include <ggml.h>
 
 #include <cstdio>
+#include <cstdlib>
+#include <cstring>
 #include <mutex>
 #include <vector>
 
@@ -92,5 +94,10 @@ void install_ggml_hooks() {
 
 GgmlAbortGuard::GgmlAbortGuard() : prev_(t_abort_to_exception) { t_abort_to_exception = true; }
 GgmlAbortGuard::~GgmlAbortGuard() { t_abort_to_exception = prev_; }
+
+bool portable_kernels_requested() {
+    const char *e = std::getenv("FLUXMINI_KERNELS");
+    return e && std::strcmp(e, "portable") == 0;
+}
 
 }  // namespace fm

@@ -31,6 +31,10 @@ void set_verbosity(int level);
 int verbosity();
 void log_info(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
 
+// FLUXMINI_KERNELS=portable: our CPU kernels run their plain C++ versions (so tests exercise
+// them on any CPU) and the engine uses ggml's matmul and convolution instead of them.
+bool portable_kernels_requested();
+
 // The last error line ggml logged on this thread (ggml reports parse failures only by logging).
 std::string take_ggml_error();
 void install_ggml_hooks();

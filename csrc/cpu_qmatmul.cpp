@@ -96,7 +96,7 @@ void gemm_portable(ggml_type type, const uint8_t *w, size_t row_bytes, const Qua
 
 bool cpu_qmatmul_available() {
     static const bool ok = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
-                           __builtin_cpu_supports("avxvnni");
+                           __builtin_cpu_supports("avxvnni") && !portable_kernels_requested();
     return ok;
 }
 

@@ -124,3 +124,25 @@ def test_engine_uses_the_kernel(monkeypatch, name):
     assert err(ours) <= tolerance(name) and err(theirs) <= tolerance(name)
     assert err(ours) <= 1.5 * err(theirs) and err(theirs) <= 1.5 * err(ours), (err(ours), err(theirs))
     assert _core.cpu_qmatmul_available() == (not np.array_equal(ours, theirs))
+
+
+def test_portable_versions_pass_the_same_tests():
+    """The plain C++ versions of both CPU kernels (what CPUs without AVX2 / AVX-VNNI run) pass
+    this file's and test_cpu_conv.py's tests too: FLUXMINI_KERNELS=portable selects them (and
+    makes the engine use ggml's kernels, which test_engine_uses_the_kernel then checks)."""
+    import os
+    import subprocess
+    import sys
+
+    here = os.path.dirname(os.path.abspath(__file__))
+    r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+                        os.path.join(here, "test_cpu_qmatmul.py"), os.path.join(here, "test_cpu_conv.py"),
+                        "-k", "not portable_versions"],
+                       env=dict(os.environ, FLUXMINI_KERNELS="portable"), capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-2000:]
+    assert " passed" in r.stdout and "failed" not in r.stdout
+    # and they really ran the portable versions:
+    check = subprocess.run([sys.executable, "-c", "from fluxmini import _core; "
+                            "print(_core.cpu_qmatmul_available(), _core.cpu_conv2d_available())"],
+                           env=dict(os.environ, FLUXMINI_KERNELS="portable"), capture_output=True, text=True)
+    assert check.stdout.split() == ["False", "False"], check.stdout + check.stderr
