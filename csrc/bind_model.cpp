@@ -78,6 +78,7 @@ void bind_model(py::module_ &m) {
         .def_property_readonly("ignored_tensors", &Model::ignored_tensors)
         .def_property_readonly("backend", &Model::backend_name)
         .def_property_readonly("backend_description", &Model::backend_description)
+        .def_property_readonly("kernels", &Model::kernels)
         .def_property("threads", &Model::threads, [](Model &self, int n) { self.set_threads(n); })
         .def("interrupt", &Model::interrupt, "Abort the running computation (any thread).")
         .def("load",

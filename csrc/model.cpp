@@ -55,6 +55,13 @@ ClipNet &Model::clip() { if (!clip_) missing("clip_l"); return *clip_; }
 T5Net &Model::t5() { if (!t5_) missing("t5xxl"); return *t5_; }
 VaeNet &Model::vae() { if (!vae_) missing("vae"); return *vae_; }
 
+std::string Model::kernels() const {
+    if (!backend_->is_cpu()) return "ggml (" + backend_->name() + ")";
+    std::string s = backend_->own_qmatmul() ? "Q4_0/Q8_0 matmul: fluxmini (AVX-VNNI)" : "matmul: ggml";
+    if (vae_) s += vae_->own_conv() ? "; VAE convolution: fluxmini (AVX2)" : "; VAE convolution: ggml";
+    return s;
+}
+
 void Model::release(const std::string &component) {
     if (component == "diffusion") { if (flux_) flux_->release(); weights_->release_pages(Component::Diffusion); }
     else if (component == "clip_l") { if (clip_) clip_->release(); weights_->release_pages(Component::ClipL); }

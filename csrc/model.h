@@ -48,6 +48,8 @@ public:
     std::vector<std::string> ignored_tensors() const { return weights_->ignored(); }
     std::string backend_name() const { return backend_->name(); }
     std::string backend_description() const { return backend_->description(); }
+    // Which CPU kernels run: fluxmini's own (cpu_qmatmul.h, cpu_conv.h) or ggml's.
+    std::string kernels() const;
     int threads() const { return backend_->threads(); }
     void set_threads(int n);
     void interrupt() { backend_->interrupt_flag().store(true); }

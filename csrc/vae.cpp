@@ -595,6 +595,7 @@ bool VaeNet::loaded() const { return impl_->params.bytes() > 0; }
 size_t VaeNet::weight_bytes() const { return impl_->params.bytes(); }
 int VaeNet::last_tiles() const { return impl_->last_tiles; }
 size_t VaeNet::last_compute_bytes() const { return impl_->last_compute; }
+bool VaeNet::own_conv() const { return impl_->conv_own && impl_->backend.is_cpu() && cpu_conv2d_available(); }
 
 static void check_side(const char *what, int64_t n) {
     if (n < 1 || n > kVaeMaxLatentSide)

@@ -55,6 +55,8 @@ public:
     // compute buffer of its graph in bytes.
     int last_tiles() const;
     size_t last_compute_bytes() const;
+    // Whether F32/F16 convolutions run fluxmini's CPU kernel (cpu_conv.h) rather than ggml's.
+    bool own_conv() const;
 
 private:
     struct Impl;

@@ -114,9 +114,14 @@ def test_engine_uses_the_kernel(monkeypatch, name):
     _, h, w, sigma, guidance, _, _ = G.CASES[i]
     args = (goldens[f"c{i}_latent"], sigma, guidance, goldens[f"c{i}_t5"], goldens[f"c{i}_pooled"])
     ref = goldens[f"c{i}_out"]
-    ours = FluxMini.load(G.model_path(name), components=["diffusion"], threads=2).transformer(*args)
+    ours_model = FluxMini.load(G.model_path(name), components=["diffusion"], threads=2)
+    ours = ours_model.transformer(*args)
     monkeypatch.setenv("FLUXMINI_KERNELS", "ggml")
-    theirs = FluxMini.load(G.model_path(name), components=["diffusion"], threads=2).transformer(*args)
+    theirs_model = FluxMini.load(G.model_path(name), components=["diffusion"], threads=2)
+    theirs = theirs_model.transformer(*args)
+    # what `fluxmini info` reports
+    assert ("matmul: fluxmini (AVX-VNNI)" in ours_model.info()["kernels"]) == _core.cpu_qmatmul_available()
+    assert theirs_model.info()["kernels"].startswith("matmul: ggml")
 
     def err(a):
         return float(np.abs(a - ref).max() / np.abs(ref).max())

@@ -101,12 +101,13 @@ class FluxMini:
         """Components found, tensors per type, parameters, bytes and inferred hyper-parameters."""
         comps = {c["name"]: c for c in self._m.info()}
         return {"backend": self._m.backend, "backend_description": self._m.backend_description,
-                "threads": self._m.threads, "components": comps,
+                "threads": self._m.threads, "kernels": self._m.kernels, "components": comps,
                 "ignored_tensors": list(self._m.ignored_tensors)}
 
     def info_table(self) -> str:
         info = self.info()
-        lines = [f"backend: {info['backend']} ({info['backend_description']}), threads: {info['threads']}", ""]
+        lines = [f"backend: {info['backend']} ({info['backend_description']}), threads: {info['threads']}",
+                 f"kernels: {info['kernels']}", ""]
         header = f"{'component':<10} {'tensors':>7} {'parameters':>15} {'bytes':>15}  types"
         lines += [header, "-" * len(header)]
         for name in COMPONENTS:
