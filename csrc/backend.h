@@ -30,7 +30,7 @@ public:
     int threads() const { return threads_; }
     void set_threads(int threads);
 
-    // Whether Q4_0 / Q8_0 linear weights use our CPU kernel (cpu_qmatmul.h: the CPU backend on a
+    // Whether Q4_0 / Q4_1 / Q8_0 linear weights use our CPU kernel (cpu_qmatmul.h: the CPU backend on a
     // CPU with AVX-VNNI, unless FLUXMINI_KERNELS=ggml) instead of ggml's matmul; such weights stay
     // in place in the file mapping (never repacked).
     bool own_qmatmul() const { return own_qmatmul_; }

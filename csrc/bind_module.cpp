@@ -104,8 +104,11 @@ PYBIND11_MODULE(_core, m) {
     // `threads` threads.
     m.def("qmatmul", [](const std::string &type_name, py::array_t<uint8_t, py::array::c_style> w, f32_array x,
                         std::optional<f32_array> bias, int threads) {
-        const ggml_type type = type_name == "q4_0" ? GGML_TYPE_Q4_0 : type_name == "q8_0" ? GGML_TYPE_Q8_0 : GGML_TYPE_COUNT;
-        if (type == GGML_TYPE_COUNT) fm::fail_value("qmatmul takes type q4_0 or q8_0");
+        const ggml_type type = type_name == "q4_0"   ? GGML_TYPE_Q4_0
+                               : type_name == "q4_1" ? GGML_TYPE_Q4_1
+                               : type_name == "q8_0" ? GGML_TYPE_Q8_0
+                                                     : GGML_TYPE_COUNT;
+        if (type == GGML_TYPE_COUNT) fm::fail_value("qmatmul takes type q4_0, q4_1 or q8_0");
         if (x.ndim() != 2 || w.ndim() != 2 || x.shape(1) % 32 != 0 || size_t(w.shape(1)) != ggml_row_size(type, x.shape(1)) ||
             w.shape(0) % 8 != 0 || threads < 1)
             fm::fail_value("qmatmul takes w [n, row bytes] uint8 (n a multiple of 8) and x [rows, k] (k a multiple of 32)");

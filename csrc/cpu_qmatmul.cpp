@@ -1,8 +1,9 @@
-// Q4_0 / Q8_0 x Q8 GEMM with AVX-VNNI (see cpu_qmatmul.h).
+// Q4_0 / Q4_1 / Q8_0 x Q8 GEMM with AVX-VNNI (see cpu_qmatmul.h).
 //
 // dpbusd multiplies unsigned by signed bytes, so weights enter with a zero point: Q4_0 nibbles
 // are 0..15 for values q − 8, Q8_0 bytes are stored as q + 128; Σ(q_w − zp)·q_a is the unsigned
-// product minus zp·Σq_a, the latter computed once per activation block.
+// product minus zp·Σq_a, the latter computed once per activation block. Q4_1 (d·q + m) adds
+// m·d_a·Σq_a per block instead.
 //
 // Layout of the work: each thread owns a range of 8-column groups of the output. Per pass of
 // kBlocksPerPass blocks (256 values of k) it unpacks the weights of up to kGroupsPerChunk
@@ -31,17 +32,20 @@ namespace {
 constexpr int kTileRows = 6;
 constexpr int64_t kBlocksPerPass = 8;    // Q4_0 blocks (of 32 values) per pass over k
 constexpr int64_t kGroupsPerChunk = 8;   // 8-column groups unpacked together (64 columns)
-constexpr int64_t kPanelBlockBytes = 8 * 32 + 8 * 4;  // per block and group: 8 registers + 8 scales
-constexpr size_t kQ4BlockBytes = 18;     // ggml's block_q4_0: F16 scale, 16 bytes of nibbles
-constexpr size_t kQ8BlockBytes = 34;     // ggml's block_q8_0: F16 scale, 32 signed bytes
+// Per block and group: 8 registers, 8 scales, 8 minimums (Q4_1 only).
+constexpr int64_t kPanelBlockBytes = 8 * 32 + 8 * 4 + 8 * 4;
 
-size_t block_bytes(ggml_type t) { return t == GGML_TYPE_Q4_0 ? kQ4BlockBytes : kQ8BlockBytes; }
-int32_t zero_point(ggml_type t) { return t == GGML_TYPE_Q4_0 ? 8 : 128; }
+// ggml's blocks: Q4_0 {F16 d; 16 bytes of nibbles} (value d·(q − 8)), Q4_1 {F16 d, m; 16 bytes of
+// nibbles} (value d·q + m), Q8_0 {F16 d; 32 signed bytes} (value d·q).
+size_t block_bytes(ggml_type t) { return t == GGML_TYPE_Q4_0 ? 18 : t == GGML_TYPE_Q4_1 ? 20 : 34; }
+int32_t zero_point(ggml_type t) { return t == GGML_TYPE_Q4_0 ? 8 : t == GGML_TYPE_Q4_1 ? 0 : 128; }
+size_t quants_offset(ggml_type t) { return t == GGML_TYPE_Q4_1 ? 4 : 2; }
 
 // Weight value j (0..31) of a block as the unsigned byte dpbusd takes (value + zero point).
 inline int32_t weight_u8(ggml_type t, const uint8_t *blk, int j) {
-    if (t == GGML_TYPE_Q4_0) return j < 16 ? (blk[2 + j] & 15) : (blk[2 + j - 16] >> 4);
-    return int32_t(int8_t(blk[2 + j])) + 128;
+    const uint8_t *qs = blk + quants_offset(t);
+    if (t != GGML_TYPE_Q8_0) return j < 16 ? (qs[j] & 15) : (qs[j - 16] >> 4);
+    return int32_t(int8_t(qs[j])) + 128;
 }
 
 float fp16_to_f32(const uint8_t *p) {
@@ -85,6 +89,7 @@ void gemm_portable(ggml_type type, const uint8_t *w, size_t row_bytes, const Qua
                 int32_t dot = 0;
                 for (int j = 0; j < 32; ++j) dot += weight_u8(type, blk, j) * q.q[j];
                 acc += float(dot - zp * q.sum) * (fp16_to_f32(blk) * q.d);
+                if (type == GGML_TYPE_Q4_1) acc += fp16_to_f32(blk + 2) * (q.d * float(q.sum));
             }
             out[r * n + c] = acc;
         }
@@ -143,12 +148,13 @@ __attribute__((target("avx2,fma,f16c"))) void pack_group(ggml_type type, const u
     const size_t bb = block_bytes(type);
     for (int64_t b = 0; b < nblk; ++b, dst += kPanelBlockBytes) {
         __m256 r[8];
-        float *scales = reinterpret_cast<float *>(dst + 256);
+        float *scales = reinterpret_cast<float *>(dst + 256), *mins = scales + 8;
         for (int c = 0; c < 8; ++c) {
             const uint8_t *blk = w + size_t(c0 + c) * row_bytes + size_t(b0 + b) * bb;
             scales[c] = fp16_to_f32(blk);
-            if (type == GGML_TYPE_Q4_0) {
-                const __m128i qs = _mm_loadu_si128(reinterpret_cast<const __m128i *>(blk + 2));
+            mins[c] = type == GGML_TYPE_Q4_1 ? fp16_to_f32(blk + 2) : 0.0f;
+            if (type != GGML_TYPE_Q8_0) {
+                const __m128i qs = _mm_loadu_si128(reinterpret_cast<const __m128i *>(blk + quants_offset(type)));
                 const __m128i lo = _mm_and_si128(qs, low4), hi = _mm_and_si128(_mm_srli_epi16(qs, 4), low4);
                 r[c] = _mm256_castsi256_ps(_mm256_set_m128i(hi, lo));  // values 0..31 of column c
             } else {  // signed bytes + 128
@@ -184,7 +190,9 @@ inline int32_t load_i32(const int8_t *p) {
 }
 
 // Tile: rows a[0..nrows) (row stride lda blocks) x 8 columns, blocks [0, nblk) of the panel.
-// Named accumulators: with arrays GCC spills them to the stack on every step.
+// Named accumulators: with arrays GCC spills them to the stack on every step. kMin: Q4_1's
+// per-block minimum m, which adds m·d_a·Σq_a.
+template <bool kMin>
 __attribute__((target("avx2,fma,avxvnni"))) void tile(const uint8_t *panel, const QuantBlock *a, int64_t lda,
                                                      int nrows, int64_t nblk, int32_t zp, float *out, int64_t ldo,
                                                      bool init, const float *bias) {
@@ -210,6 +218,12 @@ __attribute__((target("avx2,fma,avxvnni"))) void tile(const uint8_t *panel, cons
                            _mm256_mul_ps(dw, _mm256_set1_ps(a##r[b].d)), f##r);
         FM_SCALE(0) FM_SCALE(1) FM_SCALE(2) FM_SCALE(3) FM_SCALE(4) FM_SCALE(5)
 #undef FM_SCALE
+        if (kMin) {
+            const __m256 mw = _mm256_load_ps(reinterpret_cast<const float *>(panel + 288));
+#define FM_MIN(r) f##r = _mm256_fmadd_ps(mw, _mm256_set1_ps(a##r[b].d * float(a##r[b].sum)), f##r);
+            FM_MIN(0) FM_MIN(1) FM_MIN(2) FM_MIN(3) FM_MIN(4) FM_MIN(5)
+#undef FM_MIN
+        }
     }
 #define FM_STORE(r) \
     if (r < nrows) _mm256_storeu_ps(out + r * ldo, f##r);
@@ -238,8 +252,9 @@ void gemm_vnni(ggml_type type, const uint8_t *w, size_t row_bytes, const QuantBl
                 const int nr = int(std::min<int64_t>(kTileRows, rows - r0));
                 for (int64_t j = 0; j < ng; ++j) {
                     const int64_t c0 = (g0 + j) * 8;
-                    tile(panel + j * nblk * kPanelBlockBytes, x + r0 * nb + b0, nb, nr, nblk, zero_point(type),
-                         out + r0 * n + c0, n, p == 0, bias ? bias + c0 : nullptr);
+                    (type == GGML_TYPE_Q4_1 ? tile<true> : tile<false>)(
+                        panel + j * nblk * kPanelBlockBytes, x + r0 * nb + b0, nb, nr, nblk, zero_point(type),
+                        out + r0 * n + c0, n, p == 0, bias ? bias + c0 : nullptr);
                 }
             }
         }
@@ -263,7 +278,8 @@ void quantize_rows_q8(const float *x, int64_t k, int64_t r0, int64_t r1, QuantBl
 
 void qmatmul(ggml_type type, const uint8_t *w, size_t row_bytes, const QuantBlock *x, const float *bias, float *out,
              int64_t rows, int64_t n, int64_t k, int ith, int nth) {
-    if (type != GGML_TYPE_Q4_0 && type != GGML_TYPE_Q8_0) fail_runtime("internal error: qmatmul of %s", ggml_type_name(type));
+    if (type != GGML_TYPE_Q4_0 && type != GGML_TYPE_Q4_1 && type != GGML_TYPE_Q8_0)
+        fail_runtime("internal error: qmatmul of %s", ggml_type_name(type));
 #ifdef FM_QMM_X86
     if (cpu_qmatmul_available()) return gemm_vnni(type, w, row_bytes, x, bias, out, rows, n, k, ith, nth);
 #endif
@@ -289,7 +305,7 @@ void gemm_node(ggml_tensor *dst, int ith, int nth, void *) {
 ggml_tensor *qmatmul_op(ggml_context *ctx, ggml_tensor *w, ggml_tensor *x, ggml_tensor *bias) {
     if (!qmatmul_shape(w) || x->type != GGML_TYPE_F32 || x->ne[0] != w->ne[0] ||
         (bias && (bias->type != GGML_TYPE_F32 || ggml_nelements(bias) != w->ne[1])))
-        fail_runtime("internal error: qmatmul_op takes Q4_0/Q8_0 [k, n] (n %% 8 == 0), F32 x [k, ...]");
+        fail_runtime("internal error: qmatmul_op takes Q4_0/Q4_1/Q8_0 [k, n] (n %% 8 == 0), F32 x [k, ...]");
     if (!ggml_is_contiguous(x)) x = ggml_cont(ctx, x);
     const int64_t rows = ggml_nrows(x);
     ggml_tensor *xq = ggml_custom_4d(ctx, GGML_TYPE_I8, int64_t(sizeof(QuantBlock)) * (x->ne[0] / 32), rows, 1, 1, &x, 1,

@@ -19,7 +19,7 @@ struct Ops {
     // Ask GPU backends to accumulate linear() matmuls in F32 (CUDA may use F16 for F16 weights,
     // which overflows on T5's activations). The CPU backend accumulates in F32 anyway.
     bool f32_matmul = false;
-    // Q4_0 / Q8_0 weights of linear() go through our CPU kernel (Backend::own_qmatmul();
+    // Q4_0 / Q4_1 / Q8_0 weights of linear() go through our CPU kernel (Backend::own_qmatmul();
     // cpu_qmatmul.h).
     bool own_qmatmul = false;
 };

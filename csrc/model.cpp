@@ -57,7 +57,7 @@ VaeNet &Model::vae() { if (!vae_) missing("vae"); return *vae_; }
 
 std::string Model::kernels() const {
     if (!backend_->is_cpu()) return "ggml (" + backend_->name() + ")";
-    std::string s = backend_->own_qmatmul() ? "Q4_0/Q8_0 matmul: fluxmini (AVX-VNNI)" : "matmul: ggml";
+    std::string s = backend_->own_qmatmul() ? "Q4_0/Q4_1/Q8_0 matmul: fluxmini (AVX-VNNI)" : "matmul: ggml";
     if (vae_) s += vae_->own_conv() ? "; VAE convolution: fluxmini (AVX2)" : "; VAE convolution: ggml";
     return s;
 }

@@ -1,7 +1,7 @@
-"""The quantized matmul kernel (csrc/cpu_qmatmul.cpp, Q4_0 and Q8_0 weights) against numpy.
+"""The quantized matmul kernel (csrc/cpu_qmatmul.cpp, Q4_0, Q4_1 and Q8_0 weights) against numpy.
 
 Weights are quantized and dequantized by the gguf package (an independent implementation of
-ggml's Q4_0 and Q8_0). Activations are quantized as ggml's CPU backend does for these (blocks of
+ggml's Q4_0, Q4_1 and Q8_0). Activations are quantized as ggml's CPU backend does for these (blocks of
 32, scale = max|x| / 127, round half to even), here in numpy. With both operands' rounded values,
 the product is computed in float64: the kernel's integer block sums are exact, so it may differ
 only by the F32 scaling and summation of the block results: |got − ref| ≤ 1e-5·Σ|ŵ·x̂| (measured
@@ -22,7 +22,7 @@ from gguf.quants import dequantize, quantize
 from fluxmini import _core
 
 
-TYPES = {"q4_0": QT.Q4_0, "q8_0": QT.Q8_0}
+TYPES = {"q4_0": QT.Q4_0, "q4_1": QT.Q4_1, "q8_0": QT.Q8_0}
 
 
 def quantized(w: np.ndarray, type_name: str = "q4_0"):
@@ -100,7 +100,7 @@ def test_bad_arguments_raise():
 
 @pytest.mark.parametrize("name", ["q4_0", "q8_0"])
 def test_engine_uses_the_kernel(monkeypatch, name):
-    """On a CPU with AVX-VNNI the engine's Q4_0 / Q8_0 linears run this kernel (FLUXMINI_KERNELS=ggml
+    """On a CPU with AVX-VNNI the engine's Q4_0 / Q4_1 / Q8_0 linears run this kernel (FLUXMINI_KERNELS=ggml
     gives ggml's matmul): on the transformer goldens (diffusers' reference) both meet test_flux's
     tolerance and are equally close to the reference (within 1.5x of each other's error: both
     quantize the same activations the same way; ggml also rounds the block scales to F16), and
@@ -151,3 +151,33 @@ def test_portable_versions_pass_the_same_tests():
                             "print(_core.cpu_qmatmul_available(), _core.cpu_conv2d_available())"],
                            env=dict(os.environ, FLUXMINI_KERNELS="portable"), capture_output=True, text=True)
     assert check.stdout.split() == ["False", "False"], check.stdout + check.stderr
+
+
+def test_engine_q4_1_against_exact_weights(monkeypatch, tmp_path):
+    """Q4_1 (no transformer goldens): the engine with this kernel and with ggml's matmul, each
+    against the exact result for the same weights (the engine on an F32 copy of the dequantized
+    weights, written by fluxmini.convert.quantize). Both only round activations the same way, so
+    their errors must be alike (within 1.5x) and small (≤ 3e-2, test_flux's bound for 4-bit)."""
+    import fixtures
+    from fluxmini.convert import quantize
+    from fluxmini.model import FluxMini
+
+    path = fixtures.write_model(tmp_path / "q4_1.gguf", big_type="q4_1")
+    exact_path = tmp_path / "q4_1-as-f32.gguf"
+    quantize(path, exact_path, "f32", pure=True, progress=False)
+    rng = np.random.default_rng(5)
+    d = FluxMini.load(path, components=["diffusion"]).config["diffusion"]
+    args = (rng.standard_normal((16, 10, 8)).astype(np.float32), 0.6, 3.5,
+            rng.standard_normal((9, d["context_dim"])).astype(np.float32),
+            rng.standard_normal(d["vec_dim"]).astype(np.float32))
+    exact = FluxMini.load(exact_path, components=["diffusion"], threads=2).transformer(*args)
+    ours = FluxMini.load(path, components=["diffusion"], threads=2).transformer(*args)
+    monkeypatch.setenv("FLUXMINI_KERNELS", "ggml")
+    theirs = FluxMini.load(path, components=["diffusion"], threads=2).transformer(*args)
+
+    def err(a):
+        return float(np.abs(a - exact).max() / np.abs(exact).max())
+
+    assert 0 < err(ours) <= 3e-2 and 0 < err(theirs) <= 3e-2, (err(ours), err(theirs))
+    assert err(ours) <= 1.5 * err(theirs) and err(theirs) <= 1.5 * err(ours), (err(ours), err(theirs))
+    assert _core.cpu_qmatmul_available() == (not np.array_equal(ours, theirs))
