@@ -108,8 +108,7 @@ Backend::Backend(const std::string &name_in, int threads) {
         for (ggml_backend_buffer_type_t *b = get_extra(cpu_dev); b && *b; ++b)
             if (std::strstr(ggml_backend_buft_name(*b), "REPACK")) repack_buft_ = *b;
     }
-    const char *kernels = std::getenv("FLUXMINI_KERNELS");  // "ggml": ggml's kernels only (comparisons)
-    own_qmatmul_ = is_cpu() && cpu_qmatmul_available() && !(kernels && !std::strcmp(kernels, "ggml"));
+    own_qmatmul_ = is_cpu() && cpu_qmatmul_available() && kernel_choice() != KernelChoice::Ggml;
     set_threads(threads);
 }
 

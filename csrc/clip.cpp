@@ -91,8 +91,7 @@ struct ClipNet::Impl {
 
     // Graph: ids [positions] -> final-LN hidden states [hidden, positions] ("hidden").
     ggml_cgraph *build(ggml_context *ctx) {
-        Ops o{ctx};
-        o.own_qmatmul = backend.own_qmatmul();
+        Ops o{ctx, backend};
         o.exact = params.all_f32();
         // 77 tokens: the explicit softmax path is cheap and keeps K/V and the mask in F32.
         o.flash_attn = false;

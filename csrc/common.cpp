@@ -95,9 +95,11 @@ void install_ggml_hooks() {
 GgmlAbortGuard::GgmlAbortGuard() : prev_(t_abort_to_exception) { t_abort_to_exception = true; }
 GgmlAbortGuard::~GgmlAbortGuard() { t_abort_to_exception = prev_; }
 
-bool portable_kernels_requested() {
+KernelChoice kernel_choice() {
     const char *e = std::getenv("FLUXMINI_KERNELS");
-    return e && std::strcmp(e, "portable") == 0;
+    if (e && !std::strcmp(e, "ggml")) return KernelChoice::Ggml;
+    if (e && !std::strcmp(e, "portable")) return KernelChoice::Portable;
+    return KernelChoice::Own;
 }
 
 }  // namespace fm

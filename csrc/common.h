@@ -31,9 +31,11 @@ void set_verbosity(int level);
 int verbosity();
 void log_info(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
 
-// FLUXMINI_KERNELS=portable: our CPU kernels run their plain C++ versions (so tests exercise
-// them on any CPU) and the engine uses ggml's matmul and convolution instead of them.
-bool portable_kernels_requested();
+// FLUXMINI_KERNELS: unset (fluxmini's CPU kernels where the CPU has what they need), "ggml"
+// (ggml's matmul everywhere, for comparisons) or "portable" (our kernels run their plain C++
+// versions, so tests exercise them on any CPU, and the engine uses ggml's instead of them).
+enum class KernelChoice { Own, Ggml, Portable };
+KernelChoice kernel_choice();
 
 // The last error line ggml logged on this thread (ggml reports parse failures only by logging).
 std::string take_ggml_error();

@@ -32,7 +32,7 @@ constexpr int64_t kChunk = 24;   // panels packed together: 24·16·kKc floats (
 #ifdef FM_CONV_X86
 
 bool cpu_conv2d_available() {
-    static const bool ok = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && !portable_kernels_requested();
+    static const bool ok = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && kernel_choice() != KernelChoice::Portable;
     return ok;
 }
 

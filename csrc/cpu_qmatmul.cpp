@@ -9,7 +9,7 @@
 // kBlocksPerPass blocks (256 values of k) it unpacks the weights of up to kGroupsPerChunk
 // groups into a "panel": for every block, 8 registers of 32 bytes, register g holding values
 // 4g..4g+3 of each of the 8 columns (what dpbusd multiplies with 4 bytes of one activation
-// row), then the 8 weight scales. The register tile is 6 activation rows x 8
+// row), then the 8 weight scales and (Q4_1) the 8 minimums. The register tile is 6 activation rows x 8
 // columns: six dpbusd accumulators for a block's integer sums and six F32 accumulators they are
 // scaled into. Activations are quantized once per matmul, by their own graph node.
 #include "cpu_qmatmul.h"
@@ -30,7 +30,7 @@ namespace fm {
 
 namespace {
 constexpr int kTileRows = 6;
-constexpr int64_t kBlocksPerPass = 8;    // Q4_0 blocks (of 32 values) per pass over k
+constexpr int64_t kBlocksPerPass = 8;    // blocks (of 32 values) per pass over k
 constexpr int64_t kGroupsPerChunk = 8;   // 8-column groups unpacked together (64 columns)
 // Per block and group: 8 registers, 8 scales, 8 minimums (Q4_1 only).
 constexpr int64_t kPanelBlockBytes = 8 * 32 + 8 * 4 + 8 * 4;
@@ -101,7 +101,7 @@ void gemm_portable(ggml_type type, const uint8_t *w, size_t row_bytes, const Qua
 
 bool cpu_qmatmul_available() {
     static const bool ok = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
-                           __builtin_cpu_supports("avxvnni") && !portable_kernels_requested();
+                           __builtin_cpu_supports("avxvnni") && kernel_choice() != KernelChoice::Portable;
     return ok;
 }
 
@@ -151,14 +151,16 @@ __attribute__((target("avx2,fma,f16c"))) void pack_group(ggml_type type, const u
         float *scales = reinterpret_cast<float *>(dst + 256), *mins = scales + 8;
         for (int c = 0; c < 8; ++c) {
             const uint8_t *blk = w + size_t(c0 + c) * row_bytes + size_t(b0 + b) * bb;
-            scales[c] = fp16_to_f32(blk);
-            mins[c] = type == GGML_TYPE_Q4_1 ? fp16_to_f32(blk + 2) : 0.0f;
+            uint16_t h[2];
+            std::memcpy(h, blk, 4);  // d, and m for Q4_1 (the first quants otherwise, unused)
+            scales[c] = _cvtsh_ss(h[0]);
+            mins[c] = type == GGML_TYPE_Q4_1 ? _cvtsh_ss(h[1]) : 0.0f;
             if (type != GGML_TYPE_Q8_0) {
                 const __m128i qs = _mm_loadu_si128(reinterpret_cast<const __m128i *>(blk + quants_offset(type)));
                 const __m128i lo = _mm_and_si128(qs, low4), hi = _mm_and_si128(_mm_srli_epi16(qs, 4), low4);
                 r[c] = _mm256_castsi256_ps(_mm256_set_m128i(hi, lo));  // values 0..31 of column c
             } else {  // signed bytes + 128
-                const __m256i qs = _mm256_loadu_si256(reinterpret_cast<const __m256i *>(blk + 2));
+                const __m256i qs = _mm256_loadu_si256(reinterpret_cast<const __m256i *>(blk + quants_offset(type)));
                 r[c] = _mm256_castsi256_ps(_mm256_xor_si256(qs, flip));
             }
         }

@@ -220,8 +220,7 @@ struct FluxNet::Impl {
     }
 
     ggml_cgraph *build(ggml_context *ctx, int64_t l_img, int64_t l_txt, bool exact, bool flash, bool kv_f32) {
-        Ops o{ctx};
-        o.own_qmatmul = backend.own_qmatmul();
+        Ops o{ctx, backend};
         o.exact = exact;
         o.flash_attn = flash;
         o.flash_kv_f32 = kv_f32;

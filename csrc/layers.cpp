@@ -1,10 +1,13 @@
 #include "layers.h"
 
+#include "backend.h"
 #include "cpu_qmatmul.h"
 
 #include <cmath>
 
 namespace fm {
+
+Ops::Ops(ggml_context *c, const Backend &backend) : ctx(c), own_qmatmul(backend.own_qmatmul()) {}
 
 ggml_tensor *linear(const Ops &o, ggml_tensor *x, ggml_tensor *w, ggml_tensor *b) {
     if (o.own_qmatmul && qmatmul_shape(w) && x->type == GGML_TYPE_F32 && (!b || b->type == GGML_TYPE_F32))
@@ -85,21 +88,6 @@ ggml_tensor *attention(const Ops &o, ggml_tensor *q, ggml_tensor *k, ggml_tensor
     ggml_tensor *out = ggml_mul_mat(ctx, vt, kq);                         // [d, Lq, H]
     out = ggml_cont(ctx, ggml_permute(ctx, out, 0, 2, 1, 3));            // [d, H, Lq]
     return ggml_reshape_2d(ctx, out, d * heads, lq);
-}
-
-ggml_tensor *conv2d(const Ops &o, ggml_tensor *x, ggml_tensor *kernel, ggml_tensor *bias, int stride, int pad) {
-    ggml_context *ctx = o.ctx;
-    // im2col in the kernel's type (F32 kernels keep the exact path), then one matmul.
-    ggml_tensor *cols = ggml_im2col(ctx, kernel, x, stride, stride, pad, pad, 1, 1, true, kernel->type);
-    // cols: [Cin·kh·kw, OW, OH, N]
-    const int64_t ow = cols->ne[1], oh = cols->ne[2], n = cols->ne[3];
-    ggml_tensor *a = ggml_reshape_2d(ctx, cols, cols->ne[0], ow * oh * n);
-    ggml_tensor *w = ggml_reshape_2d(ctx, kernel, kernel->ne[0] * kernel->ne[1] * kernel->ne[2], kernel->ne[3]);
-    ggml_tensor *y = ggml_mul_mat(ctx, a, w);  // [OW·OH·N, Cout]
-    y = ggml_reshape_4d(ctx, y, ow, oh, n, kernel->ne[3]);
-    y = ggml_cont(ctx, ggml_permute(ctx, y, 0, 1, 3, 2));  // [OW, OH, Cout, N]
-    if (bias) y = ggml_add(ctx, y, ggml_reshape_4d(ctx, bias, 1, 1, bias->ne[0], 1));
-    return y;
 }
 
 }  // namespace fm

@@ -9,7 +9,13 @@
 
 namespace fm {
 
+class Backend;
+
 struct Ops {
+    explicit Ops(ggml_context *c) : ctx(c) {}
+    // For graphs that run on `backend`: takes its choice of kernels (own_qmatmul).
+    Ops(ggml_context *c, const Backend &backend);
+
     ggml_context *ctx;
     bool exact = false;       // exact activation path (F32 weights)
     bool flash_attn = true;   // use ggml_flash_attn_ext where allowed
@@ -43,9 +49,5 @@ ggml_tensor *silu(const Ops &o, ggml_tensor *x);
 // Returns [d·H, Lq].
 ggml_tensor *attention(const Ops &o, ggml_tensor *q, ggml_tensor *k, ggml_tensor *v, ggml_tensor *mask,
                        float scale);
-
-// 2-D convolution of x [W, H, Cin, N] with kernel [kw, kh, Cin, Cout] and bias [Cout] (may be
-// null); stride/padding symmetric.
-ggml_tensor *conv2d(const Ops &o, ggml_tensor *x, ggml_tensor *kernel, ggml_tensor *bias, int stride, int pad);
 
 }  // namespace fm

@@ -107,8 +107,7 @@ struct T5Net::Impl {
 
     // Graph for n tokens: ids [n], buckets [n·n] -> last hidden state [d_model, n] ("hidden").
     ggml_cgraph *build(ggml_context *ctx, int64_t n) {
-        Ops o{ctx};
-        o.own_qmatmul = backend.own_qmatmul();
+        Ops o{ctx, backend};
         o.exact = params.all_f32();
         o.flash_attn = false;  // the bias must be added in F32 (flash attention takes an F16 mask)
         o.f32_matmul = true;   // T5-XXL activations exceed the F16 range

@@ -287,7 +287,7 @@ struct VaeNet::Impl {
     // decoder's work). Conv kernels run in the type ParamKind::Conv gives them: F32 when stored
     // F32 (gpustack's quantized files and F32 files: exact), F16 otherwise.
     Ops ops(ggml_context *ctx) const {
-        Ops o{ctx};
+        Ops o{ctx, backend};
         o.exact = true;
         o.flash_attn = false;
         return o;
@@ -303,9 +303,9 @@ struct VaeNet::Impl {
         return ggml_add(o.ctx, y, ggml_reshape_4d(o.ctx, c.b, 1, 1, c.b->ne[0], 1));
     }
 
+    bool own_conv() const { return conv_own && backend.is_cpu() && cpu_conv2d_available(); }
     bool use_own_conv(const ggml_tensor *kernel) const {
-        return conv_own && backend.is_cpu() && (kernel->type == GGML_TYPE_F32 || kernel->type == GGML_TYPE_F16) &&
-               cpu_conv2d_available();
+        return own_conv() && (kernel->type == GGML_TYPE_F32 || kernel->type == GGML_TYPE_F16);
     }
 
     // im2col + one matmul per band of output rows, each band's patch matrix at most band_bytes
@@ -595,7 +595,7 @@ bool VaeNet::loaded() const { return impl_->params.bytes() > 0; }
 size_t VaeNet::weight_bytes() const { return impl_->params.bytes(); }
 int VaeNet::last_tiles() const { return impl_->last_tiles; }
 size_t VaeNet::last_compute_bytes() const { return impl_->last_compute; }
-bool VaeNet::own_conv() const { return impl_->conv_own && impl_->backend.is_cpu() && cpu_conv2d_available(); }
+bool VaeNet::own_conv() const { return impl_->own_conv(); }
 
 static void check_side(const char *what, int64_t n) {
     if (n < 1 || n > kVaeMaxLatentSide)

@@ -30,7 +30,9 @@ def int_arg(value, name: str) -> int:
     """An integer argument (numpy integers too, bools not), or FluxMiniValueError naming it."""
     import operator
 
-    if type(value).__name__ in ("bool", "bool_"):
+    import numpy as np
+
+    if isinstance(value, (bool, np.bool_)):
         raise FluxMiniValueError(f"{name} must be an integer, got a bool ({value!r})")
     try:
         return operator.index(value)

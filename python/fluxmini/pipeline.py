@@ -399,9 +399,7 @@ def run(model, prompt: str = "", *, width=None, height=None, steps=20, guidance=
     tiling_kw = {"tiling": vae_tiling}
 
     rep = _Reporter(progress, verbose)
-    timings: dict = {}
-
-    timings["load"] = 0.0
+    timings: dict = {"load": 0.0}
 
     def load(what: str, *components: str) -> None:
         dt = _load(model, *components)
