@@ -210,8 +210,11 @@ def test_live_goldens_are_current(torch_ref, goldens):
         np.testing.assert_array_equal(latent, goldens[f"c{i}_latent"])
         np.testing.assert_array_equal(t5, goldens[f"c{i}_t5"])
         ref = G.reference_forward(_reference(torch_ref, name), latent, sigma, guidance, t5, pooled)
-        # Same torch build re-running the same float32 computation: bit-for-bit up to thread order.
-        assert rel_err(ref, goldens[f"c{i}_out"]) <= 1e-6, i
+        # Catches a changed reference, not rounding: torch's float32 path depends on the CPU (MKL's
+        # sgemm per ISA, ATen's per-ISA kernels, threads). tests/measure_reference_spread.py on an
+        # Intel Xeon (AVX-512, AVX-VNNI) measured up to 1.41e-5 (MKL's AVX2 path, as on AMD CPUs);
+        # an AMD EPYC gave 6.4e-6. A different reference computation moves it by > 1e-3.
+        assert rel_err(ref, goldens[f"c{i}_out"]) <= 6e-5, i
 
 
 LIVE_CASES = [

@@ -201,13 +201,19 @@ def test_backend_choice(gpustack_f32):
 
 
 def rss_anon_kb():
+    """Anonymous resident memory of this process (Linux: RssAnon in /proc/self/status)."""
     with open("/proc/self/status") as f:
         for line in f:
             if line.startswith("RssAnon:"):
                 return int(line.split()[1])
-    return 0
+    raise AssertionError("/proc/self/status has no RssAnon line (Linux >= 4.5 has it)")
 
 
+linux_only = pytest.mark.skipif(not sys.platform.startswith("linux"),
+                                reason="measures anonymous memory through Linux's /proc/self/status")
+
+
+@linux_only
 def test_f32_weights_are_used_in_place(tmp_path):
     # A bigger diffusion model so the effect is far above allocator noise: its F32 weights must
     # stay in the file mapping, not be copied into anonymous memory.
@@ -222,18 +228,43 @@ def test_f32_weights_are_used_in_place(tmp_path):
     assert grown < 0.1 * weights, (grown, weights)
 
 
-def test_q4_0_weights_are_repacked_not_widened(tmp_path):
+@linux_only
+@pytest.mark.parametrize("kernels", ["default", "ggml"])
+def test_q4_0_weights_are_not_widened(tmp_path, kernels):
+    """Q4_0 weights never become F32/F16 copies. Where fluxmini's matmul kernel runs (the engine
+    says so in info()["kernels"]) they are used in place from the file mapping; with ggml's
+    matmul (FLUXMINI_KERNELS=ggml, and the default on a CPU without a fluxmini path) ggml copies
+    them into its repacked buffer, which is the size of the Q4_0 data. Both paths are checked on
+    every machine; each in its own process, as the kernel choice is read once per process."""
     dims = ModelDims(flux=fluxmini.inventory.FluxDims(hidden=1024, depth=2, depth_single=2, context_dim=64, vec_dim=32))
     path = fixtures.write_model(tmp_path / "q4.gguf", dims=dims, components=["diffusion"], big_type="q4_0")
-    model = fluxmini.FluxMini.load(path, components=["diffusion"])
-    q4_bytes = model.info()["components"]["diffusion"]["bytes"]
-    before = rss_anon_kb()
-    model.load_weights("diffusion")
-    grown = (rss_anon_kb() - before) * 1024
-    # The repacked copy is the size of the Q4_0 data (plus small F32 tensors); an F32 or F16
-    # copy would be 4-8x larger.
-    assert grown < 1.5 * q4_bytes, (grown, q4_bytes)
-    model.release("diffusion")
+    code = textwrap.dedent(f"""
+        import json, fluxmini
+        def rss_anon_kb():
+            with open("/proc/self/status") as f:
+                return next(int(l.split()[1]) for l in f if l.startswith("RssAnon:"))
+        model = fluxmini.FluxMini.load({str(path)!r}, components=["diffusion"])
+        before = rss_anon_kb()
+        model.load_weights("diffusion")
+        print(json.dumps({{"grown": (rss_anon_kb() - before) * 1024, "kernels": model.info()["kernels"],
+                           "bytes": model.info()["components"]["diffusion"]["bytes"]}}))
+    """)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    env.pop("FLUXMINI_KERNELS", None)
+    if kernels != "default":
+        env["FLUXMINI_KERNELS"] = kernels
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env)
+    assert r.returncode == 0, r.stderr[-2000:]
+    res = json.loads(r.stdout.strip().splitlines()[-1])
+    grown, q4_bytes = res["grown"], res["bytes"]
+    assert q4_bytes > 40e6
+    if "matmul: fluxmini" in res["kernels"]:
+        assert kernels == "default"
+        # in place: only small F32 tensors (biases, norms) and allocator noise
+        assert grown < 0.1 * q4_bytes, (grown, q4_bytes, res["kernels"])
+    else:
+        # repacked copy = the Q4_0 data (plus small F32 tensors); an F32 or F16 copy is 4-8x larger
+        assert grown < 1.5 * q4_bytes, (grown, q4_bytes, res["kernels"])
 
 
 # ------------------------------------------------------------------------------ bad input

@@ -271,9 +271,15 @@ def test_goldens_match_live_reference(refs, goldens):
         big, ids = (CLIP_CASES if net == "clip" else T5_CASES)[name]
         ref, err, emax = refs.outputs(net, big, ids)
         key = f"{net}_{name}"
-        np.testing.assert_allclose(goldens[key + "_out"], ref, rtol=0, atol=1e-5, err_msg=key)
+        # Catches a changed reference, not rounding (torch's float32 path depends on the CPU):
+        # tests/measure_reference_spread.py measured CLIP up to 9.5e-7 and T5 up to 1.3e-5 on an
+        # Intel Xeon (AVX-512, AVX-VNNI; threads, mkldnn, ATen/MKL/oneDNN ISA levels); an AMD
+        # EPYC gave T5 2.2e-5. Outputs are O(1); a different computation moves them by > 1e-2.
+        atol = 5e-6 if net == "clip" else 1e-4
+        np.testing.assert_allclose(goldens[key + "_out"], ref, rtol=0, atol=atol, err_msg=key)
         # The rounding model's error depends on rounding flips, so another CPU's torch may give
-        # a somewhat different size; it must still be the same order.
+        # a somewhat different size (measured ratio 0.92-1.0 across torch's paths); it must
+        # still be the same order.
         if big == "f32":
             assert float(goldens[key + "_model_err"]) == 0.0 and err == 0.0
         else:

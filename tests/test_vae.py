@@ -394,7 +394,10 @@ def test_live_goldens_are_current(torch_ref, goldens):
             continue  # one decode and one encode per model keep this quick
         seen.add(case[:2])
         ref = G.reference(_reference(torch_ref, case[0]), case)
-        np.testing.assert_allclose(goldens[G.case_key(case)], ref, rtol=0, atol=1e-6 * np.abs(ref).max())
+        # Catches a changed reference, not rounding (torch's float32 path depends on the CPU):
+        # tests/measure_reference_spread.py measured up to 2.4e-6 of max|ref| on an Intel Xeon
+        # (AVX-512, AVX-VNNI; threads, mkldnn, ATen/MKL/oneDNN ISA levels), 1.2e-6 on an AMD EPYC.
+        np.testing.assert_allclose(goldens[G.case_key(case)], ref, rtol=0, atol=1e-5 * np.abs(ref).max())
 
 
 LIVE_CASES = [
