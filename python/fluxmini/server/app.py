@@ -85,6 +85,9 @@ def decode_image(data: bytes, max_pixels: int):
             img = f.convert("RGB")
     except ApiError:
         raise
+    except Image.DecompressionBombError:  # Pillow's own cap, below ours only if max_size is huge
+        raise bad(f"'image' has too many pixels; at most {max_pixels} are accepted", "image",
+                  "image_too_large") from None
     except Exception as e:  # Pillow raises many types for bad files; all mean "not an image"
         raise bad(f"'image' is not an image this server can read (PNG, JPEG or WebP): "
                   f"{type(e).__name__}: {str(e)[:120]}", "image", "invalid_image") from None
