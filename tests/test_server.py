@@ -275,6 +275,15 @@ def test_401_404_413_and_raw_mistakes(server):
     status, _, body = request("POST", server.port, "/v1/images/edits", body=b"--x\r\ngarbage",
                               headers={**auth, "Content-Type": "multipart/form-data; boundary=x"})
     assert status == 400, body
+    # a file path given as text is never read: image must be an uploaded file
+    form = (b'--b\r\nContent-Disposition: form-data; name="prompt"\r\n\r\nx\r\n'
+            b'--b\r\nContent-Disposition: form-data; name="image"\r\n\r\n/etc/passwd\r\n--b--\r\n')
+    status, _, body = request("POST", server.port, "/v1/images/edits", body=form,
+                              headers={**auth, "Content-Type": "multipart/form-data; boundary=b"})
+    assert status == 400 and json.loads(body)["error"]["param"] == "image"
+    # CORS is off unless asked for
+    _, headers, _ = request("GET", server.port, "/health", headers={"Origin": "http://evil.example"})
+    assert not any(k.startswith("access-control-") for k in headers)
     status, _, body = request("GET", server.port, "/v1/nothing/here", headers=auth)
     assert status == 404 and json.loads(body)["error"]["code"] == "not_found"
     status, _, body = request("GET", server.port, "/v1/images/generations", headers=auth)
@@ -409,7 +418,7 @@ def test_disconnect_cancels_only_that_request(model_path, tiny, tmp_path):
     try:
         long_steps = 100
         # A: a long streamed generation; read until it has run 2 steps
-        a = _raw_post(s.port, {"prompt": "a", "size": "64x64", "steps": long_steps, "seed": 1, "stream": True})
+        a = _raw_post(s.port, {"prompt": "a", "size": "256x256", "steps": long_steps, "seed": 1, "stream": True})
         seen = b""
         while b'"step":2' not in seen:
             chunk = a.recv(65536)
