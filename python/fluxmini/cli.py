@@ -41,6 +41,9 @@ def build_parser() -> argparse.ArgumentParser:
         add_generate_subcommand = None
     if add_generate_subcommand is not None:
         add_generate_subcommand(sub)
+    from .server.command import add_parser as add_serve_parser  # argparse only; FastAPI loads when run
+
+    add_serve_parser(sub)
     return p
 
 
