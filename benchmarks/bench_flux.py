@@ -7,17 +7,17 @@
 
 For each model and image size: --warmup untimed steps (the first loads the weights, builds and
 reserves the graph), then the median of --runs timed steps of ``FluxMini.transformer`` on random
-inputs. --profile adds one step with ggml's per-op timings (FLUXMINI_PROFILE=1) on stderr.
+inputs. --profile adds one step with ggml's per-op timings (as FLUXMINI_PROFILE=1 gives) on stderr.
 
 The estimate is FLOPs / throughput, from the model's configuration and the token counts:
 * weight matmuls: 2·tokens·in·out for every Linear applied to the tokens, split by the weight's
   type (block weights in the file's main type; gpustack keeps the embedders and the final layer
   in F32), each divided by the GEMM throughput the engine reaches for that type on this
-  machine, measured here with ``_core.bench_mul_mat`` (weight [hidden -> mlp_hidden], placed and
+  machine, measured here with ``_core.testing.bench_mul_mat`` (weight [hidden -> mlp_hidden], placed and
   multiplied as the model's weights are: fluxmini's Q4_0/Q8_0 kernel where the CPU has AVX-VNNI,
   else ggml's matmul, repacked where ggml has a kernel; 512 tokens);
 * attention: 4·L²·hidden per block (Q·Kᵀ and P·V), divided by the throughput of the attention the
-  graph uses, measured with ``_core.bench_attention`` at the step's L (2 heads);
+  graph uses, measured with ``_core.testing.bench_attention`` at the step's L (2 heads);
 * the per-step mat-vecs (modulations, timestep/guidance/text embedders) are memory-bound and are
   listed, not counted (well under 1% of a step).
 With --extrapolate D,S the model's measured/estimate ratio is applied to the estimate of the same
@@ -105,7 +105,7 @@ def main(argv=None) -> int:
     ap.add_argument("--no-flash", action="store_true", help="explicit softmax attention")
     ap.add_argument("--extrapolate", default="", help="D,S: also extrapolate to D double and S single blocks")
     ap.add_argument("--profile", action="store_true",
-                    help="one more step with FLUXMINI_PROFILE=1 (time per ggml op on stderr)")
+                    help="one more step with ggml's per-op timings on stderr (as FLUXMINI_PROFILE=1)")
     args = ap.parse_args(argv)
 
     from fluxmini import _core
@@ -130,7 +130,7 @@ def main(argv=None) -> int:
         key = (t, h, mlp)
         if key not in rates:
             m = 512
-            wall, cpu = _core.bench_mul_mat(t, h, mlp, m, th, 3)
+            wall, cpu = _core.testing.bench_mul_mat(t, h, mlp, m, th, 3)
             fl = 2.0 * h * mlp * m
             rates[key] = (fl / wall, fl / (cpu / th))
             print(f"  GEMM {t:>5} [{h} -> {mlp}] x {m} tokens: {rates[key][0] / 1e9:6.1f} GFLOP/s wall, "
@@ -141,7 +141,7 @@ def main(argv=None) -> int:
         key = ("attn", d, L)
         if key not in rates:
             heads = 2
-            wall, cpu = _core.bench_attention(d, heads, L, not args.no_flash, th, 1)
+            wall, cpu = _core.testing.bench_attention(d, heads, L, not args.no_flash, th, 1)
             fl = 4.0 * L * L * d * heads
             rates[key] = (fl / wall, fl / (cpu / th))
             kind = "explicit softmax" if args.no_flash else "flash"
@@ -191,10 +191,10 @@ def main(argv=None) -> int:
                 cpus.append((cpu_seconds() - c0) / th)
                 loads.append(os.getloadavg()[0])
             wall, cpu = statistics.median(walls), statistics.median(cpus)
-            if args.profile:
-                os.environ["FLUXMINI_PROFILE"] = "1"
+            if args.profile:  # FLUXMINI_PROFILE=1 at load does the same for every step
+                model._m.profile = True
                 model.transformer(latent, 0.7, 3.5, t5, pooled)
-                del os.environ["FLUXMINI_PROFILE"]
+                model._m.profile = False
 
             L = l_img + args.t5_len
 

@@ -150,7 +150,7 @@ def gemm_throughput(weight_type: str, threads: int, tokens: int, ggml_only: bool
     the engine places and multiplies it (fluxmini's kernel with AVX-VNNI, else ggml's, repacked)."""
     from fluxmini import _core
 
-    wall, _ = _core.bench_mul_mat(weight_type, 3072, 12288, tokens, threads, 3, ggml_only)
+    wall, _ = _core.testing.bench_mul_mat(weight_type, 3072, 12288, tokens, threads, 3, ggml_only)
     return 2.0 * 3072 * 12288 * tokens / wall
 
 

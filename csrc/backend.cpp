@@ -60,7 +60,7 @@ static ggml_backend_dev_t find_device(const std::string &reg_name) {
     return nullptr;
 }
 
-Backend::Backend(const std::string &name_in, int threads) {
+Backend::Backend(const std::string &name_in, int threads, KernelChoice kernels) {
     install_ggml_hooks();
     std::string name = name_in;
     for (auto &c : name) c = char(std::tolower(c));
@@ -108,7 +108,7 @@ Backend::Backend(const std::string &name_in, int threads) {
         for (ggml_backend_buffer_type_t *b = get_extra(cpu_dev); b && *b; ++b)
             if (std::strstr(ggml_backend_buft_name(*b), "REPACK")) repack_buft_ = *b;
     }
-    own_qmatmul_ = is_cpu() && cpu_qmatmul_available() && kernel_choice() != KernelChoice::Ggml;
+    own_qmatmul_ = is_cpu() && cpu_qmatmul_available() && kernels == KernelChoice::Own;
     set_threads(threads);
 }
 
@@ -144,7 +144,8 @@ bool Backend::can_repack(ggml_type type, int64_t ne0, int64_t ne1) const {
 
 // ---------------------------------------------------------------------------------------------
 
-GraphRunner::GraphRunner(Backend &backend, size_t max_nodes) : backend_(backend), max_nodes_(max_nodes) {}
+GraphRunner::GraphRunner(Backend &backend, const EngineOptions &options, size_t max_nodes)
+    : backend_(backend), options_(options), max_nodes_(max_nodes) {}
 
 GraphRunner::~GraphRunner() { release(); }
 
@@ -237,34 +238,45 @@ size_t GraphRunner::compute_buffer_bytes() const {
 }
 
 namespace {
-// SIGINT during a long native compute sets the backend's interrupt flag; the previous handler
-// is restored afterwards and the Python layer turns the cancellation into KeyboardInterrupt.
-std::atomic<bool> *g_sigint_target = nullptr;
+// What aborts a running graph: the call's cancel token, or SIGINT during the compute. While a
+// graph runs on the main thread, SIGINT sets this compute's flag (Python's handler would only run
+// after the native call returns); the previous handler is restored afterwards and the bindings
+// raise KeyboardInterrupt.
+struct AbortState {
+    const CancelToken *cancel = nullptr;
+    std::atomic<bool> sigint{false};
+};
+std::atomic<std::atomic<bool> *> g_sigint_target{nullptr};
 void on_sigint(int) {
-    if (g_sigint_target) g_sigint_target->store(true);
+    if (std::atomic<bool> *t = g_sigint_target.load()) t->store(true);
 }
-bool abort_requested(void *data) { return static_cast<std::atomic<bool> *>(data)->load(); }
+bool abort_requested(void *data) {
+    const auto *s = static_cast<const AbortState *>(data);
+    return s->sigint.load() || (s->cancel && s->cancel->cancelled());
+}
 
 struct SigintScope {
     struct sigaction old_{};
     bool installed_ = false;
     explicit SigintScope(std::atomic<bool> *flag) {
         if (getpid() != gettid()) return;  // only the main thread owns SIGINT handling
-        g_sigint_target = flag;
+        g_sigint_target.store(flag);
         struct sigaction sa{};
         sa.sa_handler = on_sigint;
         sigemptyset(&sa.sa_mask);
         installed_ = sigaction(SIGINT, &sa, &old_) == 0;
+        if (!installed_) g_sigint_target.store(nullptr);
     }
     ~SigintScope() {
-        if (installed_) sigaction(SIGINT, &old_, nullptr);
-        g_sigint_target = nullptr;
+        if (!installed_) return;
+        sigaction(SIGINT, &old_, nullptr);
+        g_sigint_target.store(nullptr);
     }
 };
 }  // namespace
 
 namespace {
-// FLUXMINI_PROFILE=1: time every node of a graph (the scheduler then runs the nodes one by one,
+// EngineOptions::profile (FLUXMINI_PROFILE=1): time every node of a graph (the scheduler then runs the nodes one by one,
 // so the sum is a little above a normal run) and print the time per op type on stderr.
 struct OpProfiler {
     using clock = std::chrono::steady_clock;
@@ -317,28 +329,28 @@ struct OpProfiler {
 };
 }  // namespace
 
-void GraphRunner::compute() {
-    auto &flag = backend_.interrupt_flag();
-    ggml_backend_cpu_set_abort_callback(backend_.cpu(), abort_requested, &flag);
-    const char *prof_env = std::getenv("FLUXMINI_PROFILE");
-    const bool profile = prof_env && *prof_env && std::strcmp(prof_env, "0") != 0;
+void GraphRunner::compute(const CancelToken *cancel) {
+    if (cancel && cancel->cancelled())
+        throw Error(ErrorKind::Cancelled, "cancelled (FluxMini.interrupt() or the call's CancelToken)");
+    AbortState abort;
+    abort.cancel = cancel;
+    ggml_backend_cpu_set_abort_callback(backend_.cpu(), abort_requested, &abort);
+    const bool profile = options_.profile;
     OpProfiler prof;
     if (profile) ggml_backend_sched_set_eval_callback(sched_, OpProfiler::eval, &prof);
     enum ggml_status st;
     {
-        SigintScope sig(&flag);
-        if (flag.load()) st = GGML_STATUS_ABORTED;
-        else st = ggml_backend_sched_graph_compute(sched_, graph_);
+        SigintScope sig(&abort.sigint);
+        st = ggml_backend_sched_graph_compute(sched_, graph_);
     }
     if (profile) {
         ggml_backend_sched_set_eval_callback(sched_, nullptr, nullptr);
         if (st == GGML_STATUS_SUCCESS) prof.print(key_);
     }
     ggml_backend_cpu_set_abort_callback(backend_.cpu(), nullptr, nullptr);
-    if (st == GGML_STATUS_ABORTED || flag.load()) {
-        flag.store(false);
-        throw Error(ErrorKind::Cancelled, "interrupted");
-    }
+    if (abort.sigint.load()) throw Error(ErrorKind::Interrupted, "interrupted (Ctrl-C)");
+    if (st == GGML_STATUS_ABORTED || (cancel && cancel->cancelled()))
+        throw Error(ErrorKind::Cancelled, "cancelled (FluxMini.interrupt() or the call's CancelToken)");
     if (st != GGML_STATUS_SUCCESS) fail_runtime("the %s backend failed to compute the graph (status %d)",
                                                 backend_.name().c_str(), int(st));
 }

@@ -4,10 +4,11 @@
 // by one thread at a time. The Python Model object serialises calls with a mutex.
 #pragma once
 
+#include "options.h"
+
 #include <ggml-backend.h>
 #include <ggml.h>
 
-#include <atomic>
 #include <functional>
 #include <string>
 #include <vector>
@@ -16,8 +17,9 @@ namespace fm {
 
 class Backend {
 public:
-    // name: "cpu", "cuda", "metal" or "auto"; threads <= 0 means physical cores.
-    Backend(const std::string &name, int threads);
+    // name: "cpu", "cuda", "metal" or "auto"; threads <= 0 means physical cores; kernels: which
+    // CPU kernels the engine's graphs use (EngineOptions::kernels).
+    Backend(const std::string &name, int threads, KernelChoice kernels = KernelChoice::Own);
     ~Backend();
     Backend(const Backend &) = delete;
     Backend &operator=(const Backend &) = delete;
@@ -31,17 +33,14 @@ public:
     void set_threads(int threads);
 
     // Whether Q4_0 / Q4_1 / Q8_0 linear weights use our CPU kernel (cpu_qmatmul.h: the CPU backend on a
-    // CPU with AVX-VNNI, unless FLUXMINI_KERNELS=ggml) instead of ggml's matmul; such weights stay
-    // in place in the file mapping (never repacked).
+    // CPU with AVX-VNNI, unless the kernel choice is Ggml) instead of ggml's matmul; such weights
+    // stay in place in the file mapping (never repacked).
     bool own_qmatmul() const { return own_qmatmul_; }
 
     // The CPU buffer type that repacks weights for faster matmul, or nullptr.
     ggml_backend_buffer_type_t repack_buft() const { return repack_buft_; }
     // Whether `weight` (type, shape) would use a repack kernel in a mul_mat with F32 activations.
     bool can_repack(ggml_type type, int64_t ne0, int64_t ne1) const;
-
-    // Set from any thread (or by SIGINT during a compute) to abort the running graph.
-    std::atomic<bool> &interrupt_flag() { return interrupt_; }
 
     static std::vector<std::string> available();
     static int physical_cores();
@@ -53,7 +52,6 @@ private:
     ggml_backend_buffer_type_t repack_buft_ = nullptr;
     int threads_ = 1;
     bool own_qmatmul_ = false;
-    std::atomic<bool> interrupt_{false};
 };
 
 // Builds a graph once per "key" (e.g. a resolution), reserves its compute memory once, and runs
@@ -62,7 +60,8 @@ class GraphRunner {
 public:
     using BuildFn = std::function<ggml_cgraph *(ggml_context *ctx)>;
 
-    GraphRunner(Backend &backend, size_t max_nodes = 8192);
+    // options: the owner's (profile); they must outlive the runner.
+    GraphRunner(Backend &backend, const EngineOptions &options, size_t max_nodes = 8192);
     ~GraphRunner();
     GraphRunner(const GraphRunner &) = delete;
     GraphRunner &operator=(const GraphRunner &) = delete;
@@ -73,16 +72,20 @@ public:
     void set_input(const char *name, const void *data, size_t nbytes);
     void set_input_f32(const char *name, const std::vector<float> &v) { set_input(name, v.data(), v.size() * 4); }
     void set_input_i32(const char *name, const std::vector<int32_t> &v) { set_input(name, v.data(), v.size() * 4); }
-    // Runs the graph; throws Error(Cancelled) when interrupted.
-    void compute();
+    // Runs the graph; throws Error(Cancelled) when `cancel` (may be null) is or gets cancelled,
+    // Error(Interrupted) when Ctrl-C arrives meanwhile (on the main thread).
+    void compute(const CancelToken *cancel = nullptr);
     ggml_tensor *tensor(const char *name) const;
     std::vector<float> get_output(const char *name) const;
     // Frees the compute memory and the graph (the next prepare() builds again).
     void release();
     size_t compute_buffer_bytes() const;
+    // The node budget of the graphs built from now on (a network sets it once it knows its size).
+    void set_max_nodes(size_t n) { max_nodes_ = n; }
 
 private:
     Backend &backend_;
+    const EngineOptions &options_;
     size_t max_nodes_;
     std::string key_;
     ggml_context *ctx_ = nullptr;

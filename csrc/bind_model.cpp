@@ -1,6 +1,9 @@
-// Python class fluxmini._core.Model: a thin layer over fm::Model. Long calls release the GIL.
+// Python classes fluxmini._core.Model and CancelToken: a thin layer over fm::Model. Long calls
+// release the GIL and run under a Model::Call (the model's lock and verbosity) and the caller's
+// cancel token. Component names are strings only here, converted by component_arg().
 #include "common.h"
 #include "model.h"
+#include "options.h"
 
 #include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
@@ -25,6 +28,13 @@ py::array_t<float> to_numpy(std::vector<float> &&v, std::vector<py::ssize_t> sha
     return py::array_t<float>(shape, heap->data(), owner);
 }
 
+// The one conversion of a component name from Python.
+Component component_arg(const std::string &name) {
+    for (Component c : kComponents)
+        if (name == component_name(c)) return c;
+    fail_value("unknown component '%s'; components are diffusion, clip_l, t5xxl, vae", name.c_str());
+}
+
 VaeTiling tiling_from(int mode, int tile, int overlap) {
     VaeTiling t;
     t.mode = mode;
@@ -36,10 +46,16 @@ VaeTiling tiling_from(int mode, int tile, int overlap) {
 }  // namespace
 
 void bind_model(py::module_ &m) {
+    py::class_<CancelToken>(m, "CancelToken",
+                            "Cancels the engine calls it is passed to, from any thread; stays cancelled.")
+        .def(py::init<>())
+        .def("cancel", &CancelToken::cancel)
+        .def_property_readonly("cancelled", &CancelToken::cancelled);
+
     py::class_<Model>(m, "Model")
         .def(py::init([](const std::string &path, const std::string &clip_l, const std::string &t5xxl,
                          const std::string &vae, const std::string &backend, int threads,
-                         std::vector<std::string> components, bool flash_attn, int verbosity) {
+                         const std::vector<std::string> &components, bool flash_attn, int verbosity) {
                  ModelParams p = model_default_params();
                  p.path = path;
                  p.clip_l = clip_l;
@@ -47,9 +63,12 @@ void bind_model(py::module_ &m) {
                  p.vae = vae;
                  p.backend = backend;
                  p.threads = threads;
-                 p.components = std::move(components);
-                 p.flash_attn = flash_attn;
-                 p.verbosity = verbosity;
+                 p.components.clear();
+                 for (const std::string &c : components) p.components.push_back(component_arg(c));
+                 // The engine's options: read from the environment once, here, at load.
+                 p.options = engine_options_from_env();
+                 p.options.flash_attn = flash_attn;
+                 p.options.verbosity = verbosity;
                  py::gil_scoped_release nogil;
                  return new Model(p);
              }),
@@ -80,25 +99,25 @@ void bind_model(py::module_ &m) {
         .def_property_readonly("backend_description", &Model::backend_description)
         .def_property_readonly("kernels", &Model::kernels)
         .def_property("threads", &Model::threads, [](Model &self, int n) { self.set_threads(n); })
-        .def("interrupt", &Model::interrupt, "Abort the running computation (any thread).")
+        .def_property("profile", [](const Model &self) { return self.options().profile; }, &Model::set_profile,
+                      "ggml's per-op timings on stderr after every graph (benchmarks)")
         .def("load",
              [](Model &self, const std::string &component) {
+                 const Component c = component_arg(component);
                  py::gil_scoped_release nogil;
-                 std::lock_guard<std::mutex> lock(self.mutex());
-                 if (component == "diffusion") self.flux().load();
-                 else if (component == "clip_l") self.clip().load();
-                 else if (component == "t5xxl") self.t5().load();
-                 else if (component == "vae") self.vae().load();
-                 else fail_value("unknown component '%s'", component.c_str());
+                 Model::Call call(self);
+                 self.net(c).load();
              })
         .def("release",
              [](Model &self, const std::string &component) {
+                 const Component c = component_arg(component);
                  py::gil_scoped_release nogil;
-                 std::lock_guard<std::mutex> lock(self.mutex());
-                 self.release(component);
+                 Model::Call call(self);
+                 self.release(c);
              })
         .def("transformer",
-             [](Model &self, F32Array latent, float sigma, float guidance, F32Array t5, F32Array pooled) {
+             [](Model &self, F32Array latent, float sigma, float guidance, F32Array t5, F32Array pooled,
+                const CancelToken *cancel) {
                  need_ndim(latent, 3, "latent", "[16, h, w]");
                  need_ndim(t5, 2, "t5", "[L, context_dim]");
                  need_ndim(pooled, 1, "pooled", "[vec_dim]");
@@ -106,7 +125,7 @@ void bind_model(py::module_ &m) {
                  std::vector<float> out;
                  {
                      py::gil_scoped_release nogil;
-                     std::lock_guard<std::mutex> lock(self.mutex());
+                     Model::Call call(self);
                      FluxNet &net = self.flux();
                      const FluxConfig &cfg = net.config();
                      if (c != cfg.in_channels / 4)
@@ -118,81 +137,83 @@ void bind_model(py::module_ &m) {
                      if (pooled.shape(0) != cfg.vec_dim)
                          fail_value("pooled has %lld values; this model needs %lld", (long long)pooled.shape(0),
                                     (long long)cfg.vec_dim);
-                     out = net.forward(latent.data(), h, w, sigma, guidance, t5.data(), t5.shape(0), pooled.data());
+                     out = net.forward(latent.data(), h, w, sigma, guidance, t5.data(), t5.shape(0), pooled.data(),
+                                       cancel);
                  }
                  return to_numpy(std::move(out), {c, h, w});
              },
-             py::arg("latent"), py::arg("sigma"), py::arg("guidance"), py::arg("t5"), py::arg("pooled"))
+             py::arg("latent"), py::arg("sigma"), py::arg("guidance"), py::arg("t5"), py::arg("pooled"),
+             py::arg("cancel") = nullptr)
         .def("encode_clip",
-             [](Model &self, I32Array ids) {
+             [](Model &self, I32Array ids, const CancelToken *cancel) {
                  need_ndim(ids, 1, "ids", "[n]");
                  std::vector<float> out;
                  {
                      py::gil_scoped_release nogil;
-                     std::lock_guard<std::mutex> lock(self.mutex());
-                     out = self.clip().encode(ids.data(), ids.shape(0));
+                     Model::Call call(self);
+                     out = self.clip().encode(ids.data(), ids.shape(0), cancel);
                  }
                  const py::ssize_t n = py::ssize_t(out.size());
                  return to_numpy(std::move(out), {n});
              },
-             py::arg("ids"))
+             py::arg("ids"), py::arg("cancel") = nullptr)
         .def("encode_t5",
-             [](Model &self, I32Array ids) {
+             [](Model &self, I32Array ids, const CancelToken *cancel) {
                  need_ndim(ids, 1, "ids", "[n]");
                  std::vector<float> out;
                  int64_t d = 0;
                  {
                      py::gil_scoped_release nogil;
-                     std::lock_guard<std::mutex> lock(self.mutex());
+                     Model::Call call(self);
                      d = self.t5().config().d_model;
-                     out = self.t5().encode(ids.data(), ids.shape(0));
+                     out = self.t5().encode(ids.data(), ids.shape(0), cancel);
                  }
                  return to_numpy(std::move(out), {ids.shape(0), py::ssize_t(d)});
              },
-             py::arg("ids"))
+             py::arg("ids"), py::arg("cancel") = nullptr)
         .def("vae_decode",
-             [](Model &self, F32Array z, int tiling, int tile, int overlap) {
+             [](Model &self, F32Array z, int tiling, int tile, int overlap, const CancelToken *cancel) {
                  need_ndim(z, 3, "z", "[16, h, w]");
                  std::vector<float> out;
-                 int64_t oc = 0;
+                 int64_t oc = 0, scale = 1;
                  {
                      py::gil_scoped_release nogil;
-                     std::lock_guard<std::mutex> lock(self.mutex());
+                     Model::Call call(self);
                      VaeNet &vae = self.vae();
                      if (z.shape(0) != vae.config().z_channels)
                          fail_value("z has %lld channels; this VAE needs %lld", (long long)z.shape(0),
                                     (long long)vae.config().z_channels);
                      oc = vae.config().out_channels;
-                     out = vae.decode(z.data(), z.shape(1), z.shape(2), tiling_from(tiling, tile, overlap));
+                     scale = vae.config().scale();
+                     out = vae.decode(z.data(), z.shape(1), z.shape(2), tiling_from(tiling, tile, overlap), cancel);
                  }
-                 const int64_t scale = 1ll << (self.vae().config().levels - 1);
                  return to_numpy(std::move(out), {py::ssize_t(oc), z.shape(1) * scale, z.shape(2) * scale});
              },
-             py::arg("z"), py::arg("tiling") = -1, py::arg("tile") = 0, py::arg("overlap") = -1)
+             py::arg("z"), py::arg("tiling") = -1, py::arg("tile") = 0, py::arg("overlap") = -1,
+             py::arg("cancel") = nullptr)
         .def("vae_encode",
-             [](Model &self, F32Array image, int tiling, int tile, int overlap) {
+             [](Model &self, F32Array image, int tiling, int tile, int overlap, const CancelToken *cancel) {
                  need_ndim(image, 3, "image", "[3, H, W]");
                  std::vector<float> out;
                  int64_t zc = 0, scale = 1;
                  {
                      py::gil_scoped_release nogil;
-                     std::lock_guard<std::mutex> lock(self.mutex());
+                     Model::Call call(self);
                      VaeNet &vae = self.vae();
                      if (image.shape(0) != vae.config().in_channels)
                          fail_value("image has %lld channels; this VAE needs %lld", (long long)image.shape(0),
                                     (long long)vae.config().in_channels);
                      zc = vae.config().z_channels;
-                     scale = 1ll << (vae.config().levels - 1);
-                     out = vae.encode(image.data(), image.shape(1), image.shape(2), tiling_from(tiling, tile, overlap));
+                     scale = vae.config().scale();
+                     out = vae.encode(image.data(), image.shape(1), image.shape(2), tiling_from(tiling, tile, overlap),
+                                      cancel);
                  }
                  return to_numpy(std::move(out), {py::ssize_t(zc), image.shape(1) / scale, image.shape(2) / scale});
              },
-             py::arg("image"), py::arg("tiling") = -1, py::arg("tile") = 0, py::arg("overlap") = -1)
+             py::arg("image"), py::arg("tiling") = -1, py::arg("tile") = 0, py::arg("overlap") = -1,
+             py::arg("cancel") = nullptr)
         .def("weight_bytes", [](Model &self, const std::string &component) -> size_t {
-            if (component == "diffusion") return self.flux().weight_bytes();
-            if (component == "clip_l") return self.clip().weight_bytes();
-            if (component == "t5xxl") return self.t5().weight_bytes();
-            if (component == "vae") return self.vae().weight_bytes();
-            fail_value("unknown component '%s'", component.c_str());
+            const Component c = component_arg(component);
+            return self.net(c).weight_bytes();
         });
 }

@@ -1,34 +1,34 @@
-// The extension module fluxmini._core: error translation and module-level functions.
+// The extension module fluxmini._core: error translation, module-level functions, the model
+// bindings (bind_model.cpp) and the test and benchmark entry points (_core.testing,
+// bind_testing.cpp).
 #include "backend.h"
 #include "common.h"
-#include "cpu_conv.h"
-#include "cpu_qmatmul.h"
-#include "flux.h"
 
 #include <ggml-cpu.h>
 #include <ggml.h>
 
-#include <optional>
-#include <thread>
-#include <vector>
-
-#include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
 namespace py = pybind11;
 
 void bind_model(py::module_ &m);
+void bind_testing(py::module_ &m);
 
 PYBIND11_MODULE(_core, m) {
     m.doc() = "fluxmini's C++ engine on ggml";
     fm::install_ggml_hooks();
 
-    // fm::Error becomes the matching class of fluxmini.errors.
+    // fm::Error becomes the matching class of fluxmini.errors; Ctrl-C during a computation
+    // becomes KeyboardInterrupt, as it would have been without the engine's SIGINT handler.
     py::register_exception_translator([](std::exception_ptr p) {
         try {
             if (p) std::rethrow_exception(p);
         } catch (const fm::Error &e) {
+            if (e.kind() == fm::ErrorKind::Interrupted) {
+                PyErr_SetString(PyExc_KeyboardInterrupt, e.what());
+                return;
+            }
             py::module_ errors = py::module_::import("fluxmini.errors");
             const char *cls = "FluxMiniRuntimeError";
             switch (e.kind()) {
@@ -48,7 +48,6 @@ PYBIND11_MODULE(_core, m) {
 
     m.def("available_backends", &fm::Backend::available, "Backends this build of ggml provides.");
     m.def("physical_cores", &fm::Backend::physical_cores);
-    m.def("set_verbosity", &fm::set_verbosity);
     m.def("cpu_features", []() {
         py::dict d;
         d["avx2"] = bool(ggml_cpu_has_avx2());
@@ -58,80 +57,8 @@ PYBIND11_MODULE(_core, m) {
         d["neon"] = bool(ggml_cpu_has_neon());
         return d;
     });
-    // Micro-benchmarks for benchmarks/bench_flux.py: (wall seconds, process CPU seconds) of one op,
-    // medians of reps.
-    m.def("bench_mul_mat", [](const std::string &type, int64_t k, int64_t n, int64_t tokens, int threads, int reps,
-                              bool ggml_only) {
-        py::gil_scoped_release nogil;
-        const fm::BenchTime t = fm::bench_mul_mat(type, k, n, tokens, threads, reps, ggml_only);
-        return std::make_pair(t.wall, t.cpu);
-    }, py::arg("type"), py::arg("k"), py::arg("n"), py::arg("tokens"), py::arg("threads"), py::arg("reps") = 3,
-       py::arg("ggml_only") = false);
-    m.def("bench_attention", [](int64_t d, int64_t heads, int64_t tokens, bool flash, int threads, int reps) {
-        py::gil_scoped_release nogil;
-        const fm::BenchTime t = fm::bench_attention(d, heads, tokens, flash, threads, reps);
-        return std::make_pair(t.wall, t.cpu);
-    }, py::arg("d"), py::arg("heads"), py::arg("tokens"), py::arg("flash"), py::arg("threads"), py::arg("reps") = 3);
-    // The CPU convolution kernel on its own, for tests against a numpy reference: x [Cin, H, W],
-    // kernel [Cout, Cin, k, k] (torch's layout), bias [Cout] or None -> [Cout, OH, OW]; the
-    // output pixels are split over `threads` threads as the graph op splits them.
-    using f32_array = py::array_t<float, py::array::c_style | py::array::forcecast>;
-    m.def("conv2d_f32", [](f32_array x, f32_array kernel, std::optional<f32_array> bias, int stride, int pad,
-                           int threads) {
-        if (x.ndim() != 3 || kernel.ndim() != 4 || kernel.shape(1) != x.shape(0) || kernel.shape(2) != kernel.shape(3))
-            fm::fail_value("conv2d_f32 takes x [Cin, H, W] and kernel [Cout, Cin, k, k]");
-        const int64_t cin = x.shape(0), h = x.shape(1), w = x.shape(2), cout = kernel.shape(0), k = kernel.shape(2);
-        if (bias && (bias->ndim() != 1 || bias->shape(0) != cout)) fm::fail_value("bias must be [Cout]");
-        if (stride < 1 || pad < 0 || threads < 1 || h + 2 * pad < k || w + 2 * pad < k)
-            fm::fail_value("bad stride, padding or thread count");
-        const int64_t oh = (h + 2 * pad - k) / stride + 1, ow = (w + 2 * pad - k) / stride + 1;
-        f32_array out({cout, oh, ow});
-        const float *xp = x.data(), *kp = kernel.data(), *bp = bias ? bias->data() : nullptr;
-        float *op = out.mutable_data();
-        {
-            py::gil_scoped_release nogil;
-            std::vector<std::thread> pool;
-            for (int t = 1; t < threads; ++t)
-                pool.emplace_back([&, t] { fm::conv2d_f32(kp, xp, bp, op, w, h, cin, cout, k, stride, pad, t, threads); });
-            fm::conv2d_f32(kp, xp, bp, op, w, h, cin, cout, k, stride, pad, 0, threads);
-            for (auto &th : pool) th.join();
-        }
-        return out;
-    }, py::arg("x"), py::arg("kernel"), py::arg("bias"), py::arg("stride") = 1, py::arg("pad") = 0, py::arg("threads") = 1);
-    m.def("cpu_conv2d_available", &fm::cpu_conv2d_available);
-    // The quantized matmul kernel on its own, for tests: w = ggml Q4_0 or Q8_0 rows as bytes
-    // [n, row bytes], x [rows, k] -> [rows, n]; quantization of x and the product split over
-    // `threads` threads.
-    m.def("qmatmul", [](const std::string &type_name, py::array_t<uint8_t, py::array::c_style> w, f32_array x,
-                        std::optional<f32_array> bias, int threads) {
-        const ggml_type type = type_name == "q4_0"   ? GGML_TYPE_Q4_0
-                               : type_name == "q4_1" ? GGML_TYPE_Q4_1
-                               : type_name == "q8_0" ? GGML_TYPE_Q8_0
-                                                     : GGML_TYPE_COUNT;
-        if (type == GGML_TYPE_COUNT) fm::fail_value("qmatmul takes type q4_0, q4_1 or q8_0");
-        if (x.ndim() != 2 || w.ndim() != 2 || x.shape(1) % 32 != 0 || size_t(w.shape(1)) != ggml_row_size(type, x.shape(1)) ||
-            w.shape(0) % 8 != 0 || threads < 1)
-            fm::fail_value("qmatmul takes w [n, row bytes] uint8 (n a multiple of 8) and x [rows, k] (k a multiple of 32)");
-        const int64_t rows = x.shape(0), k = x.shape(1), n = w.shape(0);
-        if (bias && (bias->ndim() != 1 || bias->shape(0) != n)) fm::fail_value("bias must be [n]");
-        std::vector<fm::QuantBlock> xq(size_t(rows * (k / 32)));
-        f32_array out({rows, n});
-        const uint8_t *wp = w.data();
-        const float *xp = x.data(), *bp = bias ? bias->data() : nullptr;
-        float *op = out.mutable_data();
-        {
-            py::gil_scoped_release nogil;
-            auto run = [&](auto &&fn) {
-                std::vector<std::thread> pool;
-                for (int t = 1; t < threads; ++t) pool.emplace_back([&, t] { fn(t); });
-                fn(0);
-                for (auto &th : pool) th.join();
-            };
-            run([&](int t) { fm::quantize_rows_q8(xp, k, rows * t / threads, rows * (t + 1) / threads, xq.data()); });
-            run([&](int t) { fm::qmatmul(type, wp, ggml_row_size(type, k), xq.data(), bp, op, rows, n, k, t, threads); });
-        }
-        return out;
-    }, py::arg("type"), py::arg("w"), py::arg("x"), py::arg("bias") = py::none(), py::arg("threads") = 1);
-    m.def("cpu_qmatmul_available", &fm::cpu_qmatmul_available);
     bind_model(m);
+    py::module_ testing = m.def_submodule(
+        "testing", "Test and benchmark entry points (the CPU kernels on their own, micro-benchmarks); not an API.");
+    bind_testing(testing);
 }

@@ -11,7 +11,6 @@
 
 #include "common.h"
 #include "layers.h"
-#include "params.h"
 
 #include <cmath>
 #include <limits>
@@ -42,103 +41,79 @@ namespace {
 constexpr float kClipEps = 1e-5f;  // layer_norm_eps of CLIP-L
 
 struct ClipLayer {
-    ggml_tensor *ln1_w, *ln1_b, *q_w, *q_b, *k_w, *k_b, *v_w, *v_b, *o_w, *o_b;
-    ggml_tensor *ln2_w, *ln2_b, *fc1_w, *fc1_b, *fc2_w, *fc2_b;
+    Norm ln1, ln2;
+    Linear q, k, v, o, fc1, fc2;
 };
 }  // namespace
 
-struct ClipNet::Impl {
-    Backend &backend;
-    ClipConfig cfg;
-    ParamStore params;
-    GraphRunner runner;
-    ggml_tensor *tok_emb = nullptr, *pos_emb = nullptr, *final_w = nullptr, *final_b = nullptr;
+struct ClipNet::Layers {
+    ggml_tensor *tok_emb = nullptr, *pos_emb = nullptr;
+    Norm final_norm;
     std::vector<ClipLayer> layers;
-
-    Impl(Backend &b, const ComponentWeights &w) : backend(b), cfg(ClipConfig::infer(w)), params(b, w), runner(b) {
-        const int64_t h = cfg.hidden, m = cfg.mlp;
-        const std::string p = "text_model.";
-        tok_emb = params.declare(p + "embeddings.token_embedding.weight", ParamKind::Embedding, {h, cfg.vocab});
-        pos_emb = params.declare(p + "embeddings.position_embedding.weight", ParamKind::F32, {h, cfg.positions});
-        for (int64_t i = 0; i < cfg.layers; ++i) {
-            const std::string q = p + "encoder.layers." + std::to_string(i) + ".";
-            auto mat = [&](const std::string &n, int64_t in, int64_t out) {
-                return params.declare(q + n + ".weight", ParamKind::Matmul, {in, out});
-            };
-            auto vec = [&](const std::string &n, int64_t len) { return params.declare(q + n, ParamKind::F32, {len}); };
-            ClipLayer L;
-            L.ln1_w = vec("layer_norm1.weight", h);
-            L.ln1_b = vec("layer_norm1.bias", h);
-            L.q_w = mat("self_attn.q_proj", h, h);
-            L.q_b = vec("self_attn.q_proj.bias", h);
-            L.k_w = mat("self_attn.k_proj", h, h);
-            L.k_b = vec("self_attn.k_proj.bias", h);
-            L.v_w = mat("self_attn.v_proj", h, h);
-            L.v_b = vec("self_attn.v_proj.bias", h);
-            L.o_w = mat("self_attn.out_proj", h, h);
-            L.o_b = vec("self_attn.out_proj.bias", h);
-            L.ln2_w = vec("layer_norm2.weight", h);
-            L.ln2_b = vec("layer_norm2.bias", h);
-            L.fc1_w = mat("mlp.fc1", h, m);
-            L.fc1_b = vec("mlp.fc1.bias", m);
-            L.fc2_w = mat("mlp.fc2", m, h);
-            L.fc2_b = vec("mlp.fc2.bias", h);
-            layers.push_back(L);
-        }
-        final_w = params.declare(p + "final_layer_norm.weight", ParamKind::F32, {h});
-        final_b = params.declare(p + "final_layer_norm.bias", ParamKind::F32, {h});
-    }
-
-    // Graph: ids [positions] -> final-LN hidden states [hidden, positions] ("hidden").
-    ggml_cgraph *build(ggml_context *ctx) {
-        Ops o{ctx, backend};
-        o.exact = params.all_f32();
-        // 77 tokens: the explicit softmax path is cheap and keeps K/V and the mask in F32.
-        o.flash_attn = false;
-        const int64_t n = cfg.positions, d = 64, heads = cfg.heads;
-        ggml_tensor *ids = ggml_new_tensor_1d(ctx, GGML_TYPE_I32, n);
-        ggml_set_name(ids, "ids");
-        ggml_set_input(ids);
-        ggml_tensor *mask = ggml_new_tensor_2d(ctx, GGML_TYPE_F32, n, n);  // [Lk, Lq], causal
-        ggml_set_name(mask, "mask");
-        ggml_set_input(mask);
-
-        ggml_tensor *x = ggml_add(ctx, ggml_get_rows(ctx, tok_emb, ids), pos_emb);  // [h, n]
-        const float scale = 1.0f / std::sqrt(float(d));
-        for (const ClipLayer &L : layers) {
-            ggml_tensor *y = layer_norm(o, x, L.ln1_w, L.ln1_b, kClipEps);
-            ggml_tensor *q = ggml_reshape_3d(ctx, linear(o, y, L.q_w, L.q_b), d, heads, n);
-            ggml_tensor *k = ggml_reshape_3d(ctx, linear(o, y, L.k_w, L.k_b), d, heads, n);
-            ggml_tensor *v = ggml_reshape_3d(ctx, linear(o, y, L.v_w, L.v_b), d, heads, n);
-            ggml_tensor *a = attention(o, q, k, v, mask, scale);
-            x = ggml_add(ctx, x, linear(o, a, L.o_w, L.o_b));
-            y = layer_norm(o, x, L.ln2_w, L.ln2_b, kClipEps);
-            y = linear(o, quick_gelu(o, linear(o, y, L.fc1_w, L.fc1_b)), L.fc2_w, L.fc2_b);
-            x = ggml_add(ctx, x, y);
-        }
-        x = layer_norm(o, x, final_w, final_b, kClipEps);
-        ggml_set_name(x, "hidden");
-        ggml_set_output(x);
-        ggml_cgraph *g = ggml_new_graph_custom(ctx, 8192, false);
-        ggml_build_forward_expand(g, x);
-        return g;
-    }
 };
 
-ClipNet::ClipNet(Backend &backend, const ComponentWeights &weights) : impl_(new Impl(backend, weights)) {}
-ClipNet::~ClipNet() = default;
-const ClipConfig &ClipNet::config() const { return impl_->cfg; }
-void ClipNet::load() { impl_->params.materialize(); }
-void ClipNet::release() {
-    impl_->runner.release();
-    impl_->params.release();
+ClipNet::ClipNet(Backend &b, const ComponentWeights &w, const EngineOptions &options)
+    : Network(b, w, options), cfg_(ClipConfig::infer(w)), layers_(new Layers) {
+    Layers &P = *layers_;
+    const int64_t h = cfg_.hidden, m = cfg_.mlp;
+    const std::string p = "text_model.";
+    P.tok_emb = params_.declare(p + "embeddings.token_embedding.weight", ParamKind::Embedding, {h, cfg_.vocab});
+    P.pos_emb = declare_f32(p + "embeddings.position_embedding.weight", {h, cfg_.positions});
+    for (int64_t i = 0; i < cfg_.layers; ++i) {
+        const std::string q = p + "encoder.layers." + std::to_string(i) + ".";
+        ClipLayer L;
+        L.ln1 = declare_norm(q + "layer_norm1", h);
+        L.q = declare_linear(q + "self_attn.q_proj", h, h);
+        L.k = declare_linear(q + "self_attn.k_proj", h, h);
+        L.v = declare_linear(q + "self_attn.v_proj", h, h);
+        L.o = declare_linear(q + "self_attn.out_proj", h, h);
+        L.ln2 = declare_norm(q + "layer_norm2", h);
+        L.fc1 = declare_linear(q + "mlp.fc1", h, m);
+        L.fc2 = declare_linear(q + "mlp.fc2", m, h);
+        P.layers.push_back(L);
+    }
+    P.final_norm = declare_norm(p + "final_layer_norm", h);
 }
-bool ClipNet::loaded() const { return impl_->params.bytes() > 0; }
-size_t ClipNet::weight_bytes() const { return impl_->params.bytes(); }
 
-std::vector<float> ClipNet::encode(const int32_t *ids, int64_t n) {
-    Impl &m = *impl_;
-    const ClipConfig &c = m.cfg;
+ClipNet::~ClipNet() = default;
+
+// Graph: ids [positions] -> final-LN hidden states [hidden, positions] ("hidden").
+ggml_cgraph *ClipNet::build(ggml_context *ctx) const {
+    const Layers &P = *layers_;
+    Ops o = ops(ctx);
+    // 77 tokens: the explicit softmax path is cheap and keeps K/V and the mask in F32.
+    o.flash_attn = false;
+    const int64_t n = cfg_.positions, d = 64, heads = cfg_.heads;
+    ggml_tensor *ids = ggml_new_tensor_1d(ctx, GGML_TYPE_I32, n);
+    ggml_set_name(ids, "ids");
+    ggml_set_input(ids);
+    ggml_tensor *mask = ggml_new_tensor_2d(ctx, GGML_TYPE_F32, n, n);  // [Lk, Lq], causal
+    ggml_set_name(mask, "mask");
+    ggml_set_input(mask);
+
+    ggml_tensor *x = ggml_add(ctx, ggml_get_rows(ctx, P.tok_emb, ids), P.pos_emb);  // [h, n]
+    const float scale = 1.0f / std::sqrt(float(d));
+    for (const ClipLayer &L : P.layers) {
+        ggml_tensor *y = layer_norm(o, x, L.ln1, kClipEps);
+        ggml_tensor *q = ggml_reshape_3d(ctx, linear(o, y, L.q), d, heads, n);
+        ggml_tensor *k = ggml_reshape_3d(ctx, linear(o, y, L.k), d, heads, n);
+        ggml_tensor *v = ggml_reshape_3d(ctx, linear(o, y, L.v), d, heads, n);
+        ggml_tensor *a = attention(o, q, k, v, mask, scale);
+        x = ggml_add(ctx, x, linear(o, a, L.o));
+        y = layer_norm(o, x, L.ln2, kClipEps);
+        y = linear(o, quick_gelu(o, linear(o, y, L.fc1)), L.fc2);
+        x = ggml_add(ctx, x, y);
+    }
+    x = layer_norm(o, x, P.final_norm, kClipEps);
+    ggml_set_name(x, "hidden");
+    ggml_set_output(x);
+    ggml_cgraph *g = ggml_new_graph_custom(ctx, 8192, false);
+    ggml_build_forward_expand(g, x);
+    return g;
+}
+
+std::vector<float> ClipNet::encode(const int32_t *ids, int64_t n, const CancelToken *cancel) {
+    const ClipConfig &c = cfg_;
     if (n != c.positions)
         fail_value("CLIP-L takes exactly %lld token ids (BOS, text, EOS, padded with EOS; use tokenize_clip), got %lld",
                    (long long)c.positions, (long long)n);
@@ -153,11 +128,11 @@ std::vector<float> ClipNet::encode(const int32_t *ids, int64_t n) {
     std::vector<float> mask(size_t(n * n), 0.0f);
     for (int64_t q = 0; q < n; ++q)
         for (int64_t k = q + 1; k < n; ++k) mask[size_t(q * n + k)] = -std::numeric_limits<float>::infinity();
-    m.runner.prepare("clip", [&](ggml_context *ctx) { return m.build(ctx); });
-    m.runner.set_input("ids", ids, size_t(n) * sizeof(int32_t));
-    m.runner.set_input_f32("mask", mask);
-    m.runner.compute();
-    std::vector<float> hidden = m.runner.get_output("hidden");
+    runner_.prepare("clip", [&](ggml_context *ctx) { return build(ctx); });
+    runner_.set_input("ids", ids, size_t(n) * sizeof(int32_t));
+    runner_.set_input_f32("mask", mask);
+    runner_.compute(cancel);
+    std::vector<float> hidden = runner_.get_output("hidden");
     const int64_t h = c.hidden;
     std::vector<float> out(hidden.begin() + pooled * h, hidden.begin() + (pooled + 1) * h);
     for (float v : out)

@@ -1,8 +1,7 @@
 // CLIP-L text model (OpenAI ViT-L/14 text tower), MODEL.md §6. Sizes come from tensor shapes.
 #pragma once
 
-#include "backend.h"
-#include "weights.h"
+#include "network.h"
 
 #include <memory>
 #include <string>
@@ -17,23 +16,23 @@ struct ClipConfig {
     std::vector<std::pair<std::string, int64_t>> items() const;
 };
 
-class ClipNet {
+class ClipNet final : public Network {
 public:
-    ClipNet(Backend &backend, const ComponentWeights &weights);
-    ~ClipNet();
-    const ClipConfig &config() const;
-    void load();
-    void release();
-    bool loaded() const;
-    size_t weight_bytes() const;
+    ClipNet(Backend &backend, const ComponentWeights &weights, const EngineOptions &options);
+    ~ClipNet() override;
+    const ClipConfig &config() const { return cfg_; }
+    ConfigItems config_items() const override { return cfg_.items(); }
 
     // ids: `positions` token ids (77); returns the pooled output [hidden] (final-LN state at the
-    // first EOS = largest id position).
-    std::vector<float> encode(const int32_t *ids, int64_t n);
+    // first EOS = largest id position). cancel: the call's token (may be null).
+    std::vector<float> encode(const int32_t *ids, int64_t n, const CancelToken *cancel);
 
 private:
-    struct Impl;
-    std::unique_ptr<Impl> impl_;
+    struct Layers;  // the parameter handles, clip.cpp
+    ggml_cgraph *build(ggml_context *ctx) const;
+
+    ClipConfig cfg_;
+    std::unique_ptr<Layers> layers_;
 };
 
 }  // namespace fm

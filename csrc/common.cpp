@@ -1,5 +1,7 @@
 #include "common.h"
 
+#include "options.h"
+
 #include <ggml.h>
 
 #include <cstdio>
@@ -42,12 +44,13 @@ FM_DEFINE_FAIL(fail_file, ErrorKind::File)
 FM_DEFINE_FAIL(fail_runtime, ErrorKind::Runtime)
 #undef FM_DEFINE_FAIL
 
-static int g_verbosity = 0;
-void set_verbosity(int level) { g_verbosity = level; }
-int verbosity() { return g_verbosity; }
+static thread_local int t_verbosity = 0;
+int verbosity() { return t_verbosity; }
+VerbosityScope::VerbosityScope(int level) : prev_(t_verbosity) { t_verbosity = level; }
+VerbosityScope::~VerbosityScope() { t_verbosity = prev_; }
 
 void log_info(const char *fmt, ...) {
-    if (g_verbosity <= 0) return;
+    if (t_verbosity <= 0) return;
     va_list ap;
     va_start(ap, fmt);
     std::string s = vformat(fmt, ap);
@@ -68,8 +71,8 @@ std::string take_ggml_error() {
 static void ggml_log_hook(enum ggml_log_level level, const char *text, void *) {
     if (level == GGML_LOG_LEVEL_ERROR || level == GGML_LOG_LEVEL_WARN) {
         if (level == GGML_LOG_LEVEL_ERROR) t_last_ggml_error = text;
-        if (g_verbosity > 0) std::fputs(text, stderr);
-    } else if (g_verbosity > 1) {
+        if (t_verbosity > 0) std::fputs(text, stderr);
+    } else if (t_verbosity > 1) {
         std::fputs(text, stderr);
     }
 }
@@ -96,10 +99,8 @@ GgmlAbortGuard::GgmlAbortGuard() : prev_(t_abort_to_exception) { t_abort_to_exce
 GgmlAbortGuard::~GgmlAbortGuard() { t_abort_to_exception = prev_; }
 
 KernelChoice kernel_choice() {
-    const char *e = std::getenv("FLUXMINI_KERNELS");
-    if (e && !std::strcmp(e, "ggml")) return KernelChoice::Ggml;
-    if (e && !std::strcmp(e, "portable")) return KernelChoice::Portable;
-    return KernelChoice::Own;
+    static const KernelChoice choice = engine_options_from_env().kernels;
+    return choice;
 }
 
 }  // namespace fm

@@ -1,6 +1,7 @@
 // Shared basics of the engine: the error type every failure becomes, and string formatting.
 #pragma once
 
+#include <atomic>
 #include <cstdarg>
 #include <cstdint>
 #include <stdexcept>
@@ -8,8 +9,10 @@
 
 namespace fm {
 
-// Which Python exception an Error becomes (fluxmini.errors): the bindings translate by kind.
-enum class ErrorKind { Value, File, Runtime, Cancelled };
+// Which Python exception an Error becomes (fluxmini.errors; Interrupted: KeyboardInterrupt): the
+// bindings translate by kind. Cancelled: the call's CancelToken was cancelled; Interrupted:
+// Ctrl-C (SIGINT) arrived during a computation.
+enum class ErrorKind { Value, File, Runtime, Cancelled, Interrupted };
 
 class Error : public std::runtime_error {
 public:
@@ -26,16 +29,43 @@ std::string strfmt(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
 [[noreturn]] void fail_file(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
 [[noreturn]] void fail_runtime(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
 
-// Verbosity of the engine's own log lines on stderr (0 = quiet).
-void set_verbosity(int level);
+// Verbosity of the engine's own log lines (and ggml's) on stderr, 0 = quiet. It belongs to the
+// thread: a model sets its own for the duration of each call (VerbosityScope, Model::Call), so
+// two models in two threads log at their own levels.
 int verbosity();
 void log_info(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
+class VerbosityScope {
+public:
+    explicit VerbosityScope(int level);
+    ~VerbosityScope();
+    VerbosityScope(const VerbosityScope &) = delete;
+    VerbosityScope &operator=(const VerbosityScope &) = delete;
 
-// FLUXMINI_KERNELS: unset (fluxmini's CPU kernels where the CPU has what they need), "ggml"
-// (ggml's matmul everywhere, for comparisons) or "portable" (our kernels run their plain C++
-// versions, so tests exercise them on any CPU, and the engine uses ggml's instead of them).
+private:
+    int prev_;
+};
+
+// Which CPU kernels run (FLUXMINI_KERNELS, read by engine_options_from_env() in options.h): Own
+// (fluxmini's where the CPU has what they need), Ggml (ggml's matmul everywhere, for comparisons)
+// or Portable (our kernels run their plain C++ versions, so tests exercise them on any CPU, and
+// the engine uses ggml's instead of them).
 enum class KernelChoice { Own, Ggml, Portable };
+// The process's choice for the kernel functions' own dispatch (cpu_qmatmul.cpp, cpu_conv.cpp pick
+// their vector or plain version once per process): engine_options_from_env().kernels at first
+// use. A model's engine uses its own EngineOptions::kernels, read when it is loaded.
 KernelChoice kernel_choice();
+
+// A per-call cancellation flag. cancel() from any thread stops the computations that run under
+// this token: the graph runner checks it before a graph and between its nodes (ggml's abort
+// callback). A cancelled token stays cancelled, so it stops every later call it is passed to.
+class CancelToken {
+public:
+    void cancel() { flag_.store(true); }
+    bool cancelled() const { return flag_.load(); }
+
+private:
+    std::atomic<bool> flag_{false};
+};
 
 // The last error line ggml logged on this thread (ggml reports parse failures only by logging).
 std::string take_ggml_error();

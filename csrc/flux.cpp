@@ -11,19 +11,9 @@
 #include "flux.h"
 
 #include "common.h"
-#include "cpu_qmatmul.h"
 #include "layers.h"
-#include "params.h"
 
-#include <ggml-alloc.h>
-#include <strings.h>
-#include <sys/resource.h>
-
-#include <algorithm>
-#include <chrono>
 #include <cmath>
-#include <cstring>
-#include <random>
 #include <string>
 
 namespace fm {
@@ -72,21 +62,18 @@ constexpr int kAxes[3] = {16, 56, 56};      // RoPE axes_dim (sum = head_dim)
 constexpr int64_t kMaxLatentSide = 512;     // 4096 px
 constexpr int64_t kMaxText = 4096;
 
-struct Lin {
-    ggml_tensor *w = nullptr, *b = nullptr;
-};
 struct Mlp2 {  // MLPEmbedder: out_layer(SiLU(in_layer(v)))
-    Lin in, out;
+    Linear in, out;
 };
 struct Stream {  // one stream of a double block
-    Lin mod, qkv, proj, mlp0, mlp2;
+    Linear mod, qkv, proj, mlp0, mlp2;
     ggml_tensor *q_norm = nullptr, *k_norm = nullptr;
 };
 struct DoubleBlock {
     Stream img, txt;
 };
 struct SingleBlock {
-    Lin mod, lin1, lin2;
+    Linear mod, lin1, lin2;
     ggml_tensor *q_norm = nullptr, *k_norm = nullptr;
 };
 
@@ -104,231 +91,199 @@ void timestep_embedding(float t, int64_t dim, float *out) {
     if (dim % 2) out[dim - 1] = 0.0f;
 }
 
+size_t max_nodes(const FluxConfig &c) { return size_t(512 + 160 * c.depth + 96 * c.depth_single); }
+
+ggml_tensor *input(ggml_context *ctx, const char *name, ggml_type type, int64_t n0, int64_t n1 = 1) {
+    ggml_tensor *t = ggml_new_tensor_2d(ctx, type, n0, n1);
+    ggml_set_name(t, name);
+    ggml_set_input(t);
+    return t;
+}
+
+// Chunk i of a modulation vector [k·h].
+ggml_tensor *chunk(ggml_context *ctx, ggml_tensor *mod, int64_t h, int i) {
+    return ggml_view_1d(ctx, mod, h, size_t(i) * h * ggml_element_size(mod));
+}
+
+// LN(x)·(1 + scale) + shift, broadcast over tokens (diffusers' AdaLayerNorm* order of ops).
+ggml_tensor *modulate(const Ops &o, ggml_tensor *x, ggml_tensor *shift, ggml_tensor *scale) {
+    ggml_tensor *y = ggml_norm(o.ctx, x, kEps);
+    y = ggml_mul(o.ctx, y, ggml_scale_bias(o.ctx, scale, 1.0f, 1.0f));
+    return ggml_add(o.ctx, y, shift);
+}
+
+// Part `part` (0 = Q, 1 = K, 2 = V) of fused projections z [row, L] as heads [d, H, L].
+ggml_tensor *heads_view(ggml_context *ctx, const FluxConfig &c, ggml_tensor *z, int part) {
+    const size_t es = ggml_element_size(z);
+    return ggml_view_3d(ctx, z, c.head_dim, c.heads, z->ne[1], c.head_dim * es, z->nb[1], size_t(part) * c.hidden * es);
+}
+
+// Per-head RMSNorm with learned scale.
+ggml_tensor *qk_norm(const Ops &o, ggml_tensor *x, ggml_tensor *scale) { return rms_norm(o, x, scale, kEps); }
+
+// The 3-axis RoPE on q/k [d, H, L]: axis 0 (ids always 0) is the identity; axes 1 and 2 are
+// two adjacent-pair rotations over the whole head whose per-pair frequency factors select the
+// axis' pairs (the others get an infinite factor, angle 0) and rescale ggml's head-wide
+// frequencies to the per-axis ones.
+ggml_tensor *rope(ggml_context *ctx, ggml_tensor *x, ggml_tensor *pos_row, ggml_tensor *pos_col, ggml_tensor *ff_row,
+                  ggml_tensor *ff_col) {
+    const int n_dims = int(x->ne[0]);
+    x = ggml_rope_ext(ctx, x, pos_row, ff_row, n_dims, GGML_ROPE_TYPE_NORMAL, 0, float(kRopeTheta), 1.0f, 0.0f, 1.0f,
+                      0.0f, 0.0f);
+    return ggml_rope_ext(ctx, x, pos_col, ff_col, n_dims, GGML_ROPE_TYPE_NORMAL, 0, float(kRopeTheta), 1.0f, 0.0f,
+                         1.0f, 0.0f, 0.0f);
+}
+
 }  // namespace
 
-struct FluxNet::Impl {
-    Backend &backend;
-    FluxConfig cfg;
-    ParamStore params;
-    GraphRunner runner;
-    bool flash_attn = true;
-    int64_t temb_dim = 256;
-
-    Lin img_in, txt_in, final_mod, final_lin;
+struct FluxNet::Layers {
+    Linear img_in, txt_in, final_mod, final_lin;
     Mlp2 time_in, guidance_in, vector_in;
     std::vector<DoubleBlock> doubles;
     std::vector<SingleBlock> singles;
-
-    static size_t max_nodes(const FluxConfig &c) {
-        return size_t(512 + 160 * c.depth + 96 * c.depth_single);
-    }
-
-    Impl(Backend &b, const ComponentWeights &w)
-        : backend(b), cfg(FluxConfig::infer(w)), params(b, w), runner(b, max_nodes(cfg)) {
-        const int64_t h = cfg.hidden, d = cfg.head_dim, mlp = cfg.mlp_hidden;
-        auto lin = [&](const std::string &n, int64_t in, int64_t out) {
-            Lin l;
-            l.w = params.declare(n + ".weight", ParamKind::Matmul, {in, out});
-            l.b = params.declare(n + ".bias", ParamKind::F32, {out});
-            return l;
-        };
-        auto scale = [&](const std::string &n) { return params.declare(n, ParamKind::F32, {d}); };
-        temb_dim = w.get("time_in.in_layer.weight").ne[0];
-        if (temb_dim < 2 || temb_dim % 2)
-            fail_value("time_in takes %lld features; a sinusoidal embedding needs an even width",
-                       (long long)temb_dim);
-        img_in = lin("img_in", cfg.in_channels, h);
-        txt_in = lin("txt_in", cfg.context_dim, h);
-        time_in = {lin("time_in.in_layer", temb_dim, h), lin("time_in.out_layer", h, h)};
-        if (cfg.guidance)
-            guidance_in = {lin("guidance_in.in_layer", temb_dim, h), lin("guidance_in.out_layer", h, h)};
-        vector_in = {lin("vector_in.in_layer", cfg.vec_dim, h), lin("vector_in.out_layer", h, h)};
-        for (int64_t i = 0; i < cfg.depth; ++i) {
-            const std::string p = "double_blocks." + std::to_string(i) + ".";
-            DoubleBlock B;
-            for (int s = 0; s < 2; ++s) {
-                const std::string q = p + (s == 0 ? "img" : "txt");
-                Stream &S = s == 0 ? B.img : B.txt;
-                S.mod = lin(q + "_mod.lin", h, 6 * h);
-                S.qkv = lin(q + "_attn.qkv", h, 3 * h);
-                S.q_norm = scale(q + "_attn.norm.query_norm.scale");
-                S.k_norm = scale(q + "_attn.norm.key_norm.scale");
-                S.proj = lin(q + "_attn.proj", h, h);
-                S.mlp0 = lin(q + "_mlp.0", h, mlp);
-                S.mlp2 = lin(q + "_mlp.2", mlp, h);
-            }
-            doubles.push_back(B);
-        }
-        for (int64_t i = 0; i < cfg.depth_single; ++i) {
-            const std::string p = "single_blocks." + std::to_string(i) + ".";
-            SingleBlock B;
-            B.mod = lin(p + "modulation.lin", h, 3 * h);
-            B.lin1 = lin(p + "linear1", h, 3 * h + mlp);
-            B.lin2 = lin(p + "linear2", h + mlp, h);
-            B.q_norm = scale(p + "norm.query_norm.scale");
-            B.k_norm = scale(p + "norm.key_norm.scale");
-            singles.push_back(B);
-        }
-        final_mod = lin("final_layer.adaLN_modulation.1", h, 2 * h);
-        final_lin = lin("final_layer.linear", h, cfg.in_channels);
-    }
-
-    // ---- graph pieces ----------------------------------------------------------------------
-
-    static ggml_tensor *input(ggml_context *ctx, const char *name, ggml_type type, int64_t n0, int64_t n1 = 1) {
-        ggml_tensor *t = ggml_new_tensor_2d(ctx, type, n0, n1);
-        ggml_set_name(t, name);
-        ggml_set_input(t);
-        return t;
-    }
-
-    // Chunk i of a modulation vector [k·h].
-    ggml_tensor *chunk(ggml_context *ctx, ggml_tensor *mod, int i) const {
-        return ggml_view_1d(ctx, mod, cfg.hidden, size_t(i) * cfg.hidden * ggml_element_size(mod));
-    }
-
-    // LN(x)·(1 + scale) + shift, broadcast over tokens (diffusers' AdaLayerNorm* order of ops).
-    static ggml_tensor *modulate(const Ops &o, ggml_tensor *x, ggml_tensor *shift, ggml_tensor *scale) {
-        ggml_tensor *y = ggml_norm(o.ctx, x, kEps);
-        y = ggml_mul(o.ctx, y, ggml_scale_bias(o.ctx, scale, 1.0f, 1.0f));
-        return ggml_add(o.ctx, y, shift);
-    }
-
-    // Part `part` (0 = Q, 1 = K, 2 = V) of fused projections z [row, L] as heads [d, H, L].
-    ggml_tensor *heads_view(ggml_context *ctx, ggml_tensor *z, int part) const {
-        const int64_t d = cfg.head_dim, H = cfg.heads;
-        const size_t es = ggml_element_size(z);
-        return ggml_view_3d(ctx, z, d, H, z->ne[1], d * es, z->nb[1], size_t(part) * cfg.hidden * es);
-    }
-
-    // Per-head RMSNorm with learned scale.
-    static ggml_tensor *qk_norm(const Ops &o, ggml_tensor *x, ggml_tensor *scale) {
-        return rms_norm(o, x, scale, kEps);
-    }
-
-    // The 3-axis RoPE on q/k [d, H, L]: axis 0 (ids always 0) is the identity; axes 1 and 2 are
-    // two adjacent-pair rotations over the whole head whose per-pair frequency factors select the
-    // axis' pairs (the others get an infinite factor, angle 0) and rescale ggml's head-wide
-    // frequencies to the per-axis ones.
-    static ggml_tensor *rope(ggml_context *ctx, ggml_tensor *x, ggml_tensor *pos_row, ggml_tensor *pos_col,
-                             ggml_tensor *ff_row, ggml_tensor *ff_col) {
-        const int n_dims = int(x->ne[0]);
-        x = ggml_rope_ext(ctx, x, pos_row, ff_row, n_dims, GGML_ROPE_TYPE_NORMAL, 0, float(kRopeTheta), 1.0f,
-                          0.0f, 1.0f, 0.0f, 0.0f);
-        return ggml_rope_ext(ctx, x, pos_col, ff_col, n_dims, GGML_ROPE_TYPE_NORMAL, 0, float(kRopeTheta), 1.0f,
-                             0.0f, 1.0f, 0.0f, 0.0f);
-    }
-
-    ggml_cgraph *build(ggml_context *ctx, int64_t l_img, int64_t l_txt, bool exact, bool flash, bool kv_f32) {
-        Ops o{ctx, backend};
-        o.exact = exact;
-        o.flash_attn = flash;
-        o.flash_kv_f32 = kv_f32;
-        const int64_t h = cfg.hidden, d = cfg.head_dim, mlp = cfg.mlp_hidden;
-        const int64_t L = l_txt + l_img;
-        const float attn_scale = 1.0f / std::sqrt(float(d));
-
-        ggml_tensor *x_img = input(ctx, "img", GGML_TYPE_F32, cfg.in_channels, l_img);
-        ggml_tensor *x_txt = input(ctx, "txt", GGML_TYPE_F32, cfg.context_dim, l_txt);
-        ggml_tensor *t_emb = input(ctx, "t_emb", GGML_TYPE_F32, temb_dim);
-        ggml_tensor *g_emb = cfg.guidance ? input(ctx, "g_emb", GGML_TYPE_F32, temb_dim) : nullptr;
-        ggml_tensor *pooled = input(ctx, "pooled", GGML_TYPE_F32, cfg.vec_dim);
-        ggml_tensor *pos_row = ggml_new_tensor_1d(ctx, GGML_TYPE_I32, L);
-        ggml_set_name(pos_row, "pos_row");
-        ggml_set_input(pos_row);
-        ggml_tensor *pos_col = ggml_new_tensor_1d(ctx, GGML_TYPE_I32, L);
-        ggml_set_name(pos_col, "pos_col");
-        ggml_set_input(pos_col);
-        ggml_tensor *ff_row = ggml_new_tensor_1d(ctx, GGML_TYPE_F32, d / 2);
-        ggml_set_name(ff_row, "ff_row");
-        ggml_set_input(ff_row);
-        ggml_tensor *ff_col = ggml_new_tensor_1d(ctx, GGML_TYPE_F32, d / 2);
-        ggml_set_name(ff_col, "ff_col");
-        ggml_set_input(ff_col);
-
-        auto mlp_embed = [&](const Mlp2 &m, ggml_tensor *v) {
-            return linear(o, ggml_silu(ctx, linear(o, v, m.in.w, m.in.b)), m.out.w, m.out.b);
-        };
-        // vec = (time + guidance) + text, as diffusers adds them.
-        ggml_tensor *vec = mlp_embed(time_in, t_emb);
-        if (g_emb) vec = ggml_add(ctx, vec, mlp_embed(guidance_in, g_emb));
-        vec = ggml_add(ctx, vec, mlp_embed(vector_in, pooled));
-        // SiLU(vec) feeds every modulation; each block's modulation vector is one mat-vec per step.
-        ggml_tensor *svec = ggml_silu(ctx, vec);
-
-        ggml_tensor *img = linear(o, x_img, img_in.w, img_in.b);  // [h, L_img]
-        ggml_tensor *txt = linear(o, x_txt, txt_in.w, txt_in.b);  // [h, L_txt]
-
-        for (const DoubleBlock &B : doubles) {
-            ggml_tensor *mi = linear(o, svec, B.img.mod.w, B.img.mod.b);  // [6h]
-            ggml_tensor *mt = linear(o, svec, B.txt.mod.w, B.txt.mod.b);
-            ggml_tensor *qkv_i = linear(o, modulate(o, img, chunk(ctx, mi, 0), chunk(ctx, mi, 1)), B.img.qkv.w,
-                                        B.img.qkv.b);  // [3h, L_img]
-            ggml_tensor *qkv_t = linear(o, modulate(o, txt, chunk(ctx, mt, 0), chunk(ctx, mt, 1)), B.txt.qkv.w,
-                                        B.txt.qkv.b);
-            ggml_tensor *q = ggml_concat(ctx, qk_norm(o, heads_view(ctx, qkv_t, 0), B.txt.q_norm),
-                                         qk_norm(o, heads_view(ctx, qkv_i, 0), B.img.q_norm), 2);
-            ggml_tensor *k = ggml_concat(ctx, qk_norm(o, heads_view(ctx, qkv_t, 1), B.txt.k_norm),
-                                         qk_norm(o, heads_view(ctx, qkv_i, 1), B.img.k_norm), 2);
-            ggml_tensor *v = ggml_concat(ctx, heads_view(ctx, qkv_t, 2), heads_view(ctx, qkv_i, 2), 2);
-            q = rope(ctx, q, pos_row, pos_col, ff_row, ff_col);
-            k = rope(ctx, k, pos_row, pos_col, ff_row, ff_col);
-            ggml_tensor *a = attention(o, q, k, v, nullptr, attn_scale);  // [h, L]
-            ggml_tensor *a_txt = ggml_view_2d(ctx, a, h, l_txt, a->nb[1], 0);
-            ggml_tensor *a_img = ggml_view_2d(ctx, a, h, l_img, a->nb[1], size_t(l_txt) * a->nb[1]);
-
-            auto finish = [&](ggml_tensor *x, ggml_tensor *attn, const Stream &S, ggml_tensor *m) {
-                x = ggml_add(ctx, x, ggml_mul(ctx, linear(o, attn, S.proj.w, S.proj.b), chunk(ctx, m, 2)));
-                ggml_tensor *u = modulate(o, x, chunk(ctx, m, 3), chunk(ctx, m, 4));
-                u = linear(o, gelu_tanh(o, linear(o, u, S.mlp0.w, S.mlp0.b)), S.mlp2.w, S.mlp2.b);
-                return ggml_add(ctx, x, ggml_mul(ctx, u, chunk(ctx, m, 5)));
-            };
-            img = finish(img, a_img, B.img, mi);
-            txt = finish(txt, a_txt, B.txt, mt);
-        }
-
-        ggml_tensor *x = ggml_concat(ctx, txt, img, 1);  // [h, L], text first
-        for (const SingleBlock &B : singles) {
-            ggml_tensor *m = linear(o, svec, B.mod.w, B.mod.b);  // [3h]
-            ggml_tensor *z = linear(o, modulate(o, x, chunk(ctx, m, 0), chunk(ctx, m, 1)), B.lin1.w,
-                                    B.lin1.b);  // [3h + mlp, L]
-            ggml_tensor *q = rope(ctx, qk_norm(o, heads_view(ctx, z, 0), B.q_norm), pos_row, pos_col, ff_row, ff_col);
-            ggml_tensor *k = rope(ctx, qk_norm(o, heads_view(ctx, z, 1), B.k_norm), pos_row, pos_col, ff_row, ff_col);
-            ggml_tensor *v = heads_view(ctx, z, 2);
-            ggml_tensor *a = attention(o, q, k, v, nullptr, attn_scale);  // [h, L]
-            ggml_tensor *mz = ggml_view_2d(ctx, z, mlp, L, z->nb[1], size_t(3 * h) * ggml_element_size(z));
-            ggml_tensor *y = linear(o, ggml_concat(ctx, a, gelu_tanh(o, mz), 0), B.lin2.w, B.lin2.b);
-            x = ggml_add(ctx, x, ggml_mul(ctx, y, chunk(ctx, m, 2)));
-        }
-
-        ggml_tensor *xi = ggml_view_2d(ctx, x, h, l_img, x->nb[1], size_t(l_txt) * x->nb[1]);
-        ggml_tensor *fm_ = linear(o, svec, final_mod.w, final_mod.b);  // [2h]: shift, scale (BFL order)
-        ggml_tensor *out = linear(o, modulate(o, xi, chunk(ctx, fm_, 0), chunk(ctx, fm_, 1)), final_lin.w,
-                                  final_lin.b);  // [in_channels, L_img]
-        ggml_set_name(out, "out");
-        ggml_set_output(out);
-        ggml_cgraph *g = ggml_new_graph_custom(ctx, max_nodes(cfg), false);
-        ggml_build_forward_expand(g, out);
-        return g;
-    }
 };
 
-FluxNet::FluxNet(Backend &backend, const ComponentWeights &weights) : impl_(new Impl(backend, weights)) {}
-FluxNet::~FluxNet() = default;
-const FluxConfig &FluxNet::config() const { return impl_->cfg; }
-void FluxNet::load() { impl_->params.materialize(); }
-void FluxNet::release() {
-    impl_->runner.release();
-    impl_->params.release();
+FluxNet::FluxNet(Backend &b, const ComponentWeights &w, const EngineOptions &options)
+    : Network(b, w, options), cfg_(FluxConfig::infer(w)), layers_(new Layers) {
+    runner_.set_max_nodes(max_nodes(cfg_));
+    Layers &L = *layers_;
+    const int64_t h = cfg_.hidden, d = cfg_.head_dim, mlp = cfg_.mlp_hidden;
+    auto scale = [&](const std::string &n) { return declare_f32(n, {d}); };
+    temb_dim_ = w.get("time_in.in_layer.weight").ne[0];
+    if (temb_dim_ < 2 || temb_dim_ % 2)
+        fail_value("time_in takes %lld features; a sinusoidal embedding needs an even width", (long long)temb_dim_);
+    L.img_in = declare_linear("img_in", cfg_.in_channels, h);
+    L.txt_in = declare_linear("txt_in", cfg_.context_dim, h);
+    L.time_in = {declare_linear("time_in.in_layer", temb_dim_, h), declare_linear("time_in.out_layer", h, h)};
+    if (cfg_.guidance)
+        L.guidance_in = {declare_linear("guidance_in.in_layer", temb_dim_, h),
+                         declare_linear("guidance_in.out_layer", h, h)};
+    L.vector_in = {declare_linear("vector_in.in_layer", cfg_.vec_dim, h), declare_linear("vector_in.out_layer", h, h)};
+    for (int64_t i = 0; i < cfg_.depth; ++i) {
+        const std::string p = "double_blocks." + std::to_string(i) + ".";
+        DoubleBlock B;
+        for (int s = 0; s < 2; ++s) {
+            const std::string q = p + (s == 0 ? "img" : "txt");
+            Stream &S = s == 0 ? B.img : B.txt;
+            S.mod = declare_linear(q + "_mod.lin", h, 6 * h);
+            S.qkv = declare_linear(q + "_attn.qkv", h, 3 * h);
+            S.q_norm = scale(q + "_attn.norm.query_norm.scale");
+            S.k_norm = scale(q + "_attn.norm.key_norm.scale");
+            S.proj = declare_linear(q + "_attn.proj", h, h);
+            S.mlp0 = declare_linear(q + "_mlp.0", h, mlp);
+            S.mlp2 = declare_linear(q + "_mlp.2", mlp, h);
+        }
+        L.doubles.push_back(B);
+    }
+    for (int64_t i = 0; i < cfg_.depth_single; ++i) {
+        const std::string p = "single_blocks." + std::to_string(i) + ".";
+        SingleBlock B;
+        B.mod = declare_linear(p + "modulation.lin", h, 3 * h);
+        B.lin1 = declare_linear(p + "linear1", h, 3 * h + mlp);
+        B.lin2 = declare_linear(p + "linear2", h + mlp, h);
+        B.q_norm = scale(p + "norm.query_norm.scale");
+        B.k_norm = scale(p + "norm.key_norm.scale");
+        L.singles.push_back(B);
+    }
+    L.final_mod = declare_linear("final_layer.adaLN_modulation.1", h, 2 * h);
+    L.final_lin = declare_linear("final_layer.linear", h, cfg_.in_channels);
 }
-bool FluxNet::loaded() const { return impl_->params.bytes() > 0; }
-size_t FluxNet::weight_bytes() const { return impl_->params.bytes(); }
-void FluxNet::set_flash_attn(bool on) { impl_->flash_attn = on; }
+
+FluxNet::~FluxNet() = default;
+
+ggml_cgraph *FluxNet::build(ggml_context *ctx, int64_t l_img, int64_t l_txt, bool exact, bool flash,
+                            bool kv_f32) const {
+    const Layers &P = *layers_;
+    const FluxConfig &c = cfg_;
+    Ops o{ctx, backend_};
+    o.exact = exact;
+    o.flash_attn = flash;
+    o.flash_kv_f32 = kv_f32;
+    const int64_t h = c.hidden, d = c.head_dim, mlp = c.mlp_hidden;
+    const int64_t L = l_txt + l_img;
+    const float attn_scale = 1.0f / std::sqrt(float(d));
+
+    ggml_tensor *x_img = input(ctx, "img", GGML_TYPE_F32, c.in_channels, l_img);
+    ggml_tensor *x_txt = input(ctx, "txt", GGML_TYPE_F32, c.context_dim, l_txt);
+    ggml_tensor *t_emb = input(ctx, "t_emb", GGML_TYPE_F32, temb_dim_);
+    ggml_tensor *g_emb = c.guidance ? input(ctx, "g_emb", GGML_TYPE_F32, temb_dim_) : nullptr;
+    ggml_tensor *pooled = input(ctx, "pooled", GGML_TYPE_F32, c.vec_dim);
+    ggml_tensor *pos_row = ggml_new_tensor_1d(ctx, GGML_TYPE_I32, L);
+    ggml_set_name(pos_row, "pos_row");
+    ggml_set_input(pos_row);
+    ggml_tensor *pos_col = ggml_new_tensor_1d(ctx, GGML_TYPE_I32, L);
+    ggml_set_name(pos_col, "pos_col");
+    ggml_set_input(pos_col);
+    ggml_tensor *ff_row = ggml_new_tensor_1d(ctx, GGML_TYPE_F32, d / 2);
+    ggml_set_name(ff_row, "ff_row");
+    ggml_set_input(ff_row);
+    ggml_tensor *ff_col = ggml_new_tensor_1d(ctx, GGML_TYPE_F32, d / 2);
+    ggml_set_name(ff_col, "ff_col");
+    ggml_set_input(ff_col);
+
+    auto mlp_embed = [&](const Mlp2 &m, ggml_tensor *v) { return linear(o, ggml_silu(ctx, linear(o, v, m.in)), m.out); };
+    // vec = (time + guidance) + text, as diffusers adds them.
+    ggml_tensor *vec = mlp_embed(P.time_in, t_emb);
+    if (g_emb) vec = ggml_add(ctx, vec, mlp_embed(P.guidance_in, g_emb));
+    vec = ggml_add(ctx, vec, mlp_embed(P.vector_in, pooled));
+    // SiLU(vec) feeds every modulation; each block's modulation vector is one mat-vec per step.
+    ggml_tensor *svec = ggml_silu(ctx, vec);
+
+    ggml_tensor *img = linear(o, x_img, P.img_in);  // [h, L_img]
+    ggml_tensor *txt = linear(o, x_txt, P.txt_in);  // [h, L_txt]
+
+    for (const DoubleBlock &B : P.doubles) {
+        ggml_tensor *mi = linear(o, svec, B.img.mod);  // [6h]
+        ggml_tensor *mt = linear(o, svec, B.txt.mod);
+        ggml_tensor *qkv_i = linear(o, modulate(o, img, chunk(ctx, mi, h, 0), chunk(ctx, mi, h, 1)), B.img.qkv);  // [3h, L_img]
+        ggml_tensor *qkv_t = linear(o, modulate(o, txt, chunk(ctx, mt, h, 0), chunk(ctx, mt, h, 1)), B.txt.qkv);
+        ggml_tensor *q = ggml_concat(ctx, qk_norm(o, heads_view(ctx, c, qkv_t, 0), B.txt.q_norm),
+                                     qk_norm(o, heads_view(ctx, c, qkv_i, 0), B.img.q_norm), 2);
+        ggml_tensor *k = ggml_concat(ctx, qk_norm(o, heads_view(ctx, c, qkv_t, 1), B.txt.k_norm),
+                                     qk_norm(o, heads_view(ctx, c, qkv_i, 1), B.img.k_norm), 2);
+        ggml_tensor *v = ggml_concat(ctx, heads_view(ctx, c, qkv_t, 2), heads_view(ctx, c, qkv_i, 2), 2);
+        q = rope(ctx, q, pos_row, pos_col, ff_row, ff_col);
+        k = rope(ctx, k, pos_row, pos_col, ff_row, ff_col);
+        ggml_tensor *a = attention(o, q, k, v, nullptr, attn_scale);  // [h, L]
+        ggml_tensor *a_txt = ggml_view_2d(ctx, a, h, l_txt, a->nb[1], 0);
+        ggml_tensor *a_img = ggml_view_2d(ctx, a, h, l_img, a->nb[1], size_t(l_txt) * a->nb[1]);
+
+        auto finish = [&](ggml_tensor *x, ggml_tensor *attn, const Stream &S, ggml_tensor *m) {
+            x = ggml_add(ctx, x, ggml_mul(ctx, linear(o, attn, S.proj), chunk(ctx, m, h, 2)));
+            ggml_tensor *u = modulate(o, x, chunk(ctx, m, h, 3), chunk(ctx, m, h, 4));
+            u = linear(o, gelu_tanh(o, linear(o, u, S.mlp0)), S.mlp2);
+            return ggml_add(ctx, x, ggml_mul(ctx, u, chunk(ctx, m, h, 5)));
+        };
+        img = finish(img, a_img, B.img, mi);
+        txt = finish(txt, a_txt, B.txt, mt);
+    }
+
+    ggml_tensor *x = ggml_concat(ctx, txt, img, 1);  // [h, L], text first
+    for (const SingleBlock &B : P.singles) {
+        ggml_tensor *m = linear(o, svec, B.mod);  // [3h]
+        ggml_tensor *z = linear(o, modulate(o, x, chunk(ctx, m, h, 0), chunk(ctx, m, h, 1)), B.lin1);  // [3h + mlp, L]
+        ggml_tensor *q = rope(ctx, qk_norm(o, heads_view(ctx, c, z, 0), B.q_norm), pos_row, pos_col, ff_row, ff_col);
+        ggml_tensor *k = rope(ctx, qk_norm(o, heads_view(ctx, c, z, 1), B.k_norm), pos_row, pos_col, ff_row, ff_col);
+        ggml_tensor *v = heads_view(ctx, c, z, 2);
+        ggml_tensor *a = attention(o, q, k, v, nullptr, attn_scale);  // [h, L]
+        ggml_tensor *mz = ggml_view_2d(ctx, z, mlp, L, z->nb[1], size_t(3 * h) * ggml_element_size(z));
+        ggml_tensor *y = linear(o, ggml_concat(ctx, a, gelu_tanh(o, mz), 0), B.lin2);
+        x = ggml_add(ctx, x, ggml_mul(ctx, y, chunk(ctx, m, h, 2)));
+    }
+
+    ggml_tensor *xi = ggml_view_2d(ctx, x, h, l_img, x->nb[1], size_t(l_txt) * x->nb[1]);
+    ggml_tensor *fm_ = linear(o, svec, P.final_mod);  // [2h]: shift, scale (BFL order)
+    ggml_tensor *out = linear(o, modulate(o, xi, chunk(ctx, fm_, h, 0), chunk(ctx, fm_, h, 1)), P.final_lin);  // [in_channels, L_img]
+    ggml_set_name(out, "out");
+    ggml_set_output(out);
+    ggml_cgraph *g = ggml_new_graph_custom(ctx, max_nodes(c), false);
+    ggml_build_forward_expand(g, out);
+    return g;
+}
 
 std::vector<float> FluxNet::forward(const float *latent, int64_t h, int64_t w, float sigma, float guidance,
-                                    const float *txt, int64_t n_txt, const float *pooled) {
-    Impl &I = *impl_;
-    const FluxConfig &c = I.cfg;
+                                    const float *txt, int64_t n_txt, const float *pooled, const CancelToken *cancel) {
+    const FluxConfig &c = cfg_;
     if (h < 1 || w < 1 || h > kMaxLatentSide || w > kMaxLatentSide)
         fail_value("latent is %lld x %lld; each side must be between 1 and %lld (8 to %lld pixels)", (long long)h,
                    (long long)w, (long long)kMaxLatentSide, (long long)(8 * kMaxLatentSide));
@@ -346,13 +301,13 @@ std::vector<float> FluxNet::forward(const float *latent, int64_t h, int64_t w, f
     // Attention: on the CPU, flash attention with F32 K/V (exact, and faster there than F16 K/V,
     // whose dot products ggml's CPU kernels compute slowly); elsewhere F16 K/V, or the explicit
     // F32 softmax for the exact path. The switch (set_flash_attn) selects the explicit path.
-    const bool exact = I.params.all_f32();
-    const bool kv_f32 = I.backend.is_cpu();
-    const bool flash = I.flash_attn && (!exact || kv_f32);
+    const bool exact = params_.all_f32();
+    const bool kv_f32 = backend_.is_cpu();
+    const bool flash = options_.flash_attn && (!exact || kv_f32);
 
     const std::string key = strfmt("%lldx%lld/%lld/%d%d%d", (long long)hp, (long long)wp, (long long)n_txt,
                                    int(exact), int(flash), int(kv_f32));
-    I.runner.prepare(key, [&](ggml_context *ctx) { return I.build(ctx, l_img, n_txt, exact, flash, kv_f32); });
+    runner_.prepare(key, [&](ggml_context *ctx) { return build(ctx, l_img, n_txt, exact, flash, kv_f32); });
 
     // Patchify: token r·wp + cc holds latent[ch, 2r+dy, 2cc+dx] at feature ch·4 + dy·2 + dx.
     std::vector<float> tokens(size_t(l_img * c.in_channels), 0.0f);
@@ -362,15 +317,15 @@ std::vector<float> FluxNet::forward(const float *latent, int64_t h, int64_t w, f
                 const int64_t tok = (y / 2) * wp + x / 2, f = ch * 4 + (y % 2) * 2 + (x % 2);
                 tokens[size_t(tok * c.in_channels + f)] = latent[(ch * h + y) * w + x];
             }
-    I.runner.set_input_f32("img", tokens);
-    I.runner.set_input("txt", txt, size_t(n_txt * c.context_dim) * sizeof(float));
-    I.runner.set_input("pooled", pooled, size_t(c.vec_dim) * sizeof(float));
-    std::vector<float> emb(size_t(I.temb_dim));
-    timestep_embedding(sigma * 1000.0f, I.temb_dim, emb.data());
-    I.runner.set_input_f32("t_emb", emb);
+    runner_.set_input_f32("img", tokens);
+    runner_.set_input("txt", txt, size_t(n_txt * c.context_dim) * sizeof(float));
+    runner_.set_input("pooled", pooled, size_t(c.vec_dim) * sizeof(float));
+    std::vector<float> emb(static_cast<size_t>(temb_dim_));
+    timestep_embedding(sigma * 1000.0f, temb_dim_, emb.data());
+    runner_.set_input_f32("t_emb", emb);
     if (c.guidance) {
-        timestep_embedding(guidance * 1000.0f, I.temb_dim, emb.data());
-        I.runner.set_input_f32("g_emb", emb);
+        timestep_embedding(guidance * 1000.0f, temb_dim_, emb.data());
+        runner_.set_input_f32("g_emb", emb);
     }
 
     // RoPE: text ids (0,0,0), image ids (0, row, col); text first.
@@ -379,8 +334,8 @@ std::vector<float> FluxNet::forward(const float *latent, int64_t h, int64_t w, f
         pos_row[size_t(n_txt + t)] = int32_t(t / wp);
         pos_col[size_t(n_txt + t)] = int32_t(t % wp);
     }
-    I.runner.set_input_i32("pos_row", pos_row);
-    I.runner.set_input_i32("pos_col", pos_col);
+    runner_.set_input_i32("pos_row", pos_row);
+    runner_.set_input_i32("pos_col", pos_col);
     // Frequency factors: ggml's rope turns pair i at position p into angle p·s^i / ff[i], with
     // s = θ^(−2/d) rounded to float (ggml multiplies by s once per pair; using the same float s
     // here cancels its rounding, which would otherwise grow with i); the axis-k frequency of pair
@@ -397,11 +352,11 @@ std::vector<float> FluxNet::forward(const float *latent, int64_t h, int64_t w, f
             ff[size_t(pair)] = float(ggml_freq / want);
         }
     }
-    I.runner.set_input_f32("ff_row", ff_row);
-    I.runner.set_input_f32("ff_col", ff_col);
+    runner_.set_input_f32("ff_row", ff_row);
+    runner_.set_input_f32("ff_col", ff_col);
 
-    I.runner.compute();
-    const std::vector<float> res = I.runner.get_output("out");  // [in_channels, L_img]
+    runner_.compute(cancel);
+    const std::vector<float> res = runner_.get_output("out");  // [in_channels, L_img]
 
     // Unpatchify and crop the padding.
     std::vector<float> out(size_t(C * h * w));
@@ -412,124 +367,6 @@ std::vector<float> FluxNet::forward(const float *latent, int64_t h, int64_t w, f
                 out[size_t((ch * h + y) * w + x)] = res[size_t(tok * c.in_channels + f)];
             }
     return out;
-}
-
-}  // namespace fm
-
-// ---- micro-benchmarks ------------------------------------------------------------------------
-
-namespace fm {
-
-namespace {
-double process_cpu_seconds() {
-    rusage ru{};
-    getrusage(RUSAGE_SELF, &ru);
-    return double(ru.ru_utime.tv_sec + ru.ru_stime.tv_sec) + 1e-6 * double(ru.ru_utime.tv_usec + ru.ru_stime.tv_usec);
-}
-
-// Median wall-clock seconds and median process CPU seconds (all threads) of one compute.
-BenchTime median_seconds(GraphRunner &runner, int reps) {
-    runner.compute();  // warm-up
-    std::vector<double> wall, cpu;
-    for (int i = 0; i < std::max(1, reps); ++i) {
-        const double c0 = process_cpu_seconds();
-        const auto t0 = std::chrono::steady_clock::now();
-        runner.compute();
-        wall.push_back(std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count());
-        cpu.push_back(process_cpu_seconds() - c0);
-    }
-    std::sort(wall.begin(), wall.end());
-    std::sort(cpu.begin(), cpu.end());
-    return {wall[wall.size() / 2], cpu[cpu.size() / 2]};
-}
-
-std::vector<float> random_values(size_t n, float scale, uint32_t seed) {
-    std::mt19937 rng(seed);
-    std::normal_distribution<float> dist(0.0f, scale);
-    std::vector<float> v(n);
-    for (auto &x : v) x = dist(rng);
-    return v;
-}
-}  // namespace
-
-BenchTime bench_mul_mat(const std::string &type_name, int64_t k, int64_t n, int64_t m, int threads, int reps,
-                        bool ggml_only) {
-    ggml_type type = GGML_TYPE_COUNT;
-    for (int t = 0; t < GGML_TYPE_COUNT; ++t) {
-        const char *nm = ggml_type_name(ggml_type(t));
-        if (nm && strcasecmp(nm, type_name.c_str()) == 0) type = ggml_type(t);
-    }
-    if (type == GGML_TYPE_COUNT || !is_supported_type(type)) fail_value("unknown tensor type '%s'", type_name.c_str());
-    if (k < 1 || n < 1 || m < 1 || k * n > (int64_t(1) << 30) || k * m > (int64_t(1) << 30))
-        fail_value("bench_mul_mat sizes out of range");
-    if (k % ggml_blck_size(type)) fail_value("k=%lld is not a multiple of %s's block size", (long long)k, type_name.c_str());
-    Backend backend("cpu", threads);
-    ggml_init_params ip{ggml_tensor_overhead() * 2, nullptr, true};
-    ggml_context *wctx = ggml_init(ip);
-    ggml_tensor *w = ggml_new_tensor_2d(wctx, type, k, n);
-    const bool own = !ggml_only && backend.own_qmatmul() && qmatmul_shape(w);  // placed and used as the engine does
-    const bool repack = !own && backend.can_repack(type, k, n);
-    ggml_backend_buffer_t buf = ggml_backend_alloc_ctx_tensors_from_buft(
-        wctx, repack ? backend.repack_buft() : ggml_backend_get_default_buffer_type(backend.cpu()));
-    if (!buf) {
-        ggml_free(wctx);
-        fail_runtime("out of memory for the benchmark weight");
-    }
-    {
-        const std::vector<float> f = random_values(size_t(k * n), 1.0f / std::sqrt(float(k)), 1);
-        std::vector<uint8_t> q(ggml_row_size(type, k) * size_t(n));
-        if (type == GGML_TYPE_F32) std::memcpy(q.data(), f.data(), q.size());
-        else ggml_quantize_chunk(type, f.data(), q.data(), 0, n, k, nullptr);
-        ggml_backend_tensor_set(w, q.data(), 0, q.size());
-    }
-    BenchTime s{};
-    try {
-        GraphRunner runner(backend, 16);
-        runner.prepare("mm", [&](ggml_context *ctx) {
-            ggml_tensor *x = ggml_new_tensor_2d(ctx, GGML_TYPE_F32, k, m);
-            ggml_set_name(x, "x");
-            ggml_set_input(x);
-            ggml_tensor *y = own ? qmatmul_op(ctx, w, x, nullptr) : ggml_mul_mat(ctx, w, x);
-            ggml_set_output(y);
-            ggml_cgraph *g = ggml_new_graph_custom(ctx, 16, false);
-            ggml_build_forward_expand(g, y);
-            return g;
-        });
-        runner.set_input_f32("x", random_values(size_t(k * m), 1.0f, 2));
-        s = median_seconds(runner, reps);
-    } catch (...) {
-        ggml_backend_buffer_free(buf);
-        ggml_free(wctx);
-        throw;
-    }
-    ggml_backend_buffer_free(buf);
-    ggml_free(wctx);
-    return s;
-}
-
-BenchTime bench_attention(int64_t d, int64_t heads, int64_t l, bool flash, int threads, int reps) {
-    if (d < 1 || heads < 1 || l < 1 || d * heads * l > (int64_t(1) << 28)) fail_value("bench_attention sizes out of range");
-    Backend backend("cpu", threads);
-    GraphRunner runner(backend, 32);
-    runner.prepare("fa", [&](ggml_context *ctx) {
-        Ops o{ctx};
-        o.flash_attn = flash;
-        o.flash_kv_f32 = backend.is_cpu();  // as FluxNet::forward chooses
-        auto in = [&](const char *name) {
-            ggml_tensor *t = ggml_new_tensor_3d(ctx, GGML_TYPE_F32, d, heads, l);
-            ggml_set_name(t, name);
-            ggml_set_input(t);
-            return t;
-        };
-        ggml_tensor *q = in("q"), *k = in("k"), *v = in("v");
-        ggml_tensor *y = attention(o, q, k, v, nullptr, 1.0f / std::sqrt(float(d)));
-        ggml_set_output(y);
-        ggml_cgraph *g = ggml_new_graph_custom(ctx, 32, false);
-        ggml_build_forward_expand(g, y);
-        return g;
-    });
-    for (const char *name : {"q", "k", "v"}) runner.set_input_f32(name, random_values(size_t(d * heads * l), 1.0f, 3));
-    return median_seconds(runner, reps);
 }
 
 }  // namespace fm

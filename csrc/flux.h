@@ -1,8 +1,7 @@
 // FLUX.1 MMDiT (double + single stream blocks), MODEL.md §2-3. Sizes come from tensor shapes.
 #pragma once
 
-#include "backend.h"
-#include "weights.h"
+#include "network.h"
 
 #include <memory>
 #include <string>
@@ -19,44 +18,26 @@ struct FluxConfig {
     std::vector<std::pair<std::string, int64_t>> items() const;
 };
 
-class FluxNet {
+class FluxNet final : public Network {
 public:
     // Infers the configuration and checks every tensor's shape; reads no weight data.
-    FluxNet(Backend &backend, const ComponentWeights &weights);
-    ~FluxNet();
-    const FluxConfig &config() const;
-    void load();     // materialises the weights (no-op when loaded)
-    void release();  // frees weights and compute memory
-    bool loaded() const;
-    size_t weight_bytes() const;
-    void set_flash_attn(bool on);
+    FluxNet(Backend &backend, const ComponentWeights &weights, const EngineOptions &options);
+    ~FluxNet() override;
+    const FluxConfig &config() const { return cfg_; }
+    ConfigItems config_items() const override { return cfg_.items(); }
 
     // latent [16, h, w] (channel-major float32), txt [n_txt, context_dim], pooled [vec_dim];
-    // returns the velocity [16, h, w].
+    // returns the velocity [16, h, w]. cancel: the call's token (may be null).
     std::vector<float> forward(const float *latent, int64_t h, int64_t w, float sigma, float guidance,
-                               const float *txt, int64_t n_txt, const float *pooled);
+                               const float *txt, int64_t n_txt, const float *pooled, const CancelToken *cancel);
 
 private:
-    struct Impl;
-    std::unique_ptr<Impl> impl_;
+    struct Layers;  // the parameter handles, flux.cpp
+    ggml_cgraph *build(ggml_context *ctx, int64_t l_img, int64_t l_txt, bool exact, bool flash, bool kv_f32) const;
+
+    FluxConfig cfg_;
+    int64_t temb_dim_ = 256;
+    std::unique_ptr<Layers> layers_;
 };
-
-}  // namespace fm
-
-namespace fm {
-
-// Micro-benchmarks for benchmarks/bench_flux.py (the matmul-bound estimate): median wall-clock
-// seconds and median process CPU seconds (all threads; less sensitive to other processes on a
-// shared machine) of one F32-activation matmul of a [k -> n] weight of `type` (placed as the
-// model's weights are, repacked where ggml has a kernel) over m tokens, and of one attention of
-// `heads` heads of d over l tokens as the Flux graph computes it on the CPU (flash: F32 K/V;
-// else the explicit F32 softmax). CPU backend, `threads` threads.
-struct BenchTime {
-    double wall = 0, cpu = 0;
-};
-// ggml_only: ggml's matmul even where the engine would use its own kernel (cpu_qmatmul.h).
-BenchTime bench_mul_mat(const std::string &type, int64_t k, int64_t n, int64_t m, int threads, int reps,
-                        bool ggml_only = false);
-BenchTime bench_attention(int64_t d, int64_t heads, int64_t l, bool flash, int threads, int reps);
 
 }  // namespace fm

@@ -9,19 +9,27 @@ namespace fm {
 
 Ops::Ops(ggml_context *c, const Backend &backend) : ctx(c), own_qmatmul(backend.own_qmatmul()) {}
 
-ggml_tensor *linear(const Ops &o, ggml_tensor *x, ggml_tensor *w, ggml_tensor *b) {
-    if (o.own_qmatmul && qmatmul_shape(w) && x->type == GGML_TYPE_F32 && (!b || b->type == GGML_TYPE_F32))
-        return qmatmul_op(o.ctx, w, x, b);  // bias fused
-    ggml_tensor *y = ggml_mul_mat(o.ctx, w, x);
-    if (o.f32_matmul) ggml_mul_mat_set_prec(y, GGML_PREC_F32);
-    if (b) y = ggml_add(o.ctx, y, b);
+ggml_tensor *linear(const Ops &o, ggml_tensor *x, const Linear &p) {
+    ggml_tensor *w = p.w, *b = p.b;
+    ggml_tensor *y;
+    if (o.own_qmatmul && qmatmul_shape(w) && x->type == GGML_TYPE_F32 && (!b || b->type == GGML_TYPE_F32)) {
+        y = qmatmul_op(o.ctx, w, x, b);  // bias fused
+    } else {
+        y = ggml_mul_mat(o.ctx, w, x);
+        if (o.f32_matmul) ggml_mul_mat_set_prec(y, GGML_PREC_F32);
+        if (b) y = ggml_add(o.ctx, y, b);
+    }
+    for (const LowRankAdapter &a : p.adapters) {
+        ggml_tensor *d = ggml_mul_mat(o.ctx, a.up, ggml_mul_mat(o.ctx, a.down, x));
+        y = ggml_add(o.ctx, y, a.scale == 1.0f ? d : ggml_scale(o.ctx, d, a.scale));
+    }
     return y;
 }
 
-ggml_tensor *layer_norm(const Ops &o, ggml_tensor *x, ggml_tensor *w, ggml_tensor *b, float eps) {
+ggml_tensor *layer_norm(const Ops &o, ggml_tensor *x, const Norm &p, float eps) {
     ggml_tensor *y = ggml_norm(o.ctx, x, eps);
-    if (w) y = ggml_mul(o.ctx, y, w);
-    if (b) y = ggml_add(o.ctx, y, b);
+    if (p.w) y = ggml_mul(o.ctx, y, p.w);
+    if (p.b) y = ggml_add(o.ctx, y, p.b);
     return y;
 }
 
@@ -31,11 +39,11 @@ ggml_tensor *rms_norm(const Ops &o, ggml_tensor *x, ggml_tensor *w, float eps) {
     return y;
 }
 
-ggml_tensor *group_norm(const Ops &o, ggml_tensor *x, ggml_tensor *w, ggml_tensor *b, int groups, float eps) {
+ggml_tensor *group_norm(const Ops &o, ggml_tensor *x, const Norm &p, int groups, float eps) {
     ggml_tensor *y = ggml_group_norm(o.ctx, x, groups, eps);
     const int64_t c = x->ne[2];
-    if (w) y = ggml_mul(o.ctx, y, ggml_reshape_4d(o.ctx, w, 1, 1, c, 1));
-    if (b) y = ggml_add(o.ctx, y, ggml_reshape_4d(o.ctx, b, 1, 1, c, 1));
+    if (p.w) y = ggml_mul(o.ctx, y, ggml_reshape_4d(o.ctx, p.w, 1, 1, c, 1));
+    if (p.b) y = ggml_add(o.ctx, y, ggml_reshape_4d(o.ctx, p.b, 1, 1, c, 1));
     return y;
 }
 

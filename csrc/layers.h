@@ -7,6 +7,8 @@
 
 #include <ggml.h>
 
+#include <vector>
+
 namespace fm {
 
 class Backend;
@@ -30,15 +32,36 @@ struct Ops {
     bool own_qmatmul = false;
 };
 
-// y = x·Wᵀ + b; x [in, n...], W ne=[in, out]; b may be null.
-ggml_tensor *linear(const Ops &o, ggml_tensor *x, ggml_tensor *w, ggml_tensor *b);
+// A low-rank adapter of a linear layer: y += scale · up(down(x)), down ne=[in, rank], up
+// ne=[rank, out]. Nothing fills these yet; LoRA will.
+struct LowRankAdapter {
+    ggml_tensor *down = nullptr, *up = nullptr;
+    float scale = 1.0f;
+};
 
-// LayerNorm over ne[0]; w/b may be null (no affine).
-ggml_tensor *layer_norm(const Ops &o, ggml_tensor *x, ggml_tensor *w, ggml_tensor *b, float eps);
+// Everything a linear layer computes with. Networks hold one per layer and pass it to linear()
+// whole, so whatever changes how a linear runs (adapters, weights streamed per layer) is written
+// once, in linear().
+struct Linear {
+    ggml_tensor *w = nullptr;  // ne=[in, out]
+    ggml_tensor *b = nullptr;  // [out] or null
+    std::vector<LowRankAdapter> adapters;
+};
+
+// The affine parameters of a normalisation (either may be null).
+struct Norm {
+    ggml_tensor *w = nullptr, *b = nullptr;
+};
+
+// y = x·Wᵀ + b (+ the adapters); x [in, n...].
+ggml_tensor *linear(const Ops &o, ggml_tensor *x, const Linear &p);
+
+// LayerNorm over ne[0] with the affine p (w/b may be null: no affine).
+ggml_tensor *layer_norm(const Ops &o, ggml_tensor *x, const Norm &p, float eps);
 // RMSNorm over ne[0] times w (w may be null).
 ggml_tensor *rms_norm(const Ops &o, ggml_tensor *x, ggml_tensor *w, float eps);
-// GroupNorm of an image x [W, H, C, N] with per-channel affine w, b [C].
-ggml_tensor *group_norm(const Ops &o, ggml_tensor *x, ggml_tensor *w, ggml_tensor *b, int groups, float eps);
+// GroupNorm of an image x [W, H, C, N] with per-channel affine p [C].
+ggml_tensor *group_norm(const Ops &o, ggml_tensor *x, const Norm &p, int groups, float eps);
 
 ggml_tensor *gelu_tanh(const Ops &o, ggml_tensor *x);   // tanh-approximated GELU
 ggml_tensor *quick_gelu(const Ops &o, ggml_tensor *x);  // x·sigmoid(1.702x)

@@ -1,16 +1,21 @@
-// A loaded FLUX.1-mini: the files, the backend and the four networks.
+// A loaded FLUX.1-mini: the files, the backend and the four networks, one per Component.
 //
-// Thread-safety: one Model may be shared between threads; its public methods serialise on an
-// internal mutex (a second caller waits). interrupt() may be called from any thread at any time.
+// Thread-safety: one Model may be shared between threads. Every call into it goes through a
+// Model::Call, which holds the model's mutex (a second caller waits) and sets the calling thread's
+// log verbosity to the model's. Cancellation is per call: each call takes a CancelToken that any
+// thread may cancel, which stops that call only.
 #pragma once
 
 #include "backend.h"
 #include "clip.h"
 #include "flux.h"
+#include "network.h"
+#include "options.h"
 #include "t5.h"
 #include "vae.h"
 #include "weights.h"
 
+#include <array>
 #include <map>
 #include <memory>
 #include <mutex>
@@ -19,14 +24,17 @@
 
 namespace fm {
 
+constexpr std::array<Component, 4> kComponents = {Component::Diffusion, Component::ClipL, Component::T5xxl,
+                                                  Component::Vae};
+
 struct ModelParams {
     std::string path, clip_l, t5xxl, vae;
     std::string backend = "cpu";
-    int threads = 0;                                  // 0 = physical cores
-    std::vector<std::string> components = {"diffusion", "clip_l", "t5xxl", "vae"};  // required
-    bool flash_attn = true;
-    int verbosity = 0;
+    int threads = 0;                                                  // 0 = physical cores
+    std::vector<Component> components{kComponents.begin(), kComponents.end()};  // required
+    EngineOptions options = engine_default_params();
 };
+// The defaults (options without the environment: the bindings apply engine_options_from_env()).
 ModelParams model_default_params();
 
 struct ComponentInfo {
@@ -36,13 +44,24 @@ struct ComponentInfo {
     std::map<std::string, int64_t> tensors_per_type;  // type name -> count
     int64_t parameters = 0;
     int64_t bytes = 0;                                 // bytes in the file(s)
-    std::vector<std::pair<std::string, int64_t>> config;
+    ConfigItems config;
 };
 
 class Model {
 public:
     explicit Model(const ModelParams &params);
     ~Model();
+
+    // Held for the duration of every call into the model: serialises callers, and logs at the
+    // model's verbosity on the calling thread.
+    class Call {
+    public:
+        explicit Call(Model &m) : lock_(m.mutex_), verbosity_(m.options_.verbosity) {}
+
+    private:
+        std::lock_guard<std::mutex> lock_;
+        VerbosityScope verbosity_;
+    };
 
     std::vector<ComponentInfo> info() const;
     std::vector<std::string> ignored_tensors() const { return weights_->ignored(); }
@@ -52,26 +71,27 @@ public:
     std::string kernels() const;
     int threads() const { return backend_->threads(); }
     void set_threads(int n);
-    void interrupt() { backend_->interrupt_flag().store(true); }
+    const EngineOptions &options() const { return options_; }
+    // ggml's per-op timings on stderr for every graph run (benchmarks); the one option that may
+    // change after load.
+    void set_profile(bool on) { options_.profile = on; }
 
-    FluxNet &flux();
-    ClipNet &clip();
-    T5Net &t5();
-    VaeNet &vae();
+    // The network of a component, or a FluxMiniValueError saying which file to pass.
+    Network &net(Component c);
+    FluxNet &flux() { return static_cast<FluxNet &>(net(Component::Diffusion)); }
+    ClipNet &clip() { return static_cast<ClipNet &>(net(Component::ClipL)); }
+    T5Net &t5() { return static_cast<T5Net &>(net(Component::T5xxl)); }
+    VaeNet &vae() { return static_cast<VaeNet &>(net(Component::Vae)); }
     // Frees a component's weights and compute memory and drops its file pages from memory.
-    void release(const std::string &component);
-    std::mutex &mutex() { return mutex_; }
+    void release(Component c);
 
 private:
-    [[noreturn]] void missing(const char *component) const;
+    [[noreturn]] void missing(Component c) const;
 
-    ModelParams params_;
+    EngineOptions options_;
     std::unique_ptr<Backend> backend_;
     std::unique_ptr<WeightSet> weights_;
-    std::unique_ptr<FluxNet> flux_;
-    std::unique_ptr<ClipNet> clip_;
-    std::unique_ptr<T5Net> t5_;
-    std::unique_ptr<VaeNet> vae_;
+    std::array<std::unique_ptr<Network>, kComponents.size()> nets_;
     std::mutex mutex_;
 };
 

@@ -11,7 +11,6 @@
 
 #include "common.h"
 #include "layers.h"
-#include "params.h"
 
 #include <cmath>
 #include <string>
@@ -65,111 +64,96 @@ int32_t relative_bucket(int64_t rel, int64_t num_buckets, int max_distance) {
 }
 
 struct T5Block {
-    ggml_tensor *ln0, *q, *k, *v, *o, *ln1, *wi0, *wi1, *wo;
+    ggml_tensor *ln0 = nullptr, *ln1 = nullptr;  // RMSNorm weights
+    Linear q, k, v, o, wi0, wi1, wo;
 };
 }  // namespace
 
-struct T5Net::Impl {
-    Backend &backend;
-    T5Config cfg;
-    ParamStore params;
-    GraphRunner runner;
+struct T5Net::Layers {
     ggml_tensor *shared = nullptr, *rel_bias = nullptr, *final_ln = nullptr;
     std::vector<T5Block> blocks;
-    std::vector<int32_t> buckets;  // bucket index per (query, key), for the current length
-    int64_t buckets_len = 0;
-
-    Impl(Backend &b, const ComponentWeights &w) : backend(b), cfg(T5Config::infer(w)), params(b, w), runner(b) {
-        const int64_t dm = cfg.d_model, inner = cfg.heads * cfg.d_kv, ff = cfg.d_ff;
-        shared = params.declare("shared.weight", ParamKind::Embedding, {dm, cfg.vocab});
-        // Small table read per (query, key) pair; stored quantized in gpustack's Q files.
-        rel_bias = params.declare("encoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight",
-                                  ParamKind::F32, {cfg.heads, cfg.buckets});
-        for (int64_t i = 0; i < cfg.layers; ++i) {
-            const std::string p = "encoder.block." + std::to_string(i) + ".layer.";
-            auto mat = [&](const std::string &n, int64_t in, int64_t out) {
-                return params.declare(p + n, ParamKind::Matmul, {in, out});
-            };
-            T5Block B;
-            B.ln0 = params.declare(p + "0.layer_norm.weight", ParamKind::F32, {dm});
-            B.q = mat("0.SelfAttention.q.weight", dm, inner);
-            B.k = mat("0.SelfAttention.k.weight", dm, inner);
-            B.v = mat("0.SelfAttention.v.weight", dm, inner);
-            B.o = mat("0.SelfAttention.o.weight", inner, dm);
-            B.ln1 = params.declare(p + "1.layer_norm.weight", ParamKind::F32, {dm});
-            B.wi0 = mat("1.DenseReluDense.wi_0.weight", dm, ff);
-            B.wi1 = mat("1.DenseReluDense.wi_1.weight", dm, ff);
-            B.wo = mat("1.DenseReluDense.wo.weight", ff, dm);
-            blocks.push_back(B);
-        }
-        final_ln = params.declare("encoder.final_layer_norm.weight", ParamKind::F32, {dm});
-    }
-
-    // Graph for n tokens: ids [n], buckets [n·n] -> last hidden state [d_model, n] ("hidden").
-    ggml_cgraph *build(ggml_context *ctx, int64_t n) {
-        Ops o{ctx, backend};
-        o.exact = params.all_f32();
-        o.flash_attn = false;  // the bias must be added in F32 (flash attention takes an F16 mask)
-        o.f32_matmul = true;   // T5-XXL activations exceed the F16 range
-        const int64_t heads = cfg.heads, dkv = cfg.d_kv;
-        ggml_tensor *ids = ggml_new_tensor_1d(ctx, GGML_TYPE_I32, n);
-        ggml_set_name(ids, "ids");
-        ggml_set_input(ids);
-        ggml_tensor *bidx = ggml_new_tensor_1d(ctx, GGML_TYPE_I32, n * n);
-        ggml_set_name(bidx, "buckets");
-        ggml_set_input(bidx);
-
-        // bias [Lk, Lq, H]: rows of the table [H, buckets] picked per (query, key).
-        ggml_tensor *bias = ggml_get_rows(ctx, rel_bias, bidx);            // [H, n·n], key fastest
-        bias = ggml_reshape_3d(ctx, bias, heads, n, n);                    // [H, Lk, Lq]
-        bias = ggml_cont(ctx, ggml_permute(ctx, bias, 2, 0, 1, 3));        // [Lk, Lq, H]
-
-        ggml_tensor *x = ggml_get_rows(ctx, shared, ids);  // [d_model, n]
-        for (const T5Block &B : blocks) {
-            ggml_tensor *y = rms_norm(o, x, B.ln0, kT5Eps);
-            ggml_tensor *q = ggml_reshape_3d(ctx, linear(o, y, B.q, nullptr), dkv, heads, n);
-            ggml_tensor *k = ggml_reshape_3d(ctx, linear(o, y, B.k, nullptr), dkv, heads, n);
-            ggml_tensor *v = ggml_reshape_3d(ctx, linear(o, y, B.v, nullptr), dkv, heads, n);
-            x = ggml_add(ctx, x, linear(o, attention(o, q, k, v, bias, 1.0f), B.o, nullptr));
-            y = rms_norm(o, x, B.ln1, kT5Eps);
-            ggml_tensor *g = gelu_tanh(o, linear(o, y, B.wi0, nullptr));
-            ggml_tensor *u = linear(o, y, B.wi1, nullptr);
-            x = ggml_add(ctx, x, linear(o, ggml_mul(ctx, g, u), B.wo, nullptr));
-        }
-        x = rms_norm(o, x, final_ln, kT5Eps);
-        ggml_set_name(x, "hidden");
-        ggml_set_output(x);
-        ggml_cgraph *g = ggml_new_graph_custom(ctx, 8192, false);
-        ggml_build_forward_expand(g, x);
-        return g;
-    }
-
-    const std::vector<int32_t> &bucket_indices(int64_t n) {
-        if (buckets_len != n) {
-            buckets.resize(size_t(n * n));
-            for (int64_t i = 0; i < n; ++i)      // query
-                for (int64_t j = 0; j < n; ++j)  // key
-                    buckets[size_t(i * n + j)] = relative_bucket(j - i, cfg.buckets, kT5MaxDistance);
-            buckets_len = n;
-        }
-        return buckets;
-    }
 };
 
-T5Net::T5Net(Backend &backend, const ComponentWeights &weights) : impl_(new Impl(backend, weights)) {}
-T5Net::~T5Net() = default;
-const T5Config &T5Net::config() const { return impl_->cfg; }
-void T5Net::load() { impl_->params.materialize(); }
-void T5Net::release() {
-    impl_->runner.release();
-    impl_->params.release();
+T5Net::T5Net(Backend &b, const ComponentWeights &w, const EngineOptions &options)
+    : Network(b, w, options), cfg_(T5Config::infer(w)), layers_(new Layers) {
+    Layers &P = *layers_;
+    const int64_t dm = cfg_.d_model, inner = cfg_.heads * cfg_.d_kv, ff = cfg_.d_ff;
+    P.shared = params_.declare("shared.weight", ParamKind::Embedding, {dm, cfg_.vocab});
+    // Small table read per (query, key) pair; stored quantized in gpustack's Q files.
+    P.rel_bias = declare_f32("encoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight",
+                             {cfg_.heads, cfg_.buckets});
+    for (int64_t i = 0; i < cfg_.layers; ++i) {
+        const std::string p = "encoder.block." + std::to_string(i) + ".layer.";
+        auto mat = [&](const std::string &n, int64_t in, int64_t out) { return declare_linear(p + n, in, out, false); };
+        T5Block B;
+        B.ln0 = declare_f32(p + "0.layer_norm.weight", {dm});
+        B.q = mat("0.SelfAttention.q", dm, inner);
+        B.k = mat("0.SelfAttention.k", dm, inner);
+        B.v = mat("0.SelfAttention.v", dm, inner);
+        B.o = mat("0.SelfAttention.o", inner, dm);
+        B.ln1 = declare_f32(p + "1.layer_norm.weight", {dm});
+        B.wi0 = mat("1.DenseReluDense.wi_0", dm, ff);
+        B.wi1 = mat("1.DenseReluDense.wi_1", dm, ff);
+        B.wo = mat("1.DenseReluDense.wo", ff, dm);
+        P.blocks.push_back(B);
+    }
+    P.final_ln = declare_f32("encoder.final_layer_norm.weight", {dm});
 }
-bool T5Net::loaded() const { return impl_->params.bytes() > 0; }
-size_t T5Net::weight_bytes() const { return impl_->params.bytes(); }
 
-std::vector<float> T5Net::encode(const int32_t *ids, int64_t n) {
-    Impl &m = *impl_;
-    const T5Config &c = m.cfg;
+T5Net::~T5Net() = default;
+
+// Graph for n tokens: ids [n], buckets [n·n] -> last hidden state [d_model, n] ("hidden").
+ggml_cgraph *T5Net::build(ggml_context *ctx, int64_t n) const {
+    const Layers &P = *layers_;
+    Ops o = ops(ctx);
+    o.flash_attn = false;  // the bias must be added in F32 (flash attention takes an F16 mask)
+    o.f32_matmul = true;   // T5-XXL activations exceed the F16 range
+    const int64_t heads = cfg_.heads, dkv = cfg_.d_kv;
+    ggml_tensor *ids = ggml_new_tensor_1d(ctx, GGML_TYPE_I32, n);
+    ggml_set_name(ids, "ids");
+    ggml_set_input(ids);
+    ggml_tensor *bidx = ggml_new_tensor_1d(ctx, GGML_TYPE_I32, n * n);
+    ggml_set_name(bidx, "buckets");
+    ggml_set_input(bidx);
+
+    // bias [Lk, Lq, H]: rows of the table [H, buckets] picked per (query, key).
+    ggml_tensor *bias = ggml_get_rows(ctx, P.rel_bias, bidx);          // [H, n·n], key fastest
+    bias = ggml_reshape_3d(ctx, bias, heads, n, n);                    // [H, Lk, Lq]
+    bias = ggml_cont(ctx, ggml_permute(ctx, bias, 2, 0, 1, 3));        // [Lk, Lq, H]
+
+    ggml_tensor *x = ggml_get_rows(ctx, P.shared, ids);  // [d_model, n]
+    for (const T5Block &B : P.blocks) {
+        ggml_tensor *y = rms_norm(o, x, B.ln0, kT5Eps);
+        ggml_tensor *q = ggml_reshape_3d(ctx, linear(o, y, B.q), dkv, heads, n);
+        ggml_tensor *k = ggml_reshape_3d(ctx, linear(o, y, B.k), dkv, heads, n);
+        ggml_tensor *v = ggml_reshape_3d(ctx, linear(o, y, B.v), dkv, heads, n);
+        x = ggml_add(ctx, x, linear(o, attention(o, q, k, v, bias, 1.0f), B.o));
+        y = rms_norm(o, x, B.ln1, kT5Eps);
+        ggml_tensor *g = gelu_tanh(o, linear(o, y, B.wi0));
+        ggml_tensor *u = linear(o, y, B.wi1);
+        x = ggml_add(ctx, x, linear(o, ggml_mul(ctx, g, u), B.wo));
+    }
+    x = rms_norm(o, x, P.final_ln, kT5Eps);
+    ggml_set_name(x, "hidden");
+    ggml_set_output(x);
+    ggml_cgraph *g = ggml_new_graph_custom(ctx, 8192, false);
+    ggml_build_forward_expand(g, x);
+    return g;
+}
+
+const std::vector<int32_t> &T5Net::bucket_indices(int64_t n) {
+    if (buckets_len_ != n) {
+        buckets_.resize(size_t(n * n));
+        for (int64_t i = 0; i < n; ++i)      // query
+            for (int64_t j = 0; j < n; ++j)  // key
+                buckets_[size_t(i * n + j)] = relative_bucket(j - i, cfg_.buckets, kT5MaxDistance);
+        buckets_len_ = n;
+    }
+    return buckets_;
+}
+
+std::vector<float> T5Net::encode(const int32_t *ids, int64_t n, const CancelToken *cancel) {
+    const T5Config &c = cfg_;
     if (n <= 0) fail_value("T5 needs at least one token id (tokenize_t5 gives them), got none");
     if (n > kT5MaxTokens)
         fail_value("T5 input has %lld token ids; at most %lld are encoded at once (Flux uses 256 or 512)",
@@ -179,11 +163,11 @@ std::vector<float> T5Net::encode(const int32_t *ids, int64_t n) {
             fail_value("T5 token id %lld at position %lld is outside the vocabulary [0, %lld)", (long long)ids[i],
                        (long long)i, (long long)c.vocab);
     load();
-    m.runner.prepare("t5-" + std::to_string(n), [&](ggml_context *ctx) { return m.build(ctx, n); });
-    m.runner.set_input("ids", ids, size_t(n) * sizeof(int32_t));
-    m.runner.set_input_i32("buckets", m.bucket_indices(n));
-    m.runner.compute();
-    std::vector<float> out = m.runner.get_output("hidden");
+    runner_.prepare("t5-" + std::to_string(n), [&](ggml_context *ctx) { return build(ctx, n); });
+    runner_.set_input("ids", ids, size_t(n) * sizeof(int32_t));
+    runner_.set_input_i32("buckets", bucket_indices(n));
+    runner_.compute(cancel);
+    std::vector<float> out = runner_.get_output("hidden");
     for (float v : out)
         if (!std::isfinite(v))
             fail_runtime("the T5 encoder produced non-finite values (an activation outside the F16 range with F16 "

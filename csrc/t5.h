@@ -1,8 +1,7 @@
 // T5 v1.1 encoder (T5-XXL in Flux), MODEL.md §7. Sizes come from tensor shapes.
 #pragma once
 
-#include "backend.h"
-#include "weights.h"
+#include "network.h"
 
 #include <memory>
 #include <string>
@@ -17,22 +16,26 @@ struct T5Config {
     std::vector<std::pair<std::string, int64_t>> items() const;
 };
 
-class T5Net {
+class T5Net final : public Network {
 public:
-    T5Net(Backend &backend, const ComponentWeights &weights);
-    ~T5Net();
-    const T5Config &config() const;
-    void load();
-    void release();
-    bool loaded() const;
-    size_t weight_bytes() const;
+    T5Net(Backend &backend, const ComponentWeights &weights, const EngineOptions &options);
+    ~T5Net() override;
+    const T5Config &config() const { return cfg_; }
+    ConfigItems config_items() const override { return cfg_.items(); }
 
-    // ids [n]; returns the last hidden state [n, d_model] (no attention mask).
-    std::vector<float> encode(const int32_t *ids, int64_t n);
+    // ids [n]; returns the last hidden state [n, d_model] (no attention mask). cancel: the
+    // call's token (may be null).
+    std::vector<float> encode(const int32_t *ids, int64_t n, const CancelToken *cancel);
 
 private:
-    struct Impl;
-    std::unique_ptr<Impl> impl_;
+    struct Layers;  // the parameter handles, t5.cpp
+    ggml_cgraph *build(ggml_context *ctx, int64_t n) const;
+    const std::vector<int32_t> &bucket_indices(int64_t n);
+
+    T5Config cfg_;
+    std::unique_ptr<Layers> layers_;
+    std::vector<int32_t> buckets_;  // bucket index per (query, key), for the current length
+    int64_t buckets_len_ = 0;
 };
 
 }  // namespace fm

@@ -21,7 +21,6 @@
 #include "common.h"
 #include "cpu_conv.h"
 #include "layers.h"
-#include "params.h"
 
 #include <ggml-alloc.h>
 #include <ggml-backend.h>
@@ -93,15 +92,12 @@ constexpr float kEps = 1e-6f;
 struct ConvP {
     ggml_tensor *w = nullptr, *b = nullptr;
 };
-struct NormP {
-    ggml_tensor *w = nullptr, *b = nullptr;
-};
 struct ResnetP {
-    NormP norm1, norm2;
+    Norm norm1, norm2;
     ConvP conv1, conv2, skip;  // skip.w null when cin == cout
 };
 struct AttnP {
-    NormP norm;
+    Norm norm;
     ConvP q, k, v, proj;
 };
 struct LevelP {
@@ -113,14 +109,14 @@ struct DecoderP {
     ResnetP mid1, mid2;
     AttnP attn;
     std::vector<LevelP> up;  // indexed by level (up[levels-1] runs first)
-    NormP norm_out;
+    Norm norm_out;
 };
 struct EncoderP {
     ConvP conv_in, conv_out;
     std::vector<LevelP> down;
     ResnetP mid1, mid2;
     AttnP attn;
-    NormP norm_out;
+    Norm norm_out;
 };
 
 // smootherstep on [0, 1]: u³(u(6u − 15) + 10); s(u) + s(1 − u) = 1.
@@ -169,11 +165,15 @@ std::vector<std::vector<float>> axis_weights(const std::vector<int64_t> &starts,
 
 }  // namespace
 
+// The VAE's own state and math; the parameter store, the graph runner and the options are the
+// Network base's.
 struct VaeNet::Impl {
     Backend &backend;
     const ComponentWeights &weights;
+    const EngineOptions &options;
     VaeConfig cfg;
-    ParamStore params;
+    ParamStore &params;
+    GraphRunner &runner;
     DecoderP dec;
     EncoderP enc;
     // Convolution. On an AVX2 CPU: our own (cpu_conv.h; 2.5x ggml's im2col + F32 matmul in the
@@ -182,21 +182,19 @@ struct VaeNet::Impl {
     // bands of output rows, or ggml_conv_2d_direct. Both ggml forms bound memory; on one thread
     // they run at the same speed, but conv_2d_direct synchronises its threads twice per batch of
     // ~16 MiB of patches, hundreds of times per convolution, which costs up to 2x on a loaded
-    // machine (measured here). FLUXMINI_VAE_CONV=im2col|direct picks a ggml form (tests, benchmarks).
-    bool conv_direct = false;
-    bool conv_own = true;
-    size_t band_bytes = size_t(64) << 20;
-    GraphRunner runner;
+    // machine (measured here). EngineOptions::vae_conv (FLUXMINI_VAE_CONV=im2col|direct) picks a
+    // ggml form (tests, benchmarks).
+    const bool conv_direct;
+    const bool conv_own;
+    const size_t band_bytes;
     int last_tiles = 0;
     size_t last_compute = 0;
 
-    Impl(Backend &b, const ComponentWeights &w) : backend(b), weights(w), cfg(VaeConfig::infer(w)), params(b, w), runner(b, kMaxNodes) {
-        if (const char *e = std::getenv("FLUXMINI_VAE_CONV")) {
-            if (!std::strcmp(e, "im2col") || !std::strcmp(e, "banded")) conv_own = false;
-            else if (!std::strcmp(e, "direct")) conv_own = false, conv_direct = true;
-        }
-        if (const char *e = std::getenv("FLUXMINI_VAE_BAND_KB"))
-            if (size_t kb = size_t(std::strtoull(e, nullptr, 10))) band_bytes = kb << 10;
+    Impl(VaeNet &net, const ComponentWeights &w)
+        : backend(net.backend_), weights(w), options(net.options_), cfg(VaeConfig::infer(w)), params(net.params_),
+          runner(net.runner_), conv_direct(options.vae_conv == VaeConv::Direct),
+          conv_own(options.vae_conv == VaeConv::Own), band_bytes(options.vae_band_bytes) {
+        runner.set_max_nodes(kMaxNodes);
         declare_decoder();
         if (cfg.has_encoder) declare_encoder();
     }
@@ -208,8 +206,8 @@ struct VaeNet::Impl {
         c.b = params.declare(p + ".bias", ParamKind::F32, {cout});
         return c;
     }
-    NormP norm_p(const std::string &p, int64_t c) {
-        NormP n;
+    Norm norm_p(const std::string &p, int64_t c) {
+        Norm n;
         n.w = params.declare(p + ".weight", ParamKind::F32, {c});
         n.b = params.declare(p + ".bias", ParamKind::F32, {c});
         return n;
@@ -352,9 +350,7 @@ struct VaeNet::Impl {
         return ggml_reshape_4d(ctx, y, OW, OH, cout, 1);
     }
 
-    static ggml_tensor *norm(const Ops &o, ggml_tensor *x, const NormP &n) {
-        return group_norm(o, x, n.w, n.b, kGroups, kEps);
-    }
+    static ggml_tensor *norm(const Ops &o, ggml_tensor *x, const Norm &n) { return group_norm(o, x, n, kGroups, kEps); }
 
     ggml_tensor *resnet(const Ops &o, ggml_tensor *x, const ResnetP &r) const {
         ggml_tensor *h = conv(o, silu(o, norm(o, x, r.norm1)), r.conv1, 1, 1);
@@ -370,7 +366,10 @@ struct VaeNet::Impl {
         ggml_tensor *h = norm(o, x, a.norm);
         ggml_tensor *t = ggml_cont(ctx, ggml_transpose(ctx, ggml_reshape_2d(ctx, h, L, C)));  // [C, L]
         auto proj = [&](const ConvP &c, ggml_tensor *in) {  // 1x1 conv on tokens = linear
-            return linear(o, in, ggml_reshape_2d(ctx, c.w, C, C), c.b);
+            Linear l;
+            l.w = ggml_reshape_2d(ctx, c.w, C, C);
+            l.b = c.b;
+            return linear(o, in, l);
         };
         ggml_tensor *q = proj(a.q, t), *k = proj(a.k, t), *v = proj(a.v, t);  // [C, L] each
         const float scale = 1.0f / std::sqrt(float(C));
@@ -482,7 +481,8 @@ struct VaeNet::Impl {
     //
     // in: [in_c, in_h, in_w]; out: [out_c, out_h, out_w] with in = lat·fin, out = lat·fout where
     // lat is the latent grid (h, w) the tiles are laid on.
-    std::vector<float> run_tiled(bool decoder, const float *in, int64_t lat_h, int64_t lat_w, const VaeTiling &tiling) {
+    std::vector<float> run_tiled(bool decoder, const float *in, int64_t lat_h, int64_t lat_w, const VaeTiling &tiling,
+                                 const CancelToken *cancel) {
         const int64_t S = cfg.scale();
         const int64_t fin = decoder ? 1 : S, fout = decoder ? S : 1;
         const int64_t in_c = decoder ? cfg.z_channels : cfg.in_channels;
@@ -504,9 +504,7 @@ struct VaeNet::Impl {
         load();
         bool tiled = tiling.mode == 1;
         if (tiling.mode == -1 && (lat_h > T || lat_w > T)) {
-            size_t budget = tiling.budget_mb;
-            if (const char *e = std::getenv("FLUXMINI_VAE_BUDGET_MB"))
-                if (*e) budget = size_t(std::strtoull(e, nullptr, 10));
+            const size_t budget = options.vae_budget_mb;
             const size_t need = measure(decoder, in_w, in_h);
             tiled = need > budget * 1048576ull;
             log_info("VAE %s %lldx%lld: an untiled pass needs %.0f MiB (budget %zu MiB): %s",
@@ -533,7 +531,7 @@ struct VaeNet::Impl {
             if (single) {
                 runner.prepare(key, build);
                 runner.set_input(in_name, in, size_t(in_c * in_h * in_w) * 4);
-                runner.compute();
+                runner.compute(cancel);
                 std::vector<float> r = runner.get_output(out_name);
                 std::memcpy(out.data(), r.data(), out.size() * 4);  // encode: the mean comes first
             } else {
@@ -549,7 +547,7 @@ struct VaeNet::Impl {
                                             in + (c * in_h + y0 + y) * in_w + x0, size_t(tin_w) * 4);
                         runner.prepare(key, build);
                         runner.set_input(in_name, tile_in.data(), tile_in.size() * 4);
-                        runner.compute();
+                        runner.compute(cancel);
                         std::vector<float> r = runner.get_output(out_name);
                         if (int64_t(r.size()) != out_c_graph * tout_h * tout_w)
                             fail_runtime("internal error: VAE tile output has %zu values", r.size());
@@ -583,16 +581,10 @@ struct VaeNet::Impl {
     void load() { params.materialize(); }
 };
 
-VaeNet::VaeNet(Backend &backend, const ComponentWeights &weights) : impl_(new Impl(backend, weights)) {}
+VaeNet::VaeNet(Backend &backend, const ComponentWeights &weights, const EngineOptions &options)
+    : Network(backend, weights, options), impl_(new Impl(*this, weights)) {}
 VaeNet::~VaeNet() = default;
 const VaeConfig &VaeNet::config() const { return impl_->cfg; }
-void VaeNet::load() { impl_->load(); }
-void VaeNet::release() {
-    impl_->runner.release();
-    impl_->params.release();
-}
-bool VaeNet::loaded() const { return impl_->params.bytes() > 0; }
-size_t VaeNet::weight_bytes() const { return impl_->params.bytes(); }
 int VaeNet::last_tiles() const { return impl_->last_tiles; }
 size_t VaeNet::last_compute_bytes() const { return impl_->last_compute; }
 bool VaeNet::own_conv() const { return impl_->own_conv(); }
@@ -603,13 +595,15 @@ static void check_side(const char *what, int64_t n) {
                    (long long)kVaeMaxLatentSide);
 }
 
-std::vector<float> VaeNet::decode(const float *z, int64_t h, int64_t w, const VaeTiling &tiling) {
+std::vector<float> VaeNet::decode(const float *z, int64_t h, int64_t w, const VaeTiling &tiling,
+                                  const CancelToken *cancel) {
     check_side("latent height", h);
     check_side("latent width", w);
-    return impl_->run_tiled(true, z, h, w, tiling);
+    return impl_->run_tiled(true, z, h, w, tiling, cancel);
 }
 
-std::vector<float> VaeNet::encode(const float *image, int64_t height, int64_t width, const VaeTiling &tiling) {
+std::vector<float> VaeNet::encode(const float *image, int64_t height, int64_t width, const VaeTiling &tiling,
+                                  const CancelToken *cancel) {
     const VaeConfig &c = impl_->cfg;
     if (!c.has_encoder)
         fail_value("these VAE weights have no encoder (encoder.* tensors); use a VAE file with the encoder for img2img");
@@ -620,7 +614,7 @@ std::vector<float> VaeNet::encode(const float *image, int64_t height, int64_t wi
                    (long long)width, (long long)height, (long long)s);
     check_side("image height / scale", height / s);
     check_side("image width / scale", width / s);
-    return impl_->run_tiled(false, image, height / s, width / s, tiling);
+    return impl_->run_tiled(false, image, height / s, width / s, tiling, cancel);
 }
 
 }  // namespace fm

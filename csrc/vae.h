@@ -1,8 +1,7 @@
 // FLUX autoencoder (16 latent channels), MODEL.md §5, with tiled decode/encode.
 #pragma once
 
-#include "backend.h"
-#include "weights.h"
+#include "network.h"
 
 #include <memory>
 #include <string>
@@ -22,34 +21,32 @@ struct VaeConfig {
 };
 
 struct VaeTiling {
-    int mode = -1;           // -1 auto (tile when an untiled pass would exceed budget), 0 off, 1 on
+    int mode = -1;           // -1 auto (tile when an untiled pass would need a compute buffer larger
+                             // than EngineOptions::vae_budget_mb), 0 off, 1 on
     int tile = 72;           // largest tile side in latent pixels (decode and encode); tiles are
                              // shrunk to cover the image evenly. 72 covers 1024 px (128 latent)
                              // with 2x2 tiles at overlap 16; each tile's decode needs ~1 GiB
     int overlap = -1;        // least overlap of neighbouring tiles in latent pixels (0 <= overlap < tile);
                              // -1: min(16, tile / 4)
-    size_t budget_mb = 1536; // auto mode: largest compute buffer an untiled pass may use
-                             // (the environment variable FLUXMINI_VAE_BUDGET_MB overrides it)
 };
 
 // Largest latent side the VAE accepts (8192 image pixels), and the smallest tile side.
 constexpr int64_t kVaeMaxLatentSide = 1024;
 constexpr int64_t kVaeMinTile = 8;
 
-class VaeNet {
+class VaeNet final : public Network {
 public:
-    VaeNet(Backend &backend, const ComponentWeights &weights);
-    ~VaeNet();
+    VaeNet(Backend &backend, const ComponentWeights &weights, const EngineOptions &options);
+    ~VaeNet() override;
     const VaeConfig &config() const;
-    void load();
-    void release();
-    bool loaded() const;
-    size_t weight_bytes() const;
+    ConfigItems config_items() const override { return config().items(); }
 
-    // z [z_channels, h, w] in VAE space -> image [3, 8h, 8w] (unclamped).
-    std::vector<float> decode(const float *z, int64_t h, int64_t w, const VaeTiling &tiling);
+    // z [z_channels, h, w] in VAE space -> image [3, 8h, 8w] (unclamped). cancel: the call's
+    // token (may be null).
+    std::vector<float> decode(const float *z, int64_t h, int64_t w, const VaeTiling &tiling, const CancelToken *cancel);
     // image [3, H, W] in [-1, 1] -> mean [z_channels, H/8, W/8].
-    std::vector<float> encode(const float *image, int64_t height, int64_t width, const VaeTiling &tiling);
+    std::vector<float> encode(const float *image, int64_t height, int64_t width, const VaeTiling &tiling,
+                              const CancelToken *cancel);
 
     // What the last decode/encode did (for tests and benchmarks): tiles run (1 = untiled) and the
     // compute buffer of its graph in bytes.
@@ -59,7 +56,7 @@ public:
     bool own_conv() const;
 
 private:
-    struct Impl;
+    struct Impl;  // layers, graphs and the tiled driver, vae.cpp
     std::unique_ptr<Impl> impl_;
 };
 

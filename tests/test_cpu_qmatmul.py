@@ -61,7 +61,7 @@ def test_matches_float64_product_of_the_rounded_operands(shape, type_name):
     bias = rng.standard_normal(n).astype(np.float32)
     raw, w_hat = quantized(w, type_name)
     x_hat, d = quantize_activations(x)
-    got = _core.qmatmul(type_name, raw, x, bias, threads=2)
+    got = _core.testing.qmatmul(type_name, raw, x, bias, threads=2)
     assert got.shape == (rows, n) and got.dtype == np.float32
     ref = x_hat @ w_hat.T + bias
     mag = np.abs(x_hat) @ np.abs(w_hat).T + np.abs(bias)
@@ -77,9 +77,9 @@ def test_thread_counts_give_identical_results(type_name):
     rng = np.random.default_rng(3)
     raw, _ = quantized(rng.standard_normal((48, 512)).astype(np.float32), type_name)
     x = rng.standard_normal((20, 512)).astype(np.float32)
-    one = _core.qmatmul(type_name, raw, x, None, threads=1)
+    one = _core.testing.qmatmul(type_name, raw, x, None, threads=1)
     for t in (2, 3, 4):
-        np.testing.assert_array_equal(_core.qmatmul(type_name, raw, x, None, threads=t), one)
+        np.testing.assert_array_equal(_core.testing.qmatmul(type_name, raw, x, None, threads=t), one)
 
 
 def test_bad_arguments_raise():
@@ -87,15 +87,15 @@ def test_bad_arguments_raise():
 
     raw, _ = quantized(np.ones((8, 64), np.float32))
     with pytest.raises(FluxMiniValueError):
-        _core.qmatmul("q4_0", raw, np.zeros((2, 32), np.float32))  # k mismatch
+        _core.testing.qmatmul("q4_0", raw, np.zeros((2, 32), np.float32))  # k mismatch
     with pytest.raises(FluxMiniValueError):
-        _core.qmatmul("q4_0", raw[:4], np.zeros((2, 64), np.float32))  # n not a multiple of 8
+        _core.testing.qmatmul("q4_0", raw[:4], np.zeros((2, 64), np.float32))  # n not a multiple of 8
     with pytest.raises(FluxMiniValueError):
-        _core.qmatmul("q4_0", raw, np.zeros((2, 64), np.float32), np.zeros(3, np.float32))  # bias size
+        _core.testing.qmatmul("q4_0", raw, np.zeros((2, 64), np.float32), np.zeros(3, np.float32))  # bias size
     with pytest.raises(FluxMiniValueError):
-        _core.qmatmul("q8_0", raw, np.zeros((2, 64), np.float32))  # Q4_0 bytes given as Q8_0
+        _core.testing.qmatmul("q8_0", raw, np.zeros((2, 64), np.float32))  # Q4_0 bytes given as Q8_0
     with pytest.raises(FluxMiniValueError):
-        _core.qmatmul("q5_0", raw, np.zeros((2, 64), np.float32))
+        _core.testing.qmatmul("q5_0", raw, np.zeros((2, 64), np.float32))
 
 
 @pytest.mark.parametrize("name", ["q4_0", "q8_0"])
@@ -120,7 +120,7 @@ def test_engine_uses_the_kernel(monkeypatch, name):
     theirs_model = FluxMini.load(G.model_path(name), components=["diffusion"], threads=2)
     theirs = theirs_model.transformer(*args)
     # what `fluxmini info` reports
-    assert ("matmul: fluxmini (AVX-VNNI)" in ours_model.info()["kernels"]) == _core.cpu_qmatmul_available()
+    assert ("matmul: fluxmini (AVX-VNNI)" in ours_model.info()["kernels"]) == _core.testing.cpu_qmatmul_available()
     assert theirs_model.info()["kernels"].startswith("matmul: ggml")
 
     def err(a):
@@ -128,7 +128,7 @@ def test_engine_uses_the_kernel(monkeypatch, name):
 
     assert err(ours) <= tolerance(name) and err(theirs) <= tolerance(name)
     assert err(ours) <= 1.5 * err(theirs) and err(theirs) <= 1.5 * err(ours), (err(ours), err(theirs))
-    assert _core.cpu_qmatmul_available() == (not np.array_equal(ours, theirs))
+    assert _core.testing.cpu_qmatmul_available() == (not np.array_equal(ours, theirs))
 
 
 def test_portable_versions_pass_the_same_tests():
@@ -148,7 +148,7 @@ def test_portable_versions_pass_the_same_tests():
     assert " passed" in r.stdout and "failed" not in r.stdout
     # and they really ran the portable versions:
     check = subprocess.run([sys.executable, "-c", "from fluxmini import _core; "
-                            "print(_core.cpu_qmatmul_available(), _core.cpu_conv2d_available())"],
+                            "print(_core.testing.cpu_qmatmul_available(), _core.testing.cpu_conv2d_available())"],
                            env=dict(os.environ, FLUXMINI_KERNELS="portable"), capture_output=True, text=True)
     assert check.stdout.split() == ["False", "False"], check.stdout + check.stderr
 
@@ -180,4 +180,4 @@ def test_engine_q4_1_against_exact_weights(monkeypatch, tmp_path):
 
     assert 0 < err(ours) <= 3e-2 and 0 < err(theirs) <= 3e-2, (err(ours), err(theirs))
     assert err(ours) <= 1.5 * err(theirs) and err(theirs) <= 1.5 * err(ours), (err(ours), err(theirs))
-    assert _core.cpu_qmatmul_available() == (not np.array_equal(ours, theirs))
+    assert _core.testing.cpu_qmatmul_available() == (not np.array_equal(ours, theirs))

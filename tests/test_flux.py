@@ -126,6 +126,29 @@ def test_graph_built_once_per_size():
     assert builds[0].split()[2].startswith("4x4/7/") and builds[1].split()[2].startswith("4x5/7/"), builds
 
 
+def test_verbosity_is_per_model():
+    """Each model logs at its own verbosity: loading a quiet model after a verbose one does not
+    silence the verbose one, and the quiet one stays quiet."""
+    script = textwrap.dedent(f"""
+        import sys, numpy as np
+        sys.path.insert(0, {os.path.dirname(os.path.abspath(__file__))!r})
+        import make_flux_goldens as G
+        from fluxmini.model import FluxMini
+        loud = FluxMini.load(G.model_path("q4_0"), components=["diffusion"], threads=2, verbose=1)
+        quiet = FluxMini.load(G.model_path("q4_0"), components=["diffusion"], threads=2)
+        t5, pooled = np.zeros((7, 64), np.float32), np.zeros(64, np.float32)
+        print("QUIET", file=sys.stderr, flush=True)
+        quiet.transformer(np.ones((16, 8, 8), np.float32), 0.5, 3.5, t5, pooled)
+        print("LOUD", file=sys.stderr, flush=True)
+        loud.transformer(np.ones((16, 8, 10), np.float32), 0.5, 3.5, t5, pooled)
+    """)
+    r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    quiet_part, loud_part = r.stderr.split("QUIET\n")[1].split("LOUD\n")
+    assert "built and reserved" not in quiet_part and "fluxmini:" not in quiet_part, r.stderr
+    assert "graph 4x5/7/" in loud_part and "built and reserved" in loud_part, r.stderr
+
+
 def test_guidance_input(goldens):
     """guidance_in is used when present (3.5 vs 1.0 differ) and ignored by models without it."""
     i = 0

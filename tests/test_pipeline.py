@@ -273,19 +273,25 @@ def test_callback_progress_and_cancel():
     assert m.calls.count("transformer") == 2 and "vae_decode" not in m.calls
 
 
-def test_engine_cancellation_is_keyboard_interrupt_unless_requested():
-    class Interrupted(FakeModel):
+def test_engine_cancellation_and_ctrl_c_pass_through():
+    """The engine raises Cancelled for a cancelled call (FluxMini.interrupt() or a CancelToken) and
+    KeyboardInterrupt for Ctrl-C itself; the pipeline passes both on unchanged (its own checks
+    come first: nothing after the failing call runs)."""
+    class Cancelling(FakeModel):
         def transformer(self, *a):
-            raise Cancelled("interrupted")  # what the engine raises after SIGINT or interrupt()
+            self.calls.append("transformer")
+            raise Cancelled("cancelled (FluxMini.interrupt() or the call's CancelToken)")
 
-    m = Interrupted()
-    with pytest.raises(KeyboardInterrupt):
-        pipeline.run(m, "", width=16, height=16, steps=2, progress=False)
-    m = Interrupted()
-    m._interrupt_requested = True  # FluxMini.interrupt() sets this
-    with pytest.raises(Cancelled, match="FluxMini.interrupt"):
-        pipeline.run(m, "", width=16, height=16, steps=2, progress=False)
-    assert m._interrupt_requested is False
+    class CtrlC(FakeModel):
+        def transformer(self, *a):
+            self.calls.append("transformer")
+            raise KeyboardInterrupt("interrupted (Ctrl-C)")
+
+    for cls, exc, msg in ((Cancelling, Cancelled, "CancelToken"), (CtrlC, KeyboardInterrupt, "Ctrl-C")):
+        m = cls()
+        with pytest.raises(exc, match=msg):
+            pipeline.run(m, "", width=16, height=16, steps=2, progress=False)
+        assert m.calls.count("transformer") == 1 and "vae_decode" not in m.calls
 
 
 def test_progress_without_tqdm_and_verbose(monkeypatch, capsys):
@@ -518,11 +524,83 @@ def test_cancel_then_model_still_works(tiny, goldens):
     with pytest.raises(Cancelled):
         pipeline.run(tiny, progress=False, callback=lambda s, t, x: steps_seen.append(s) or s < 1, **p)
     assert steps_seen == [1]
-    # interrupt() from inside the run: the next native computation stops, as Cancelled
+    # interrupt() from inside a generation: its next native computation stops, as Cancelled
+    steps_seen.clear()
     with pytest.raises(Cancelled, match="interrupt"):
-        pipeline.run(tiny, progress=False, callback=lambda s, t, x: tiny.interrupt(), **p)
+        tiny.generate(progress=False, callback=lambda s, t, x: steps_seen.append(s) or tiny.interrupt(), **p)
+    assert steps_seen == [1]
     res = pipeline.run(tiny, progress=False, **p)
     assert psnr(res.decoded, goldens["t2i_sdcpp/decoded"]) >= PSNR_BAR
+
+
+def test_cancel_token_stops_its_call_only(tiny, goldens):
+    """Two generations at once on one model, each with its own CancelToken: cancelling A's token
+    from a third thread stops A (Cancelled) and neither B, which runs meanwhile and finishes with
+    the reference image, nor the next call. interrupt() with no call in progress cancels nothing."""
+    import threading
+
+    p = dict(ref.CASES["t2i_sdcpp"])
+    solo = np.asarray(tiny.generate(progress=False, **p))
+    reached = {"a": threading.Event(), "b": threading.Event()}
+    resume = {"a": threading.Event(), "b": threading.Event()}
+    steps = {"a": [], "b": []}
+    tokens = {"a": fluxmini.CancelToken(), "b": fluxmini.CancelToken()}
+    results = {}
+
+    def work(name):
+        def hold(s, t, x):  # wait after step 1 until the main thread lets this generation go on
+            steps[name].append(s)
+            if s == 1:
+                reached[name].set()
+                assert resume[name].wait(300)
+
+        try:
+            results[name] = tiny.generate(progress=False, callback=hold, cancel=tokens[name], **p)
+        except Exception as e:  # noqa: BLE001 - checked below
+            results[name] = e
+
+    threads = {n: threading.Thread(target=work, args=(n,)) for n in ("a", "b")}
+    threads["a"].start()
+    assert reached["a"].wait(300)
+    threads["b"].start()
+    assert reached["b"].wait(300)  # both are between step 1 and step 2 now
+    tokens["a"].cancel()
+    resume["a"].set()
+    threads["a"].join(300)
+    resume["b"].set()
+    threads["b"].join(300)
+    assert isinstance(results["a"], Cancelled) and "CancelToken" in str(results["a"]), results["a"]
+    assert steps["a"] == [1] and steps["b"] == [1, 2, 3, 4]
+    assert tokens["a"].cancelled and not tokens["b"].cancelled
+    np.testing.assert_array_equal(np.asarray(results["b"]), solo)
+    tiny.interrupt()  # nothing in progress: no effect on what comes next
+    np.testing.assert_array_equal(np.asarray(tiny.generate(progress=False, **p)), solo)
+    with pytest.raises(FluxMiniValueError, match="CancelToken"):
+        tiny.generate(progress=False, cancel=True, **p)
+
+
+def test_cancel_token_stops_a_running_computation(tiny):
+    """Cancelling a token from another thread stops the native computation it runs (ggml's abort
+    callback, checked between graph nodes), not only the next one: a VAE decode of a 256² image
+    stops within a second of the cancel (a quarter of the way through), and the model still works
+    afterwards. The GIL is released meanwhile, or the timer thread could not cancel."""
+    import threading
+
+    z = np.random.default_rng(0).standard_normal((16, 32, 32)).astype(np.float32)
+    t0 = time.perf_counter()
+    tiny.vae_decode(z, tiling=False)
+    full = time.perf_counter() - t0
+    token = fluxmini.CancelToken()
+    delay = full / 4
+    timer = threading.Timer(delay, token.cancel)
+    t0 = time.perf_counter()
+    timer.start()
+    with pytest.raises(Cancelled):
+        tiny.vae_decode(z, tiling=False, cancel=token)
+    stopped = time.perf_counter() - t0
+    timer.join()
+    assert stopped < delay + 1.0 and stopped < full, (full, delay, stopped)
+    assert tiny.vae_decode(z[:, :8, :8]).shape == (3, 64, 64)
 
 
 def test_low_memory_gives_the_same_image(tiny, goldens):

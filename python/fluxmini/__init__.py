@@ -3,13 +3,14 @@
 from .errors import (Cancelled, FluxMiniError, FluxMiniFileError, FluxMiniRuntimeError,
                      FluxMiniValueError)
 from .imageio import read_metadata
-from .model import FluxMini
+from .model import CancelToken, FluxMini
 from .sampling import sigmas
 
 __version__ = "0.1.0"
 
 __all__ = [
     "FluxMini",
+    "CancelToken",
     "FluxMiniError",
     "FluxMiniValueError",
     "FluxMiniFileError",

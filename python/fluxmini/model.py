@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import threading
 from typing import Iterable, Optional
 
 import numpy as np
@@ -51,6 +53,33 @@ def _path_arg(value, what: str) -> str:
     return path
 
 
+class CancelToken:
+    """Cancels one call: pass it as ``model.generate(..., cancel=token)`` (or to ``transformer``,
+    ``encode_clip``, ``encode_t5``, ``vae_decode``, ``vae_encode``) and call :meth:`cancel` from
+    any thread. The engine stops at once (between two graph nodes) and the call raises
+    :class:`fluxmini.Cancelled`; other calls, running or later, are not affected. A cancelled
+    token stays cancelled: use a new one per call.
+    """
+
+    __slots__ = ("_native",)
+
+    def __init__(self):
+        self._native = _core().CancelToken()
+
+    def cancel(self) -> None:
+        self._native.cancel()
+
+    @property
+    def cancelled(self) -> bool:
+        return self._native.cancelled
+
+
+def _cancel_arg(cancel) -> Optional[CancelToken]:
+    if cancel is not None and not isinstance(cancel, CancelToken):
+        raise FluxMiniValueError(f"cancel must be a fluxmini.CancelToken or None, got {type(cancel).__name__}")
+    return cancel
+
+
 class FluxMini:
     """A FLUX.1-mini model loaded from a GGUF file (plus optional split component files).
 
@@ -61,6 +90,11 @@ class FluxMini:
     def __init__(self, core_model, paths: dict):
         self._m = core_model
         self.paths = paths
+        # Tokens of the calls in progress (what interrupt() cancels), and per thread the token of
+        # its cancel_scope() (a generate() in progress).
+        self._calls: list = []
+        self._calls_lock = threading.Lock()
+        self._scope = threading.local()
 
     @classmethod
     def load(cls, path, *, clip_l=None, t5xxl=None, vae=None, backend: str = "cpu",
@@ -79,8 +113,7 @@ class FluxMini:
             raise FluxMiniValueError(f"threads must be a positive integer, got {threads!r}")
         comps = list(COMPONENTS if components is None else components)
         for c in comps:
-            if c not in COMPONENTS:
-                raise FluxMiniValueError(f"unknown component {c!r}; components are {', '.join(COMPONENTS)}")
+            _check_component(c)
         paths = {"model": _path_arg(path, "model"), "clip_l": _path_arg(clip_l, "clip_l"),
                  "t5xxl": _path_arg(t5xxl, "t5xxl"), "vae": _path_arg(vae, "vae")}
         if not paths["model"]:
@@ -146,20 +179,28 @@ class FluxMini:
         return {name: c["config"] for name, c in self.info()["components"].items() if c["present"]}
 
     # ------------------------------------------------------------------ networks
-    def transformer(self, latent, sigma: float, guidance: float, t5, pooled) -> np.ndarray:
+    # Every engine call below takes ``cancel``: a :class:`CancelToken` that stops it (None: the
+    # token of this thread's generate() in progress, or a token of its own that interrupt() reaches).
+    def transformer(self, latent, sigma: float, guidance: float, t5, pooled, *, cancel=None) -> np.ndarray:
         """One Flux evaluation: latent [16, h, w], t5 [L, 4096], pooled [768] -> velocity [16, h, w]."""
-        return self._m.transformer(np.asarray(latent, np.float32), float(sigma), float(guidance),
-                                   np.asarray(t5, np.float32), np.asarray(pooled, np.float32))
+        args = (np.asarray(latent, np.float32), float(sigma), float(guidance), np.asarray(t5, np.float32),
+                np.asarray(pooled, np.float32))
+        with self._call(cancel) as token:
+            return self._m.transformer(*args, cancel=token)
 
-    def encode_clip(self, ids) -> np.ndarray:
+    def encode_clip(self, ids, *, cancel=None) -> np.ndarray:
         """CLIP-L pooled output [hidden] for 77 token ids."""
-        return self._m.encode_clip(_token_ids(ids))
+        ids = _token_ids(ids)
+        with self._call(cancel) as token:
+            return self._m.encode_clip(ids, cancel=token)
 
-    def encode_t5(self, ids) -> np.ndarray:
+    def encode_t5(self, ids, *, cancel=None) -> np.ndarray:
         """T5 last hidden state [len(ids), d_model]."""
-        return self._m.encode_t5(_token_ids(ids))
+        ids = _token_ids(ids)
+        with self._call(cancel) as token:
+            return self._m.encode_t5(ids, cancel=token)
 
-    def vae_decode(self, z, *, tiling=None, tile: int = 0, overlap: int = -1) -> np.ndarray:
+    def vae_decode(self, z, *, tiling=None, tile: int = 0, overlap: int = -1, cancel=None) -> np.ndarray:
         """VAE decode: z [16, h, w] in VAE space -> image [3, 8h, 8w] (unclamped, about [-1, 1]).
 
         tiling: None = automatic (tiles when an untiled pass would need too much memory), True, False.
@@ -167,12 +208,16 @@ class FluxMini:
         neighbouring tiles in latent pixels (-1 = default min(16, tile / 4)).
         """
         mode = -1 if tiling is None else int(bool(tiling))
-        return self._m.vae_decode(np.asarray(z, np.float32), mode, int(tile), int(overlap))
+        z = np.asarray(z, np.float32)
+        with self._call(cancel) as token:
+            return self._m.vae_decode(z, mode, int(tile), int(overlap), cancel=token)
 
-    def vae_encode(self, image, *, tiling=None, tile: int = 0, overlap: int = -1) -> np.ndarray:
+    def vae_encode(self, image, *, tiling=None, tile: int = 0, overlap: int = -1, cancel=None) -> np.ndarray:
         """VAE encode: image [3, H, W] in [-1, 1] -> latent mean [16, H/8, W/8] (tiling as vae_decode)."""
         mode = -1 if tiling is None else int(bool(tiling))
-        return self._m.vae_encode(np.asarray(image, np.float32), mode, int(tile), int(overlap))
+        image = np.asarray(image, np.float32)
+        with self._call(cancel) as token:
+            return self._m.vae_encode(image, mode, int(tile), int(overlap), cancel=token)
 
     def tokenize_clip(self, prompt: str) -> np.ndarray:
         from .tokenizers import tokenize_clip
@@ -185,8 +230,11 @@ class FluxMini:
         return tokenize_t5(prompt, length)
 
     # ------------------------------------------------------------------ pipeline
-    def generate(self, prompt: str = "", **kwargs):
+    def generate(self, prompt: str = "", *, cancel=None, **kwargs):
         """Text-to-image (image-to-image with ``init_image=``) -> ``PIL.Image.Image``.
+
+        cancel: a :class:`CancelToken` that stops this call (and no other) when cancelled from
+        any thread; :meth:`interrupt` stops it too.
 
         Keyword arguments (see :func:`fluxmini.pipeline.generate`): width, height (512, multiples
         of 16, at most 2048), steps=20, guidance=3.5, seed=42 (None: random), compat=None or
@@ -196,24 +244,68 @@ class FluxMini:
         """
         from .pipeline import generate
 
-        return generate(self, prompt, **kwargs)
+        with self.cancel_scope(cancel):
+            return generate(self, prompt, **kwargs)
 
     # ------------------------------------------------------------------ memory
     def load_weights(self, component: str) -> None:
-        self._check_component(component)
+        _check_component(component)
         self._m.load(component)
 
     def release(self, component: str) -> None:
         """Free a component's weights and compute memory (it reloads on next use)."""
-        self._check_component(component)
+        _check_component(component)
         self._m.release(component)
 
-    def interrupt(self) -> None:
-        """Abort the computation in progress (safe from any thread)."""
-        self._interrupt_requested = True  # lets generate() tell this from Ctrl-C
-        self._m.interrupt()
+    # ------------------------------------------------------------------ cancellation
+    @contextlib.contextmanager
+    def cancel_scope(self, cancel=None):
+        """Run this thread's engine calls inside the block as one call: under ``cancel`` (or a new
+        token), which :meth:`interrupt` reaches for as long as the block runs. Yields the token."""
+        token = _cancel_arg(cancel) or CancelToken()
+        outer = getattr(self._scope, "token", None)
+        self._scope.token = token
+        try:
+            with self._registered(token):
+                yield token
+        finally:
+            self._scope.token = outer
 
-    @staticmethod
-    def _check_component(component: str) -> None:
-        if component not in COMPONENTS:
-            raise FluxMiniValueError(f"unknown component {component!r}; components are {', '.join(COMPONENTS)}")
+    @contextlib.contextmanager
+    def _call(self, cancel):
+        """The native token one engine call runs under: the caller's, this thread's scope's, or a
+        new one registered for interrupt() while the call runs."""
+        token = _cancel_arg(cancel) or getattr(self._scope, "token", None)
+        if token is not None:
+            yield token._native
+            return
+        token = CancelToken()
+        with self._registered(token):
+            yield token._native
+
+    @contextlib.contextmanager
+    def _registered(self, token: CancelToken):
+        with self._calls_lock:
+            self._calls.append(token)
+        try:
+            yield
+        finally:
+            with self._calls_lock:
+                self._calls.remove(token)
+
+    def interrupt(self) -> None:
+        """Cancel every call in progress on this model, from any thread: generate() calls and engine
+        calls running now (they raise :class:`fluxmini.Cancelled`). Calls made later are not
+        affected; to cancel one call only, pass it a :class:`CancelToken`."""
+        with self._calls_lock:
+            calls = list(self._calls)
+        for token in calls:
+            token.cancel()
+
+
+def _check_component(component) -> None:
+    """Component names are converted (and unknown ones refused) by the engine; only the type is
+    checked here."""
+    if not isinstance(component, str):
+        raise FluxMiniValueError(f"a component name must be a string ({', '.join(COMPONENTS)}), "
+                                 f"got {type(component).__name__}")

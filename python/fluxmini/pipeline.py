@@ -251,15 +251,9 @@ class _Reporter:
 
 
 def _native(model, fn, *args, **kwargs):
-    """Call into the engine; an engine cancellation becomes KeyboardInterrupt unless it was
-    asked for with FluxMini.interrupt() (then it stays Cancelled)."""
-    try:
-        return fn(*args, **kwargs)
-    except Cancelled as e:
-        if getattr(model, "_interrupt_requested", False):
-            model._interrupt_requested = False
-            raise Cancelled("interrupted by FluxMini.interrupt()") from None
-        raise KeyboardInterrupt("interrupted (Ctrl-C)") from e
+    """Call into the engine. Its exceptions pass through as they are: Cancelled when the call's
+    CancelToken was cancelled (FluxMini.interrupt() included), KeyboardInterrupt for Ctrl-C."""
+    return fn(*args, **kwargs)
 
 
 def _load(model, *components: str) -> float:

@@ -1,0 +1,124 @@
+// fluxmini._core.testing: the CPU kernels on their own (tests against numpy references) and the
+// micro-benchmarks (benchmarks/). Kept apart from the model bindings; nothing here is an API.
+#include "common.h"
+#include "cpu_conv.h"
+#include "cpu_qmatmul.h"
+#include "testing.h"
+
+#include <ggml.h>
+
+#include <algorithm>
+#include <optional>
+#include <tuple>
+#include <thread>
+#include <vector>
+
+#include <pybind11/numpy.h>
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+namespace py = pybind11;
+
+void bind_testing(py::module_ &m) {
+    // Micro-benchmarks for benchmarks/bench_flux.py: (wall seconds, process CPU seconds) of one op,
+    // medians of reps.
+    m.def("bench_mul_mat", [](const std::string &type, int64_t k, int64_t n, int64_t tokens, int threads, int reps,
+                              bool ggml_only) {
+        py::gil_scoped_release nogil;
+        const fm::BenchTime t = fm::bench_mul_mat(type, k, n, tokens, threads, reps, ggml_only);
+        return std::make_pair(t.wall, t.cpu);
+    }, py::arg("type"), py::arg("k"), py::arg("n"), py::arg("tokens"), py::arg("threads"), py::arg("reps") = 3,
+       py::arg("ggml_only") = false);
+    m.def("bench_attention", [](int64_t d, int64_t heads, int64_t tokens, bool flash, int threads, int reps) {
+        py::gil_scoped_release nogil;
+        const fm::BenchTime t = fm::bench_attention(d, heads, tokens, flash, threads, reps);
+        return std::make_pair(t.wall, t.cpu);
+    }, py::arg("d"), py::arg("heads"), py::arg("tokens"), py::arg("flash"), py::arg("threads"), py::arg("reps") = 3);
+    // The CPU convolution kernel on its own, for tests against a numpy reference: x [Cin, H, W],
+    // kernel [Cout, Cin, k, k] (torch's layout), bias [Cout] or None -> [Cout, OH, OW]; the
+    // output pixels are split over `threads` threads as the graph op splits them.
+    using f32_array = py::array_t<float, py::array::c_style | py::array::forcecast>;
+    m.def("conv2d_f32", [](f32_array x, f32_array kernel, std::optional<f32_array> bias, int stride, int pad,
+                           int threads) {
+        if (x.ndim() != 3 || kernel.ndim() != 4 || kernel.shape(1) != x.shape(0) || kernel.shape(2) != kernel.shape(3))
+            fm::fail_value("conv2d_f32 takes x [Cin, H, W] and kernel [Cout, Cin, k, k]");
+        const int64_t cin = x.shape(0), h = x.shape(1), w = x.shape(2), cout = kernel.shape(0), k = kernel.shape(2);
+        if (bias && (bias->ndim() != 1 || bias->shape(0) != cout)) fm::fail_value("bias must be [Cout]");
+        if (stride < 1 || pad < 0 || threads < 1 || h + 2 * pad < k || w + 2 * pad < k)
+            fm::fail_value("bad stride, padding or thread count");
+        const int64_t oh = (h + 2 * pad - k) / stride + 1, ow = (w + 2 * pad - k) / stride + 1;
+        f32_array out({cout, oh, ow});
+        const float *xp = x.data(), *kp = kernel.data(), *bp = bias ? bias->data() : nullptr;
+        float *op = out.mutable_data();
+        {
+            py::gil_scoped_release nogil;
+            std::vector<std::thread> pool;
+            for (int t = 1; t < threads; ++t)
+                pool.emplace_back([&, t] { fm::conv2d_f32(kp, xp, bp, op, w, h, cin, cout, k, stride, pad, t, threads); });
+            fm::conv2d_f32(kp, xp, bp, op, w, h, cin, cout, k, stride, pad, 0, threads);
+            for (auto &th : pool) th.join();
+        }
+        return out;
+    }, py::arg("x"), py::arg("kernel"), py::arg("bias"), py::arg("stride") = 1, py::arg("pad") = 0, py::arg("threads") = 1);
+    m.def("cpu_conv2d_available", &fm::cpu_conv2d_available);
+    // The quantized matmul kernel on its own, for tests: w = ggml Q4_0 or Q8_0 rows as bytes
+    // [n, row bytes], x [rows, k] -> [rows, n]; quantization of x and the product split over
+    // `threads` threads.
+    m.def("qmatmul", [](const std::string &type_name, py::array_t<uint8_t, py::array::c_style> w, f32_array x,
+                        std::optional<f32_array> bias, int threads) {
+        const ggml_type type = type_name == "q4_0"   ? GGML_TYPE_Q4_0
+                               : type_name == "q4_1" ? GGML_TYPE_Q4_1
+                               : type_name == "q8_0" ? GGML_TYPE_Q8_0
+                                                     : GGML_TYPE_COUNT;
+        if (type == GGML_TYPE_COUNT) fm::fail_value("qmatmul takes type q4_0, q4_1 or q8_0");
+        if (x.ndim() != 2 || w.ndim() != 2 || x.shape(1) % 32 != 0 || size_t(w.shape(1)) != ggml_row_size(type, x.shape(1)) ||
+            w.shape(0) % 8 != 0 || threads < 1)
+            fm::fail_value("qmatmul takes w [n, row bytes] uint8 (n a multiple of 8) and x [rows, k] (k a multiple of 32)");
+        const int64_t rows = x.shape(0), k = x.shape(1), n = w.shape(0);
+        if (bias && (bias->ndim() != 1 || bias->shape(0) != n)) fm::fail_value("bias must be [n]");
+        std::vector<fm::QuantBlock> xq(size_t(rows * (k / 32)));
+        f32_array out({rows, n});
+        const uint8_t *wp = w.data();
+        const float *xp = x.data(), *bp = bias ? bias->data() : nullptr;
+        float *op = out.mutable_data();
+        {
+            py::gil_scoped_release nogil;
+            auto run = [&](auto &&fn) {
+                std::vector<std::thread> pool;
+                for (int t = 1; t < threads; ++t) pool.emplace_back([&, t] { fn(t); });
+                fn(0);
+                for (auto &th : pool) th.join();
+            };
+            run([&](int t) { fm::quantize_rows_q8(xp, k, rows * t / threads, rows * (t + 1) / threads, xq.data()); });
+            run([&](int t) { fm::qmatmul(type, wp, ggml_row_size(type, k), xq.data(), bp, op, rows, n, k, t, threads); });
+        }
+        return out;
+    }, py::arg("type"), py::arg("w"), py::arg("x"), py::arg("bias") = py::none(), py::arg("threads") = 1);
+    m.def("cpu_qmatmul_available", &fm::cpu_qmatmul_available);
+    // linear() as the networks call it, F32 weights: x [rows, in], w [out, in], bias [out] or None,
+    // adapters [(down [rank, in], up [out, rank], scale), ...] -> [rows, out].
+    m.def("linear", [](f32_array x, f32_array w, std::optional<f32_array> bias,
+                       std::vector<std::tuple<f32_array, f32_array, float>> adapters, int threads) {
+        if (x.ndim() != 2 || w.ndim() != 2 || w.shape(1) != x.shape(1))
+            fm::fail_value("linear takes x [rows, in] and w [out, in]");
+        const int64_t rows = x.shape(0), in = x.shape(1), out = w.shape(0);
+        if (bias && (bias->ndim() != 1 || bias->shape(0) != out)) fm::fail_value("bias must be [out]");
+        if (threads < 1) fm::fail_value("threads must be positive");
+        std::vector<fm::AdapterData> ad;
+        for (auto &a : adapters) {
+            const f32_array &down = std::get<0>(a), &up = std::get<1>(a);
+            if (down.ndim() != 2 || up.ndim() != 2 || down.shape(1) != in || up.shape(0) != out || up.shape(1) != down.shape(0))
+                fm::fail_value("an adapter is (down [rank, in], up [out, rank], scale)");
+            ad.push_back({down.data(), up.data(), down.shape(0), std::get<2>(a)});
+        }
+        std::vector<float> y;
+        {
+            py::gil_scoped_release nogil;
+            y = fm::linear_f32(x.data(), rows, in, w.data(), out, bias ? bias->data() : nullptr, ad, threads);
+        }
+        f32_array res({rows, out});
+        std::copy(y.begin(), y.end(), res.mutable_data());
+        return res;
+    }, py::arg("x"), py::arg("w"), py::arg("bias") = py::none(), py::arg("adapters") = py::list(),
+       py::arg("threads") = 1);
+}

@@ -1,0 +1,33 @@
+// Engine options: every knob of the engine in one struct, filled once when a model is loaded and
+// passed down to the backend, the networks and the graph runner (nothing below reads the
+// environment). engine_default_params() gives the defaults; engine_options_from_env() is the one
+// place that reads the FLUXMINI_* environment variables.
+#pragma once
+
+#include "common.h"
+
+#include <cstddef>
+
+namespace fm {
+
+// The VAE's convolution: fluxmini's CPU kernel where the CPU has it (cpu_conv.h), else ggml's
+// im2col + matmul in bands of output rows; Im2col / Direct force a ggml form (tests, benchmarks).
+enum class VaeConv { Own, Im2col, Direct };
+
+struct EngineOptions {
+    KernelChoice kernels = KernelChoice::Own;  // FLUXMINI_KERNELS=ggml|portable
+    VaeConv vae_conv = VaeConv::Own;           // FLUXMINI_VAE_CONV=im2col|banded|direct
+    size_t vae_budget_mb = 1536;               // FLUXMINI_VAE_BUDGET_MB: automatic VAE tiling tiles when
+                                               // an untiled pass needs a larger compute buffer
+    size_t vae_band_bytes = size_t(64) << 20;  // FLUXMINI_VAE_BAND_KB: patches per band of ggml's conv
+    bool profile = false;                      // FLUXMINI_PROFILE=1: time per ggml op on stderr
+    bool flash_attn = true;                    // Flux attention through ggml_flash_attn_ext
+    int verbosity = 0;                         // engine log lines on stderr (0 quiet, 1 info, 2 ggml's too)
+};
+
+// The defaults, without looking at the environment.
+EngineOptions engine_default_params();
+// `base` with the FLUXMINI_* environment variables applied (unset or empty ones keep `base`).
+EngineOptions engine_options_from_env(EngineOptions base = engine_default_params());
+
+}  // namespace fm

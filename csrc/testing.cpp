@@ -1,0 +1,191 @@
+#include "testing.h"
+
+#include "backend.h"
+#include "common.h"
+#include "cpu_qmatmul.h"
+#include "layers.h"
+#include "options.h"
+#include "weights.h"
+
+#include <ggml-alloc.h>
+#include <ggml-backend.h>
+#include <strings.h>
+#include <sys/resource.h>
+
+#include <algorithm>
+#include <chrono>
+#include <cmath>
+#include <cstring>
+#include <random>
+#include <vector>
+
+namespace fm {
+
+namespace {
+double process_cpu_seconds() {
+    rusage ru{};
+    getrusage(RUSAGE_SELF, &ru);
+    return double(ru.ru_utime.tv_sec + ru.ru_stime.tv_sec) + 1e-6 * double(ru.ru_utime.tv_usec + ru.ru_stime.tv_usec);
+}
+
+// Median wall-clock seconds and median process CPU seconds (all threads) of one compute.
+BenchTime median_seconds(GraphRunner &runner, int reps) {
+    runner.compute();  // warm-up
+    std::vector<double> wall, cpu;
+    for (int i = 0; i < std::max(1, reps); ++i) {
+        const double c0 = process_cpu_seconds();
+        const auto t0 = std::chrono::steady_clock::now();
+        runner.compute();
+        wall.push_back(std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count());
+        cpu.push_back(process_cpu_seconds() - c0);
+    }
+    std::sort(wall.begin(), wall.end());
+    std::sort(cpu.begin(), cpu.end());
+    return {wall[wall.size() / 2], cpu[cpu.size() / 2]};
+}
+
+std::vector<float> random_values(size_t n, float scale, uint32_t seed) {
+    std::mt19937 rng(seed);
+    std::normal_distribution<float> dist(0.0f, scale);
+    std::vector<float> v(n);
+    for (auto &x : v) x = dist(rng);
+    return v;
+}
+}  // namespace
+
+BenchTime bench_mul_mat(const std::string &type_name, int64_t k, int64_t n, int64_t m, int threads, int reps,
+                        bool ggml_only) {
+    ggml_type type = GGML_TYPE_COUNT;
+    for (int t = 0; t < GGML_TYPE_COUNT; ++t) {
+        const char *nm = ggml_type_name(ggml_type(t));
+        if (nm && strcasecmp(nm, type_name.c_str()) == 0) type = ggml_type(t);
+    }
+    if (type == GGML_TYPE_COUNT || !is_supported_type(type)) fail_value("unknown tensor type '%s'", type_name.c_str());
+    if (k < 1 || n < 1 || m < 1 || k * n > (int64_t(1) << 30) || k * m > (int64_t(1) << 30))
+        fail_value("bench_mul_mat sizes out of range");
+    if (k % ggml_blck_size(type)) fail_value("k=%lld is not a multiple of %s's block size", (long long)k, type_name.c_str());
+    const EngineOptions options = engine_options_from_env();
+    Backend backend("cpu", threads, options.kernels);
+    ggml_init_params ip{ggml_tensor_overhead() * 2, nullptr, true};
+    ggml_context *wctx = ggml_init(ip);
+    ggml_tensor *w = ggml_new_tensor_2d(wctx, type, k, n);
+    const bool own = !ggml_only && backend.own_qmatmul() && qmatmul_shape(w);  // placed and used as the engine does
+    const bool repack = !own && backend.can_repack(type, k, n);
+    ggml_backend_buffer_t buf = ggml_backend_alloc_ctx_tensors_from_buft(
+        wctx, repack ? backend.repack_buft() : ggml_backend_get_default_buffer_type(backend.cpu()));
+    if (!buf) {
+        ggml_free(wctx);
+        fail_runtime("out of memory for the benchmark weight");
+    }
+    {
+        const std::vector<float> f = random_values(size_t(k * n), 1.0f / std::sqrt(float(k)), 1);
+        std::vector<uint8_t> q(ggml_row_size(type, k) * size_t(n));
+        if (type == GGML_TYPE_F32) std::memcpy(q.data(), f.data(), q.size());
+        else ggml_quantize_chunk(type, f.data(), q.data(), 0, n, k, nullptr);
+        ggml_backend_tensor_set(w, q.data(), 0, q.size());
+    }
+    BenchTime s{};
+    try {
+        GraphRunner runner(backend, options, 16);
+        runner.prepare("mm", [&](ggml_context *ctx) {
+            ggml_tensor *x = ggml_new_tensor_2d(ctx, GGML_TYPE_F32, k, m);
+            ggml_set_name(x, "x");
+            ggml_set_input(x);
+            ggml_tensor *y = own ? qmatmul_op(ctx, w, x, nullptr) : ggml_mul_mat(ctx, w, x);
+            ggml_set_output(y);
+            ggml_cgraph *g = ggml_new_graph_custom(ctx, 16, false);
+            ggml_build_forward_expand(g, y);
+            return g;
+        });
+        runner.set_input_f32("x", random_values(size_t(k * m), 1.0f, 2));
+        s = median_seconds(runner, reps);
+    } catch (...) {
+        ggml_backend_buffer_free(buf);
+        ggml_free(wctx);
+        throw;
+    }
+    ggml_backend_buffer_free(buf);
+    ggml_free(wctx);
+    return s;
+}
+
+BenchTime bench_attention(int64_t d, int64_t heads, int64_t l, bool flash, int threads, int reps) {
+    if (d < 1 || heads < 1 || l < 1 || d * heads * l > (int64_t(1) << 28)) fail_value("bench_attention sizes out of range");
+    const EngineOptions options = engine_options_from_env();
+    Backend backend("cpu", threads, options.kernels);
+    GraphRunner runner(backend, options, 32);
+    runner.prepare("fa", [&](ggml_context *ctx) {
+        Ops o{ctx};
+        o.flash_attn = flash;
+        o.flash_kv_f32 = backend.is_cpu();  // as FluxNet::forward chooses
+        auto in = [&](const char *name) {
+            ggml_tensor *t = ggml_new_tensor_3d(ctx, GGML_TYPE_F32, d, heads, l);
+            ggml_set_name(t, name);
+            ggml_set_input(t);
+            return t;
+        };
+        ggml_tensor *q = in("q"), *k = in("k"), *v = in("v");
+        ggml_tensor *y = attention(o, q, k, v, nullptr, 1.0f / std::sqrt(float(d)));
+        ggml_set_output(y);
+        ggml_cgraph *g = ggml_new_graph_custom(ctx, 32, false);
+        ggml_build_forward_expand(g, y);
+        return g;
+    });
+    for (const char *name : {"q", "k", "v"}) runner.set_input_f32(name, random_values(size_t(d * heads * l), 1.0f, 3));
+    return median_seconds(runner, reps);
+}
+
+std::vector<float> linear_f32(const float *x, int64_t rows, int64_t in, const float *w, int64_t out, const float *bias,
+                              const std::vector<AdapterData> &adapters, int threads) {
+    if (rows < 1 || in < 1 || out < 1) fail_value("linear_f32: empty sizes");
+    for (const AdapterData &a : adapters)
+        if (a.rank < 1) fail_value("linear_f32: adapter rank must be positive");
+    const EngineOptions options = engine_options_from_env();
+    Backend backend("cpu", threads, options.kernels);
+    ggml_init_params ip{ggml_tensor_overhead() * (2 + 2 * adapters.size()), nullptr, true};
+    ggml_context *wctx = ggml_init(ip);
+    Linear p;
+    p.w = ggml_new_tensor_2d(wctx, GGML_TYPE_F32, in, out);
+    if (bias) p.b = ggml_new_tensor_1d(wctx, GGML_TYPE_F32, out);
+    for (const AdapterData &a : adapters)
+        p.adapters.push_back({ggml_new_tensor_2d(wctx, GGML_TYPE_F32, in, a.rank),
+                              ggml_new_tensor_2d(wctx, GGML_TYPE_F32, a.rank, out), a.scale});
+    ggml_backend_buffer_t buf = ggml_backend_alloc_ctx_tensors_from_buft(wctx, ggml_backend_get_default_buffer_type(backend.cpu()));
+    if (!buf) {
+        ggml_free(wctx);
+        fail_runtime("out of memory for the test weights");
+    }
+    std::vector<float> y;
+    try {
+        ggml_backend_tensor_set(p.w, w, 0, ggml_nbytes(p.w));
+        if (bias) ggml_backend_tensor_set(p.b, bias, 0, ggml_nbytes(p.b));
+        for (size_t i = 0; i < adapters.size(); ++i) {
+            ggml_backend_tensor_set(p.adapters[i].down, adapters[i].down, 0, ggml_nbytes(p.adapters[i].down));
+            ggml_backend_tensor_set(p.adapters[i].up, adapters[i].up, 0, ggml_nbytes(p.adapters[i].up));
+        }
+        GraphRunner runner(backend, options, 64);
+        runner.prepare("linear", [&](ggml_context *ctx) {
+            ggml_tensor *xt = ggml_new_tensor_2d(ctx, GGML_TYPE_F32, in, rows);
+            ggml_set_name(xt, "x");
+            ggml_set_input(xt);
+            ggml_tensor *yt = linear(Ops(ctx, backend), xt, p);
+            ggml_set_name(yt, "y");
+            ggml_set_output(yt);
+            ggml_cgraph *g = ggml_new_graph_custom(ctx, 64, false);
+            ggml_build_forward_expand(g, yt);
+            return g;
+        });
+        runner.set_input("x", x, size_t(rows * in) * sizeof(float));
+        runner.compute();
+        y = runner.get_output("y");
+    } catch (...) {
+        ggml_backend_buffer_free(buf);
+        ggml_free(wctx);
+        throw;
+    }
+    ggml_backend_buffer_free(buf);
+    ggml_free(wctx);
+    return y;
+}
+
+}  // namespace fm
