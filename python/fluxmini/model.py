@@ -7,6 +7,7 @@ from typing import Iterable, Optional
 
 import numpy as np
 
+from .engine import Engine
 from .errors import FluxMiniFileError, FluxMiniValueError
 
 COMPONENTS = ("diffusion", "clip_l", "t5xxl", "vae")
@@ -51,7 +52,7 @@ def _path_arg(value, what: str) -> str:
     return path
 
 
-class FluxMini:
+class FluxMini(Engine):
     """A FLUX.1-mini model loaded from a GGUF file (plus optional split component files).
 
     Loading maps the files and checks every tensor's shape; weights are read on first use.
@@ -210,7 +211,7 @@ class FluxMini:
 
     def interrupt(self) -> None:
         """Abort the computation in progress (safe from any thread)."""
-        self._interrupt_requested = True  # lets generate() tell this from Ctrl-C
+        self.note_interrupt_request()  # lets generate() tell this from Ctrl-C
         self._m.interrupt()
 
     @staticmethod
