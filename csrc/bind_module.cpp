@@ -4,6 +4,7 @@
 #include "cpu_conv.h"
 #include "cpu_qmatmul.h"
 #include "flux.h"
+#include "weights.h"
 
 #include <ggml-cpu.h>
 #include <ggml.h>
@@ -48,6 +49,7 @@ PYBIND11_MODULE(_core, m) {
 
     m.def("available_backends", &fm::Backend::available, "Backends this build of ggml provides.");
     m.def("physical_cores", &fm::Backend::physical_cores);
+    m.def("name_rules", &fm::name_rules, "The loader's tensor-name rules (python/fluxmini/data/names.txt).");
     m.def("set_verbosity", &fm::set_verbosity);
     m.def("cpu_features", []() {
         py::dict d;
