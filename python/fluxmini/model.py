@@ -25,7 +25,7 @@ def _core():
 
 
 def _version() -> str:
-    from . import __version__
+    from ._version import __version__
 
     return __version__
 

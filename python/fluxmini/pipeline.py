@@ -386,7 +386,7 @@ def _stages(model: Engine, st: _Settings, starts: list, conditioning: Optional[C
 
 def _image(model: Engine, st: _Settings, decoded: np.ndarray, seed_used, noise_given: bool):
     """The RGB picture and its metadata."""
-    from . import __version__
+    from ._version import __version__
     from .imageio import metadata_text
 
     meta = {
