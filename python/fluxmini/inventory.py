@@ -239,7 +239,7 @@ def infer_dims(component: str, shapes: dict[str, Sequence[int]], keep_t5_duplica
     """Dimensions of one component from its tensor shapes (bare names -> PyTorch-order shapes).
 
     The converter's one dimension inference (the engine's is FluxConfig::infer and its siblings in
-    csrc/, which read the same tensors; tests/test_convert.py checks that both agree on files
+    csrc/, which read the same tensors; tests/test_dims.py checks that both agree on files
     written from these dimensions).
 
     Missing key tensors fall back to FLUX.1-mini's sizes, so that a missing tensor is reported as

@@ -201,7 +201,7 @@ def _prepare_init(init_image, width, height):
 
         from PIL import Image
 
-        warnings.warn(f"fluxmini: the init image is {w0}x{h0}; resized to {width}x{height}", stacklevel=3)
+        warnings.warn(f"fluxmini: the init image is {w0}x{h0}; resized to {width}x{height}", stacklevel=4)
         resample = getattr(Image, "Resampling", Image).LANCZOS
         img = img.resize((width, height), resample)
     return img, width, height
@@ -320,6 +320,7 @@ def _stages(model: Engine, st: _Settings, starts: list, conditioning: Optional[C
         return _native(model, model.transformer, x, sigma, st.guidance, t5, pooled)
 
     first["load"] += load("diffusion model", "diffusion")
+    shared = time.perf_counter() - t_start  # img2img encode, text, loads: counted for the first image
     sampled = []  # (seed, noise given, latent, timings)
     for seed_used, noise in starts:
         t_image = time.perf_counter()
@@ -358,7 +359,9 @@ def _stages(model: Engine, st: _Settings, starts: list, conditioning: Optional[C
         model.release("diffusion")
 
     # ---- decode, every image
+    t0 = time.perf_counter()
     first["load"] += load("VAE", "vae")
+    shared += time.perf_counter() - t0
     for k, (seed_used, noise_given, latent, timings) in enumerate(sampled):
         t0 = time.perf_counter()
         z = latent / _F32_SCALE if st.compat == "sd.cpp" else latent / _F32_SCALE + _F32_SHIFT
@@ -373,10 +376,9 @@ def _stages(model: Engine, st: _Settings, starts: list, conditioning: Optional[C
         rep.log(f"VAE decode ({st.width}x{st.height}): {timings['vae_decode']:.3f} s")
         image, meta = _image(model, st, decoded, seed_used, noise_given)
         timings["total"] += time.perf_counter() - t0
-        if k == 0:  # the shared stages count for the first image: the time until it was ready
-            timings.update({key: v for key, v in first.items() if key != "load"})
-            timings["load"] = first["load"]
-            timings["total"] = time.perf_counter() - t_start
+        if k == 0:  # the shared stages count for the first image
+            timings.update(first)
+            timings["total"] += shared
         rss = peak_rss_mb()
         if rss is not None:
             timings["peak_rss_mb"] = rss
@@ -485,7 +487,7 @@ def generate(model, prompt: str = "", *, width=None, height=None, steps=20, guid
         noise: float32 ``[16, height/8, width/8]`` starting noise instead of the seed's.
         init_image: img2img input (PIL image, path or uint8 ``[H, W, 3]`` array).
         strength: img2img strength in [0, 1] (1 = start from pure noise).
-        progress: a tqdm bar over the steps (a stderr line per step without tqdm).
+        progress: a tqdm bar over the steps on a terminal (a stderr line per step otherwise).
         callback: ``callback(step, total, latent)`` after each step (step counts from 1,
             latent is a copy of the current ``[16, h, w]`` state); returning False cancels.
         low_memory: release the text encoders' weights before sampling, the transformer's
