@@ -56,7 +56,8 @@ def _imports(name: str, path: str, mods: dict) -> set:
 
 def test_no_import_cycles():
     mods = _modules()
-    assert {"fluxmini.model", "fluxmini.pipeline", "fluxmini.engine", "fluxmini.cli", "fluxmini.convert.build"} <= set(mods)
+    assert {"fluxmini.model", "fluxmini.pipeline", "fluxmini.engine", "fluxmini.cli",
+            "fluxmini.convert.build"} <= set(mods)
     graph = {m: _imports(m, p, mods) - {"fluxmini"} for m, p in mods.items()}  # the root only re-exports
     assert "fluxmini.pipeline" in graph["fluxmini.model"] and "fluxmini.model" not in graph["fluxmini.pipeline"]
     state: dict = {}

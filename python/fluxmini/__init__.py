@@ -1,6 +1,6 @@
 """fluxmini: FLUX.1-mini text-to-image on ggml, from gpustack's GGUF files, without torch."""
 
-from ._version import __version__
+from ._version import __version__  # noqa: F401 (fluxmini.__version__)
 from .errors import (Cancelled, FluxMiniError, FluxMiniFileError, FluxMiniRuntimeError,
                      FluxMiniValueError)
 from .imageio import read_metadata

@@ -15,7 +15,8 @@ from ..progress import ByteProgress
 from .gguf_writer import StreamingWriter
 from .names import _Collected, _Virt, _collect, _ignored, _strip
 from .readers import SrcTensor, close_inputs, read_input
-from .type_rules import CHUNK_ELEMENTS, COMPONENT_TITLES, TYPE_NAMES, _block, _encode_flat, gpustack_type, resolve_types, tensor_nbytes
+from .type_rules import (CHUNK_ELEMENTS, COMPONENT_TITLES, TYPE_NAMES, _block, _encode_flat, gpustack_type,
+                         resolve_types, tensor_nbytes)
 
 
 def _names_list(names: Sequence[str], limit: int = 8) -> str:
@@ -179,7 +180,8 @@ def convert(output: str | os.PathLike, *, diffusion: str | os.PathLike | None = 
                 problems.append(f"{os.path.basename(os.fspath(model))}: {len(stray)} tensor(s) of no known component: "
                                 f"{_names_list(stray)}")
 
-        dims_parts = {c: infer_dims(c, {k: v.shape for k, v in collected[c].have.items()}, keep_t5_duplicate) for c in COMPONENTS}
+        dims_parts = {c: infer_dims(c, {k: v.shape for k, v in collected[c].have.items()}, keep_t5_duplicate)
+                      for c in COMPONENTS}
         dims = ModelDims(flux=dims_parts["diffusion"], clip=dims_parts["clip_l"], t5=dims_parts["t5xxl"],
                          vae=dims_parts["vae"])
         inventories = {c: component_tensors(c, dims) for c in COMPONENTS}
