@@ -3,6 +3,7 @@
 // bind_testing.cpp).
 #include "backend.h"
 #include "common.h"
+#include "weights.h"
 
 #include <ggml-cpu.h>
 #include <ggml.h>
@@ -48,6 +49,7 @@ PYBIND11_MODULE(_core, m) {
 
     m.def("available_backends", &fm::Backend::available, "Backends this build of ggml provides.");
     m.def("physical_cores", &fm::Backend::physical_cores);
+    m.def("name_rules", &fm::name_rules, "The loader's tensor-name rules (python/fluxmini/data/names.txt).");
     m.def("cpu_features", []() {
         py::dict d;
         d["avx2"] = bool(ggml_cpu_has_avx2());

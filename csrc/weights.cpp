@@ -1,6 +1,7 @@
 #include "weights.h"
 
 #include "common.h"
+#include "names_table.h"
 
 
 #include <fcntl.h>
@@ -12,6 +13,7 @@
 #include <cerrno>
 #include <cstring>
 #include <limits>
+#include <sstream>
 
 namespace fm {
 
@@ -499,36 +501,76 @@ void WeightFile::parse_safetensors() {
 }
 
 // ---------------------------------------------------------------------------------------------
-// Name normalisation: the one table of checkpoint prefixes (MODEL.md §1.3, §1.5).
+// Name normalisation: the one table of checkpoint prefixes and ignored tensors,
+// python/fluxmini/data/names.txt, embedded at build time (names_table.h). The Python converter
+// reads the same file (fluxmini/names.py, whose parser this one mirrors).
 
 namespace {
-struct PrefixRule {
-    const char *prefix;
-    Component component;
-    const char *replacement;  // put in front of the rest of the name
-};
+int component_index(const std::string &name) {
+    for (int c = 0; c < int(Component::Count); ++c)
+        if (name == component_name(Component(c))) return c;
+    return -1;
+}
 
-// Longest prefixes first. The CLIP rules keep "text_model." which follows the prefix.
-const PrefixRule kNamePrefixes[] = {
-    {"model.diffusion_model.", Component::Diffusion, ""},
-    {"cond_stage_model.1.transformer.", Component::T5xxl, ""},
-    {"cond_stage_model.transformer.", Component::ClipL, ""},
-    {"text_encoders.clip_l.transformer.", Component::ClipL, ""},
-    {"text_encoders.clip_l.", Component::ClipL, ""},
-    {"text_encoders.t5xxl.transformer.", Component::T5xxl, ""},
-    {"text_encoders.t5xxl.", Component::T5xxl, ""},
-    {"first_stage_model.", Component::Vae, ""},
-    {"vae.", Component::Vae, ""},
-};
-
-// Tensors some files carry that no network uses.
-bool is_unused(const std::string &bare) {
-    auto ends = [&](const char *s) {
-        size_t n = std::strlen(s);
-        return bare.size() >= n && bare.compare(bare.size() - n, n, s) == 0;
+struct NameTable {
+    struct Prefix {
+        std::string prefix;
+        Component component;
     };
-    return ends("position_ids") || ends("logit_scale") || bare == "text_model.text_projection.weight" ||
-           bare == "text_projection.weight" || bare == "encoder.embed_tokens.weight";
+    struct Ignore {
+        int component;  // -1: every component
+        char how;       // 's'uffix, 'p'refix, 'e'xact
+        std::string text;
+    };
+    std::vector<std::vector<std::string>> rules;  // as written, for name_rules()
+    std::vector<Prefix> prefixes;                 // longest first
+    std::vector<Ignore> ignores;                  // duplicates' copies included (as exact names)
+
+    explicit NameTable(const char *text) {
+        std::istringstream in(text);
+        std::string line;
+        int number = 0;
+        while (std::getline(in, line)) {
+            ++number;
+            line = line.substr(0, line.find('#'));
+            std::istringstream words(line);
+            std::vector<std::string> f;
+            for (std::string w; words >> w;) f.push_back(w);
+            if (f.empty()) continue;
+            const std::string &kind = f[0];
+            size_t arity = kind == "prefix" ? 3 : (kind == "layout" || kind == "ignore" || kind == "duplicate") ? 4 : 0;
+            if (f.size() != arity) fail_runtime("names table line %d: cannot read '%s'", number, line.c_str());
+            int comp = component_index(kind == "layout" ? f[2] : f[1]);
+            if (comp < 0 && !(kind == "ignore" && f[1] == "*"))
+                fail_runtime("names table line %d: unknown component '%s'", number, f[1].c_str());
+            if (kind == "prefix") prefixes.push_back({f[2], Component(comp)});
+            if (kind == "ignore") {
+                if (f[2] != "suffix" && f[2] != "prefix" && f[2] != "exact")
+                    fail_runtime("names table line %d: HOW must be suffix, prefix or exact", number);
+                ignores.push_back({comp, f[2][0], f[3]});
+            }
+            if (kind == "duplicate") ignores.push_back({comp, 'e', f[2]});  // the loader uses the original
+            rules.push_back(std::move(f));
+        }
+        std::stable_sort(prefixes.begin(), prefixes.end(),
+                         [](const Prefix &a, const Prefix &b) { return a.prefix.size() > b.prefix.size(); });
+    }
+
+    bool ignored(int comp, const std::string &bare) const {
+        for (const Ignore &r : ignores) {
+            if (r.component >= 0 && r.component != comp) continue;
+            size_t n = r.text.size();
+            if ((r.how == 's' && bare.size() >= n && bare.compare(bare.size() - n, n, r.text) == 0) ||
+                (r.how == 'p' && bare.compare(0, n, r.text) == 0) || (r.how == 'e' && bare == r.text))
+                return true;
+        }
+        return false;
+    }
+};
+
+const NameTable &name_table() {
+    static const NameTable table(kNamesTable);
+    return table;
 }
 
 bool starts(const std::string &s, const char *p) { return s.rfind(p, 0) == 0; }
@@ -628,10 +670,10 @@ void WeightSet::add_file(const std::string &path, int forced) {
         const std::string &n = t.file_name;
         int comp = -1;
         std::string bare;
-        for (const PrefixRule &r : kNamePrefixes) {
-            if (starts(n, r.prefix)) {
+        for (const NameTable::Prefix &r : name_table().prefixes) {
+            if (n.compare(0, r.prefix.size(), r.prefix) == 0) {
                 comp = int(r.component);
-                bare = std::string(r.replacement) + n.substr(std::strlen(r.prefix));
+                bare = n.substr(r.prefix.size());
                 break;
             }
         }
@@ -647,7 +689,7 @@ void WeightSet::add_file(const std::string &path, int forced) {
             bare = "text_model." + bare;
         // SD3-style files use cond_stage_model.1 for CLIP-G: only T5 content belongs to T5.
         if (comp == int(Component::T5xxl) && classify_bare(bare) != int(Component::T5xxl)) comp = -1;
-        if (comp < 0 || is_unused(bare)) {
+        if (comp < 0 || name_table().ignored(comp, bare)) {
             ignored_.push_back(n);
             continue;
         }
@@ -669,6 +711,8 @@ void WeightSet::add_file(const std::string &path, int forced) {
         fail_value("%s holds no %s tensors (its tensor names were not recognised); pass the right file",
                    path.c_str(), component_name(Component(forced)));
 }
+
+std::vector<std::vector<std::string>> name_rules() { return name_table().rules; }
 
 void WeightSet::release_pages(Component c) const {
     for (auto &kv : comps_[int(c)].tensors) kv.second->file->release_range(kv.second->data, kv.second->nbytes);

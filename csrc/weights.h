@@ -1,5 +1,5 @@
 // Model files: mmap, GGUF and safetensors parsing with full validation, and the mapping of
-// checkpoint names to the four components (one table, kNamePrefixes in weights.cpp).
+// checkpoint names to the four components (one table, python/fluxmini/data/names.txt, embedded at build time).
 #pragma once
 
 #include <ggml.h>
@@ -109,5 +109,9 @@ private:
 };
 
 bool is_supported_type(ggml_type t);
+
+// The rules of the embedded names table (python/fluxmini/data/names.txt) as parsed by the loader,
+// one list of fields per rule in file order: tests compare them with the Python parse.
+std::vector<std::vector<std::string>> name_rules();
 
 }  // namespace fm

@@ -16,6 +16,7 @@ import pytest
 gguf = pytest.importorskip("gguf")
 
 from fluxmini import convert as C  # noqa: E402
+from fluxmini.convert import random_model as C_random, readers as C_readers, type_rules as C_types  # noqa: E402
 from fluxmini.errors import FluxMiniError, FluxMiniFileError, FluxMiniValueError  # noqa: E402
 from fluxmini.inventory import COMPONENTS, LAYOUT_PREFIXES, ModelDims, component_tensors, tiny_dims  # noqa: E402
 from fluxmini.safetensors_io import SafetensorsFile, write_safetensors  # noqa: E402
@@ -133,7 +134,7 @@ def test_convert_bfl_f32_round_trip(tmp_path, tiny_sources, layout):
             assert v.shape == inv[name]
             np.testing.assert_array_equal(v, values[comp][name], err_msg=name)
             # kept tensors keep the source type (BF16 held as F32), the rest is F32
-            src = C._kept_type(SOURCE_DTYPES[comp].lower())
+            src = C_readers._kept_type(SOURCE_DTYPES[comp].lower())
             assert t == C.gpustack_type(comp, name, inv[name], "f32", "f32", src), name
     kv = gguf_kv(out)
     assert kv == {"fluxmini.architecture": "flux-mini", "fluxmini.quantization": "f32",
@@ -251,7 +252,7 @@ def test_make_random_tiny(tmp_path):
     for _, full, bare, shape, _ in plan:
         v = got[full][1]
         assert np.isfinite(v).all()
-        scale = C._random_scale(bare, shape)
+        scale = C_random._random_scale(bare, shape)
         if scale is not None and v.size >= 1 << 16:  # pool-made: the scale of random_tensor
             assert abs(v.std() / scale - 1) < 0.1, full
     # same seed, same file
@@ -464,26 +465,31 @@ def test_bf16_and_fp8_reading(tmp_path):
 def test_cli_subcommands():
     import argparse
 
+    from fluxmini.cli import convert as cli_convert, make_random as cli_make_random, quantize as cli_quantize
+
     p = argparse.ArgumentParser()
     sub = p.add_subparsers(dest="command")
-    C.add_convert_subcommands(sub)
+    for command in (cli_convert, cli_quantize, cli_make_random):
+        command.add_parser(sub)
     a = p.parse_args(["convert", "--diffusion-model", "d", "--clip_l", "c", "--t5xxl", "t", "--vae", "v",
                       "-o", "o.gguf", "--layout", "sd.cpp", "--type", "Q4_0", "--clip-l-type", "f16",
                       "--keep-t5-duplicate"])
     assert (a.func, a.diffusion_model, a.clip_l, a.t5xxl, a.vae, a.output, a.layout, a.type, a.clip_l_type,
-            a.keep_t5_duplicate) == (C._cmd_convert, "d", "c", "t", "v", "o.gguf", "sd.cpp", "q4_0", "f16", True)
+            a.keep_t5_duplicate) == (cli_convert.run, "d", "c", "t", "v", "o.gguf", "sd.cpp", "q4_0", "f16", True)
     a = p.parse_args(["quantize", "in.gguf", "out.gguf", "--type", "q8_0"])
-    assert (a.func, a.input, a.output, a.type, a.layout) == (C._cmd_quantize, "in.gguf", "out.gguf", "q8_0", None)
+    assert (a.func, a.input, a.output, a.type, a.layout) == (cli_quantize.run, "in.gguf", "out.gguf", "q8_0", None)
     a = p.parse_args(["make-random", "-o", "x", "--variant", "pure-Q8_0", "--seed", "3", "--split"])
-    assert (a.func, a.output, a.variant, a.seed, a.split, a.layout) == (C._cmd_make_random, "x", "pure-Q8_0", 3,
+    assert (a.func, a.output, a.variant, a.seed, a.split, a.layout) == (cli_make_random.run, "x", "pure-Q8_0", 3,
                                                                       True, "gpustack")
 
 
 def test_cli_make_random_runs(tmp_path, capsys):
     import argparse
 
+    from fluxmini.cli import make_random as cli_make_random
+
     p = argparse.ArgumentParser()
-    C.add_convert_subcommands(p.add_subparsers(dest="command"))
+    cli_make_random.add_parser(p.add_subparsers(dest="command"))
     a = p.parse_args(["make-random", "-o", str(tmp_path / "r.gguf"), "--tiny", "-q"])
     assert a.func(a) == 0
     assert os.path.getsize(tmp_path / "r.gguf") == C.predict_file_size(tiny_dims(), "Q4_0")
@@ -597,7 +603,7 @@ def test_llama_cpp_t5_names(tmp_path, tiny_sources):
                   if values["t5xxl"][n].ndim == 2 and values["t5xxl"][n].shape[1] % 32 == 0 else "f32")
     w.begin()
     for (full, shape, t), n in zip(w.tensors, order):
-        w.write(C._encode_flat(values["t5xxl"][n], t))
+        w.write(C_types._encode_flat(values["t5xxl"][n], t))
     w.close()
     assert "enc.blk.1.ffn_gate.weight" in [n for n, _, _ in w.tensors]
     res = run_convert(tmp_path / "o.gguf", {**paths, "t5xxl": str(t5)}, type="f32")

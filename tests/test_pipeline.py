@@ -28,7 +28,8 @@ import numpy as np
 import pytest
 
 import fluxmini
-from fluxmini import pipeline
+from fluxmini import hub, pipeline
+from fluxmini.engine import Engine
 from fluxmini.errors import Cancelled, FluxMiniFileError, FluxMiniValueError
 from fluxmini.imageio import image_to_array, read_metadata, save_png, to_uint8
 from fluxmini.rng import initial_noise
@@ -51,7 +52,7 @@ def psnr(a, b) -> float:
 # =========================================================================== fake model
 
 
-class FakeModel:
+class FakeModel(Engine):
     """Records every call. transformer returns `velocity(x, sigma)` (default zero), so the final
     latent is known by hand; the VAE decoder returns tanh of the mean of its input per pixel."""
 
@@ -372,14 +373,14 @@ def test_metadata_round_trip(tmp_path):
 
 
 def test_hub_filenames():
-    assert pipeline.hub_filename("gpustack/FLUX.1-mini-GGUF", "Q4_0") == "FLUX.1-mini-Q4_0.gguf"
-    assert pipeline.hub_filename("gpustack/FLUX.1-mini-GGUF", "q8_0") == "FLUX.1-mini-Q8_0.gguf"
-    assert pipeline.hub_filename("gpustack/FLUX.1-mini-GGUF", "pure-q4_0") == "FLUX.1-mini-pure-Q4_0.gguf"
-    assert pipeline.hub_filename("gpustack/FLUX.1-mini-GGUF", "F16") == "FLUX.1-mini-FP16.gguf"
-    assert pipeline.hub_filename("someone/other", "model-x.gguf") == "model-x.gguf"
-    assert pipeline.is_hub_reference("gpustack/FLUX.1-mini-GGUF:Q4_0")
-    assert not pipeline.is_hub_reference("/models/FLUX.1-mini-Q4_0.gguf")
-    assert not pipeline.is_hub_reference("C:/models/x.gguf")
+    assert hub.hub_filename("gpustack/FLUX.1-mini-GGUF", "Q4_0") == "FLUX.1-mini-Q4_0.gguf"
+    assert hub.hub_filename("gpustack/FLUX.1-mini-GGUF", "q8_0") == "FLUX.1-mini-Q8_0.gguf"
+    assert hub.hub_filename("gpustack/FLUX.1-mini-GGUF", "pure-q4_0") == "FLUX.1-mini-pure-Q4_0.gguf"
+    assert hub.hub_filename("gpustack/FLUX.1-mini-GGUF", "F16") == "FLUX.1-mini-FP16.gguf"
+    assert hub.hub_filename("someone/other", "model-x.gguf") == "model-x.gguf"
+    assert hub.is_hub_reference("gpustack/FLUX.1-mini-GGUF:Q4_0")
+    assert not hub.is_hub_reference("/models/FLUX.1-mini-Q4_0.gguf")
+    assert not hub.is_hub_reference("C:/models/x.gguf")
 
 
 HUB_URL = "https://huggingface.co/gpustack/FLUX.1-mini-GGUF/resolve/main/FLUX.1-mini-Q4_0.gguf"
@@ -389,7 +390,7 @@ HUB_CMD = "huggingface-cli download gpustack/FLUX.1-mini-GGUF FLUX.1-mini-Q4_0.g
 def test_hub_reference_without_huggingface_hub(monkeypatch):
     monkeypatch.setitem(sys.modules, "huggingface_hub", None)  # import fails
     with pytest.raises(FluxMiniFileError) as e:
-        pipeline.resolve_model("gpustack/FLUX.1-mini-GGUF:Q4_0")
+        hub.resolve_model("gpustack/FLUX.1-mini-GGUF:Q4_0")
     msg = str(e.value)
     assert "fluxmini[hub]" in msg and HUB_URL in msg and HUB_CMD in msg
 
@@ -403,7 +404,7 @@ def test_hub_reference_offline(monkeypatch):
 
     monkeypatch.setitem(sys.modules, "huggingface_hub", types.SimpleNamespace(hf_hub_download=offline))
     with pytest.raises(FluxMiniFileError) as e:
-        pipeline.resolve_model("gpustack/FLUX.1-mini-GGUF:Q4_0")
+        hub.resolve_model("gpustack/FLUX.1-mini-GGUF:Q4_0")
     msg = str(e.value)
     assert HUB_URL in msg and HUB_CMD in msg and "couldn't connect" in msg
     assert calls == [{"repo_id": "gpustack/FLUX.1-mini-GGUF", "filename": "FLUX.1-mini-Q4_0.gguf"}]
@@ -412,15 +413,15 @@ def test_hub_reference_offline(monkeypatch):
 def test_hub_reference_resolves_and_local_files_win(monkeypatch, tmp_path):
     monkeypatch.setitem(sys.modules, "huggingface_hub", types.SimpleNamespace(
         hf_hub_download=lambda repo_id, filename: f"/cache/{repo_id}/{filename}"))
-    assert pipeline.resolve_model("gpustack/FLUX.1-mini-GGUF:Q4_0") == \
+    assert hub.resolve_model("gpustack/FLUX.1-mini-GGUF:Q4_0") == \
         "/cache/gpustack/FLUX.1-mini-GGUF/FLUX.1-mini-Q4_0.gguf"
     local = tmp_path / "a"
     local.mkdir()
     (local / "b:c").write_bytes(b"x")  # an existing file that looks like a reference
     monkeypatch.chdir(tmp_path)
-    assert pipeline.resolve_model("a/b:c") == "a/b:c"
+    assert hub.resolve_model("a/b:c") == "a/b:c"
     with pytest.raises(FluxMiniFileError, match="model file not found"):
-        pipeline.resolve_model(str(tmp_path / "missing.gguf"))
+        hub.resolve_model(str(tmp_path / "missing.gguf"))
 
 
 # =========================================================================== CLI (no engine)
@@ -428,6 +429,7 @@ def test_hub_reference_resolves_and_local_files_win(monkeypatch, tmp_path):
 
 def test_cli_argument_errors(capsys):
     from fluxmini.cli import build_parser
+    from fluxmini.cli import generate as cli_generate
 
     p = build_parser()
     with pytest.raises(SystemExit):
@@ -439,8 +441,8 @@ def test_cli_argument_errors(capsys):
     assert (a.width, a.height, a.seed, a.steps, a.guidance, a.threads, a.compat, a.count) == \
         (256, 128, 7, 8, 2.0, 3, "sd.cpp", 3)
     assert (a.clip_l, a.t5xxl, a.vae, a.init_img, a.strength, a.verbose) == ("c", "t", "v", "in.png", 0.5, True)
-    assert pipeline._output_paths("out.png", 3) == ["out.png", "out_1.png", "out_2.png"]
-    assert pipeline._output_paths("dir/x", 2) == ["dir/x", "dir/x_1"]
+    assert cli_generate.output_paths("out.png", 3) == ["out.png", "out_1.png", "out_2.png"]
+    assert cli_generate.output_paths("dir/x", 2) == ["dir/x", "dir/x_1"]
 
 
 def test_cli_hub_reference_offline_message(tmp_path):

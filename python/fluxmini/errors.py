@@ -25,16 +25,3 @@ class FluxMiniRuntimeError(FluxMiniError, RuntimeError):
 class Cancelled(FluxMiniError):
     """A generation was cancelled by its callback or by Ctrl-C."""
 
-
-def int_arg(value, name: str) -> int:
-    """An integer argument (numpy integers too, bools not), or FluxMiniValueError naming it."""
-    import operator
-
-    import numpy as np
-
-    if isinstance(value, (bool, np.bool_)):
-        raise FluxMiniValueError(f"{name} must be an integer, got a bool ({value!r})")
-    try:
-        return operator.index(value)
-    except TypeError:
-        raise FluxMiniValueError(f"{name} must be an integer, got {type(value).__name__} ({value!r})") from None

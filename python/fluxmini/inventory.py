@@ -1,32 +1,21 @@
 """The tensor inventory of FLUX.1-mini's four components, and the prefixes of each file layout.
 
 One table for the whole project: the converter, ``make-random`` and the test fixtures all
-list tensors from here, and the C++ loader knows the same prefixes (csrc/weights.cpp).
+list tensors from here; the prefixes of each layout come from fluxmini/data/names.txt, which the
+C++ loader embeds. ``infer_dims`` reads a component's dimensions back from tensor shapes.
 Names are the *bare* component names (BFL names for the diffusion model and the VAE, Hugging
 Face names for CLIP-L and T5); shapes are PyTorch order ``[out, in, ...]``.
 """
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
+from typing import Sequence
 
-# Prefixes written in front of the bare names, per layout (MODEL.md §1.3 and §1.5).
-LAYOUT_PREFIXES = {
-    "gpustack": {
-        "diffusion": "model.diffusion_model.",
-        "clip_l": "cond_stage_model.transformer.",
-        "t5xxl": "cond_stage_model.1.transformer.",
-        "vae": "first_stage_model.",
-    },
-    "sd.cpp": {
-        "diffusion": "model.diffusion_model.",
-        "clip_l": "text_encoders.clip_l.transformer.",
-        "t5xxl": "text_encoders.t5xxl.transformer.",
-        "vae": "first_stage_model.",
-    },
-}
-
-COMPONENTS = ("diffusion", "clip_l", "t5xxl", "vae")
+from .errors import FluxMiniValueError
+# The prefixes written in front of the bare names, per layout, are in fluxmini/data/names.txt.
+from .names import COMPONENTS, LAYOUT_PREFIXES  # noqa: F401 (re-exported)
 
 
 @dataclass
@@ -216,7 +205,7 @@ def component_tensors(component: str, dims: ModelDims) -> list[tuple[str, tuple[
         return t5_tensors(dims.t5)
     if component == "vae":
         return vae_tensors(dims.vae)
-    raise ValueError(f"unknown component {component!r}")
+    raise FluxMiniValueError(f"unknown component {component!r}")
 
 
 def tiny_dims() -> ModelDims:
@@ -227,3 +216,95 @@ def tiny_dims() -> ModelDims:
         t5=T5Dims(d_model=64, layers=2, heads=4, d_kv=16, d_ff=96),
         vae=VaeDims(ch=32, ch_mult=(1, 2, 2, 2), num_res_blocks=1),
     )
+
+
+# ----------------------------------------------------------------------------------------------
+# Dimension inference
+
+def _dim(have: dict[str, tuple[int, ...]], candidates: list[tuple[str, int]], default: int) -> int:
+    for name, axis in candidates:
+        v = have.get(name)
+        if v is not None and len(v) > axis:
+            return int(v[axis])
+    return default
+
+
+def _count(have: dict[str, tuple[int, ...]], pattern: str, default: int) -> int:
+    rx = re.compile(pattern)
+    idx = {int(m[1]) for k in have for m in [rx.match(k)] if m}
+    return max(idx) + 1 if idx else default
+
+
+def infer_dims(component: str, shapes: dict[str, Sequence[int]], keep_t5_duplicate: bool = False):
+    """Dimensions of one component from its tensor shapes (bare names -> PyTorch-order shapes).
+
+    The converter's one dimension inference (the engine's is FluxConfig::infer and its siblings in
+    csrc/, which read the same tensors; tests/test_dims.py checks that both agree on files
+    written from these dimensions).
+
+    Missing key tensors fall back to FLUX.1-mini's sizes, so that a missing tensor is reported as
+    missing rather than as a wrong shape everywhere.
+    """
+    have = {k: tuple(v) for k, v in shapes.items()}
+    if component == "diffusion":
+        d = FluxDims()
+        h = _dim(have, [("img_in.weight", 0), ("txt_in.weight", 0), ("final_layer.linear.weight", 1),
+                        ("time_in.out_layer.weight", 0)], d.hidden)
+        mlp = _dim(have, [("double_blocks.0.img_mlp.0.weight", 0), ("double_blocks.0.txt_mlp.0.weight", 0)],
+                   int(h * d.mlp_ratio))
+        return FluxDims(
+            hidden=h,
+            head_dim=_dim(have, [("double_blocks.0.img_attn.norm.query_norm.scale", 0),
+                                 ("single_blocks.0.norm.query_norm.scale", 0)], d.head_dim),
+            depth=_count(have, r"double_blocks\.(\d+)\.", d.depth),
+            depth_single=_count(have, r"single_blocks\.(\d+)\.", d.depth_single),
+            mlp_ratio=mlp / h if h else d.mlp_ratio,
+            in_channels=_dim(have, [("img_in.weight", 1), ("final_layer.linear.weight", 0)], d.in_channels),
+            context_dim=_dim(have, [("txt_in.weight", 1)], d.context_dim),
+            vec_dim=_dim(have, [("vector_in.in_layer.weight", 1)], d.vec_dim),
+            guidance=any(k.startswith("guidance_in.") for k in have),
+        )
+    if component == "clip_l":
+        d = ClipDims()
+        emb = "text_model.embeddings."
+        return ClipDims(
+            vocab=_dim(have, [(emb + "token_embedding.weight", 0)], d.vocab),
+            positions=_dim(have, [(emb + "position_embedding.weight", 0)], d.positions),
+            hidden=_dim(have, [(emb + "token_embedding.weight", 1), (emb + "position_embedding.weight", 1),
+                               ("text_model.final_layer_norm.weight", 0)], d.hidden),
+            layers=_count(have, r"text_model\.encoder\.layers\.(\d+)\.", d.layers),
+            mlp=_dim(have, [("text_model.encoder.layers.0.mlp.fc1.weight", 0)], d.mlp),
+        )
+    if component == "t5xxl":
+        d = T5Dims()
+        p0 = "encoder.block.0.layer."
+        heads = _dim(have, [(p0 + "0.SelfAttention.relative_attention_bias.weight", 1)], d.heads)
+        inner = _dim(have, [(p0 + "0.SelfAttention.q.weight", 0)], heads * d.d_kv)
+        return T5Dims(
+            vocab=_dim(have, [("shared.weight", 0)], d.vocab),
+            d_model=_dim(have, [("shared.weight", 1), ("encoder.final_layer_norm.weight", 0)], d.d_model),
+            layers=_count(have, r"encoder\.block\.(\d+)\.", d.layers),
+            heads=heads,
+            d_kv=inner // heads if heads and inner % heads == 0 else d.d_kv,
+            d_ff=_dim(have, [(p0 + "1.DenseReluDense.wi_0.weight", 0)], d.d_ff),
+            buckets=_dim(have, [(p0 + "0.SelfAttention.relative_attention_bias.weight", 0)], d.buckets),
+            duplicate_embed=keep_t5_duplicate,
+        )
+    if component == "vae":
+        d = VaeDims()
+        ch = _dim(have, [("encoder.conv_in.weight", 0)], d.ch)
+        levels = _count(have, r"encoder\.down\.(\d+)\.", len(d.ch_mult))
+        mult = []
+        for i in range(levels):
+            default = ch * (d.ch_mult[i] if i < len(d.ch_mult) else 1)
+            c = _dim(have, [(f"encoder.down.{i}.block.0.conv1.weight", 0)], default)
+            mult.append(c // ch if ch and c % ch == 0 else c)
+        return VaeDims(
+            ch=ch, ch_mult=tuple(mult),
+            num_res_blocks=_count(have, r"encoder\.down\.0\.block\.(\d+)\.", d.num_res_blocks),
+            z_channels=_dim(have, [("decoder.conv_in.weight", 1)],
+                            _dim(have, [("encoder.conv_out.weight", 0)], 2 * d.z_channels) // 2),
+            in_channels=_dim(have, [("encoder.conv_in.weight", 1)], d.in_channels),
+            out_channels=_dim(have, [("decoder.conv_out.weight", 0)], d.out_channels),
+        )
+    raise FluxMiniValueError(f"unknown component {component!r}")

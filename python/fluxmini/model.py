@@ -9,6 +9,7 @@ from typing import Iterable, Optional
 
 import numpy as np
 
+from .engine import Engine
 from .errors import FluxMiniFileError, FluxMiniValueError
 
 COMPONENTS = ("diffusion", "clip_l", "t5xxl", "vae")
@@ -26,7 +27,7 @@ def _core():
 
 
 def _version() -> str:
-    from . import __version__
+    from ._version import __version__
 
     return __version__
 
@@ -80,7 +81,7 @@ def _cancel_arg(cancel) -> Optional[CancelToken]:
     return cancel
 
 
-class FluxMini:
+class FluxMini(Engine):
     """A FLUX.1-mini model loaded from a GGUF file (plus optional split component files).
 
     Loading maps the files and checks every tensor's shape; weights are read on first use.

@@ -45,7 +45,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from .errors import FluxMiniValueError, int_arg
+from .errors import FluxMiniValueError
+from .validation import int_arg, seed_arg
 
 __all__ = ["philox_randn", "initial_noise"]
 
@@ -67,18 +68,7 @@ _MINUS_TWO = np.float32(-2.0)
 # Elements processed per block: keeps the temporaries in cache and bounds memory for huge n.
 _BLOCK = 1 << 14
 
-_U64_MAX = (1 << 64) - 1
 _U32_MAX = (1 << 32) - 1
-
-
-def _check_seed(seed) -> int:
-    seed = int_arg(seed, "seed")
-    if seed < 0 or seed > _U64_MAX:
-        raise FluxMiniValueError(
-            f"seed must be in [0, 2**64 - 1], got {seed} "
-            "(pick a random seed yourself if you want a random one)"
-        )
-    return seed
 
 
 def _key_schedule(seed: int) -> list[tuple[np.uint64, np.uint64]]:
@@ -160,7 +150,7 @@ def philox_randn(seed: int, n: int, offset: int = 0) -> np.ndarray:
     Raises:
         FluxMiniValueError: an argument is not an integer or is out of range.
     """
-    seed = _check_seed(seed)
+    seed = seed_arg(seed)
     n = int_arg(n, "n")
     offset = int_arg(offset, "offset")
     if n < 0 or n > (1 << 32):

@@ -31,7 +31,8 @@ from typing import Callable, Optional
 
 import numpy as np
 
-from .errors import Cancelled, FluxMiniValueError, int_arg
+from .errors import Cancelled, FluxMiniValueError
+from .validation import MAX_STEPS, compat_arg, int_arg, steps_arg
 
 __all__ = [
     "time_shift",
@@ -46,9 +47,6 @@ __all__ = [
 
 #: accepted values of ``compat``
 COMPAT_MODES = (None, "sd.cpp")
-#: the largest step count accepted (sd.cpp's discrete grid has 1000 timesteps)
-MAX_STEPS = 1000
-
 # diffusers FLUX.1-dev scheduler config (calculate_shift defaults)
 _BASE_SEQ_LEN = 256
 _MAX_SEQ_LEN = 4096
@@ -72,19 +70,6 @@ def _float_arg(value, name: str) -> float:
     if not math.isfinite(value):
         raise FluxMiniValueError(f"{name} must be finite, got {value}")
     return value
-
-
-def _check_steps(steps) -> int:
-    steps = int_arg(steps, "steps")
-    if not 1 <= steps <= MAX_STEPS:
-        raise FluxMiniValueError(f"steps must be between 1 and {MAX_STEPS}, got {steps}")
-    return steps
-
-
-def _check_compat(compat):
-    if compat is not None and compat != "sd.cpp":
-        raise FluxMiniValueError(f"compat must be None or 'sd.cpp', got {compat!r}")
-    return compat
 
 
 # --------------------------------------------------------------------------- schedules
@@ -182,12 +167,12 @@ def sigmas(steps, width, height, compat=None, *, mu_fixed: float = 1.15) -> np.n
     Raises:
         FluxMiniValueError: a bad argument.
     """
-    steps = _check_steps(steps)
+    steps = steps_arg(steps)
     width = int_arg(width, "width")
     height = int_arg(height, "height")
     if width < 1 or height < 1:
         raise FluxMiniValueError(f"width and height must be positive, got {width}x{height}")
-    compat = _check_compat(compat)
+    compat = compat_arg(compat)
     if compat is None:
         return _bfl_sigmas(steps, width, height)
     mu_fixed = _float_arg(mu_fixed, "mu_fixed")
@@ -228,8 +213,8 @@ def img2img_start(sigmas, steps, strength, compat=None) -> int:
         FluxMiniValueError: a bad argument, or (``compat=None``) a strength that leaves no
             denoising step.
     """
-    steps = _check_steps(steps)
-    compat = _check_compat(compat)
+    steps = steps_arg(steps)
+    compat = compat_arg(compat)
     strength = _float_arg(strength, "strength")
     if not 0.0 <= strength <= 1.0:
         raise FluxMiniValueError(f"strength must be between 0 and 1, got {strength}")

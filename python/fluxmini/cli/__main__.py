@@ -1,0 +1,7 @@
+"""``python -m fluxmini.cli``: the ``fluxmini`` command."""
+
+import sys
+
+from . import main
+
+sys.exit(main())

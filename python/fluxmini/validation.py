@@ -1,0 +1,123 @@
+"""Argument checks: every public entry point validates its arguments with these before any work.
+
+Each helper returns the normalised value or raises :class:`fluxmini.FluxMiniValueError` naming
+the argument, the value and what would be accepted. The pipeline, the sampler and the noise
+generator share them, so an argument means the same and fails the same way everywhere.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+import operator
+import secrets
+
+import numpy as np
+
+from .errors import FluxMiniValueError
+
+#: latent channels of the FLUX autoencoder
+LATENT_CHANNELS = 16
+#: largest width or height accepted, in pixels
+MAX_SIZE = 2048
+#: width and height when none is given
+DEFAULT_SIZE = 512
+#: the largest step count accepted (sd.cpp's discrete grid has 1000 timesteps)
+MAX_STEPS = 1000
+#: T5 sequence length of the reference (BFL/diffusers) and of compat="sd.cpp" (llama-box fork)
+T5_LENGTH = 512
+T5_LENGTH_SDCPP = 255
+#: seeds are unsigned 64-bit numbers (stable-diffusion.cpp's Philox key)
+SEED_MAX = (1 << 64) - 1
+
+
+def int_arg(value, name: str) -> int:
+    """An integer argument (numpy integers too, bools not)."""
+    if isinstance(value, (bool, np.bool_)):
+        raise FluxMiniValueError(f"{name} must be an integer, got a bool ({value!r})")
+    try:
+        return operator.index(value)
+    except TypeError:
+        raise FluxMiniValueError(f"{name} must be an integer, got {type(value).__name__} ({value!r})") from None
+
+
+def real_arg(value, name: str) -> float:
+    """A finite real number (ints and numpy floats too, bools not), as a float."""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real):
+        raise FluxMiniValueError(f"{name} must be a number, got {type(value).__name__} ({value!r})")
+    value = float(value)
+    if not math.isfinite(value):
+        raise FluxMiniValueError(f"{name} must be finite, got {value}")
+    return value
+
+
+def seed_arg(seed) -> int:
+    """A seed that must be given: an integer in [0, 2**64 - 1] (the noise generator's)."""
+    seed = int_arg(seed, "seed")
+    if seed < 0 or seed > SEED_MAX:
+        raise FluxMiniValueError(
+            f"seed must be in [0, 2**64 - 1], got {seed} "
+            "(pick a random seed yourself if you want a random one)"
+        )
+    return seed
+
+
+def seed_or_random(seed) -> int:
+    """A generation's seed: None draws a random 32-bit one, anything else as :func:`seed_arg`."""
+    if seed is None:
+        return secrets.randbelow(1 << 32)
+    s = int_arg(seed, "seed")
+    if s < 0 or s > SEED_MAX:
+        raise FluxMiniValueError(f"seed must be in [0, 2**64 - 1] (or None for a random seed), got {s}")
+    return s
+
+
+def steps_arg(steps) -> int:
+    steps = int_arg(steps, "steps")
+    if not 1 <= steps <= MAX_STEPS:
+        raise FluxMiniValueError(f"steps must be between 1 and {MAX_STEPS}, got {steps}")
+    return steps
+
+
+def compat_arg(compat):
+    if compat is not None and compat != "sd.cpp":
+        raise FluxMiniValueError(f"compat must be None or 'sd.cpp', got {compat!r}")
+    return compat
+
+
+def image_side(value, name: str) -> int:
+    """A width or height in pixels: a multiple of 16 from 16 to MAX_SIZE."""
+    v = int_arg(value, name)
+    if v < 16 or v > MAX_SIZE:
+        raise FluxMiniValueError(f"{name} must be between 16 and {MAX_SIZE} pixels, got {v}")
+    if v % 16:
+        lo, hi = v // 16 * 16, (v // 16 + 1) * 16
+        alt = f"{lo} or {hi}" if lo >= 16 and hi <= MAX_SIZE else str(max(lo, 16))
+        raise FluxMiniValueError(f"{name} must be a multiple of 16 pixels, got {v} (use {alt})")
+    return v
+
+
+def t5_length_arg(t5_length, compat) -> int:
+    """T5 tokens: None gives the default of the compat mode."""
+    if t5_length is None:
+        return T5_LENGTH_SDCPP if compat == "sd.cpp" else T5_LENGTH
+    from .tokenizers import T5_MAX_LENGTH
+
+    n = int_arg(t5_length, "t5_length")
+    if not 1 <= n <= T5_MAX_LENGTH:
+        raise FluxMiniValueError(f"t5_length must be between 1 and {T5_MAX_LENGTH}, got {n}")
+    return n
+
+
+def noise_arg(noise, h: int, w: int) -> np.ndarray:
+    """A caller's starting noise: a finite float array [16, h, w], copied as float32."""
+    try:
+        a = np.array(noise, dtype=np.float32, copy=True)
+    except (TypeError, ValueError):
+        raise FluxMiniValueError("noise must be a float array of shape [16, height/8, width/8]") from None
+    want = (LATENT_CHANNELS, h, w)
+    if a.shape != want:
+        raise FluxMiniValueError(f"noise must have shape {list(want)} (16, height/8, width/8), got {list(a.shape)}")
+    if not np.all(np.isfinite(a)):
+        raise FluxMiniValueError("noise contains NaN or infinite values")
+    return a
