@@ -50,7 +50,7 @@ def _cmd_serve(args) -> int:
     import uvicorn
 
     from ..model import FluxMini
-    from ..pipeline import resolve_model
+    from ..hub import resolve_model
     from .app import create_app
 
     api_key = args.api_key if args.api_key is not None else os.environ.get("FLUXMINI_API_KEY") or None
