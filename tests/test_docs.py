@@ -37,12 +37,14 @@ rw = _load("rewrite_citations")
 DOC = "docs/" + "MODEL.md"
 BARE = "MODEL" + ".md"          # the old, outside-the-repository form
 ISSUE = "the " + "issue"
+S = "§"
+GOOD = "[" + "GOOD-1]"           # a tag the fake document defines
 
-FAKE_DOC = """# fake
+FAKE_DOC = f"""# fake
 ## 0. Sources
 | tag | what |
 |---|---|
-| `[GOOD-1]` | a source |
+| `{GOOD}` | a source |
 ## 1. Files
 ### 1.1 Sizes
 ### 1.2 Names
@@ -87,9 +89,9 @@ def test_model_doc_sections_and_tags_parse():
 
 
 def test_good_citations_pass(tmp_path):
-    body = (f"// {DOC} §1.1, §1.2 and §4.4 / §A.3; [GOOD-1]:model.cpp\n"
-            f"// ranges {DOC} §1–4, and {DOC} §11.1\n"
-            f"// a path: {DOC}; another doc's source path [GOOD-1]:docs/flux.md\n")
+    body = (f"// {DOC} {S}1.1, {S}1.2 and {S}4.4 / {S}A.3; {GOOD}:model.cpp\n"
+            f"// ranges {DOC} {S}1–4, and {DOC} {S}11.1\n"
+            f"// a path: {DOC}; another repository's source path {GOOD}:" + "do" + "cs/flux.md\n")
     root = _fake_repo(tmp_path, body)
     problems, seen = cc.check_repo(root)
     assert problems == []
@@ -97,20 +99,20 @@ def test_good_citations_pass(tmp_path):
 
 
 @pytest.mark.parametrize("line, kind", [
-    (f"// {DOC} §9.9", "missing section"),
-    (f"// {DOC} §1.1–2", "missing section"),          # the range's upper end does not exist
-    (f"// {DOC} §B.1", "missing section"),
-    ("// see docs/NOPE.md", "missing file"),
-    ("// from [NOPE-2]:flux.hpp", "unknown source tag"),
-    (f"// ({BARE} §1.1)", "points outside the repository"),
-    (f"// ``{BARE}`` §1.1", "points outside the repository"),
-    ("// ../" + "shared/spec/" + BARE, "points outside the repository"),
+    (f"// {DOC} {S}9.9", "missing section"),
+    (f"// {DOC} {S}1.1–2", "missing section"),          # the range's upper end does not exist
+    (f"// {DOC} {S}B.1", "missing section"),
+    ("// see docs/" + "NOPE.md", "missing file"),
+    ("// from [" + "NOPE-2]:flux.hpp", "unknown source tag"),
+    (f"// ({BARE} {S}1.1)", "points outside the repository"),
+    (f"// ``{BARE}`` {S}1.1", "points outside the repository"),
+    ("// ../" + "sha" + "red/spec/" + BARE, "points outside the repository"),
     (f"// 1e-4, {ISSUE}'s bound", "points outside the repository"),
     (f"// 1e-4, the\n//   {ISSUE[4:]}'s bound", "points outside the repository"),   # broken across lines
     ("// F32 weights (" + "issue" + " 4)", "points outside the repository"),
 ])
 def test_fabricated_bad_citation_is_flagged(tmp_path, line, kind):
-    root = _fake_repo(tmp_path, f"// fine: {DOC} §1.1\n{line}\n")
+    root = _fake_repo(tmp_path, f"// fine: {DOC} {S}1.1\n{line}\n")
     problems, _ = cc.check_repo(root)
     assert [p.kind for p in problems if p.kind == kind], problems
     assert all(p.path == "csrc/a.cpp" for p in problems)
@@ -118,31 +120,31 @@ def test_fabricated_bad_citation_is_flagged(tmp_path, line, kind):
 
 
 def test_missing_model_doc_is_flagged(tmp_path):
-    root = _fake_repo(tmp_path, f"// {DOC} §1.1\n", doc=None)
+    root = _fake_repo(tmp_path, f"// {DOC} {S}1.1\n", doc=None)
     problems, _ = cc.check_repo(root)
     assert {p.kind for p in problems} == {"missing file"}
 
 
 def test_main_exit_status(tmp_path, capsys):
-    root = _fake_repo(tmp_path, f"// {DOC} §9.9\n")
+    root = _fake_repo(tmp_path, f"// {DOC} {S}9.9\n")
     assert cc.main([str(root)]) == 1
     assert "csrc/a.cpp:1: missing section" in capsys.readouterr().out
-    (root / "csrc" / "a.cpp").write_text(f"// {DOC} §1.1\n", encoding="utf-8")
+    (root / "csrc" / "a.cpp").write_text(f"// {DOC} {S}1.1\n", encoding="utf-8")
     assert cc.main([str(root)]) == 0
 
 
 # the old forms found in the code before the documents moved into docs/, and what they become
 OLD_FORMS = [
-    (f"// ({BARE} §1.3, §1.5).", f"// ({DOC} §1.3, §1.5)."),
-    (f"Spec: ``{BARE}`` §4 (sampler)", f"Spec: ``{DOC}`` §4 (sampler)"),
-    (f"The pipeline ({BARE} §4, Appendix A.1):", f"The pipeline ({DOC} §4, §A.1):"),
-    (f"text in a prompt ({BARE} sections 1.1 and 1.2):", f"text in a prompt ({DOC} §1.1 and §1.2):"),
-    (f"# (b) vectors: {BARE} 1.1 / 1.2 and NOTICE.md", f"# (b) vectors: {DOC} §1.1 / §1.2 and NOTICE.md"),
-    (f"({BARE} [GOOD-1], based on", f"({DOC} [GOOD-1], based on"),
-    (f"1e-4 ({ISSUE}'s bound).", f"1e-4 (the bar of {DOC} §11.1)."),
-    (f"<= 1e-4, the\n    {ISSUE[4:]}'s bound. What", f"<= 1e-4, the\n    bar of {DOC} §11.1. What"),
-    (f"// <= 1e-4, the\n// {ISSUE[4:]}'s bound.", f"// <= 1e-4, the\n// bar of {DOC} §11.1."),
-    ("F32_TOL = 1e-4  # F32 weights (" + "issue 4)", f"F32_TOL = 1e-4  # F32 weights ({DOC} §11.1)"),
+    (f"// ({BARE} {S}1.3, {S}1.5).", f"// ({DOC} {S}1.3, {S}1.5)."),
+    (f"Spec: ``{BARE}`` {S}4 (sampler)", f"Spec: ``{DOC}`` {S}4 (sampler)"),
+    (f"The pipeline ({BARE} {S}4, Appendix A.1):", f"The pipeline ({DOC} {S}4, {S}A.1):"),
+    (f"text in a prompt ({BARE} sections 1.1 and 1.2):", f"text in a prompt ({DOC} {S}1.1 and {S}1.2):"),
+    (f"# (b) vectors: {BARE} 1.1 / 1.2 and NOTICE.md", f"# (b) vectors: {DOC} {S}1.1 / {S}1.2 and NOTICE.md"),
+    (f"({BARE} {GOOD}, based on", f"({DOC} {GOOD}, based on"),
+    (f"1e-4 ({ISSUE}'s bound).", f"1e-4 (the bar of {DOC} {S}11.1)."),
+    (f"<= 1e-4, the\n    {ISSUE[4:]}'s bound. What", f"<= 1e-4, the\n    bar of {DOC} {S}11.1. What"),
+    (f"// <= 1e-4, the\n// {ISSUE[4:]}'s bound.", f"// <= 1e-4, the\n// bar of {DOC} {S}11.1."),
+    ("F32_TOL = 1e-4  # F32 weights (" + "issue 4)", f"F32_TOL = 1e-4  # F32 weights ({DOC} {S}11.1)"),
 ]
 
 
