@@ -34,8 +34,8 @@ def _load(name):
 cc = _load("check_citations")
 rw = _load("rewrite_citations")
 
-DOC = "docs/" + "MODEL.md"
-BARE = "MODEL" + ".md"          # the old, outside-the-repository form
+BARE = "MOD" + "EL.md"          # the old, outside-the-repository form
+DOC = "docs/" + BARE
 ISSUE = "the " + "issue"
 S = "§"
 GOOD = "[" + "GOOD-1]"           # a tag the fake document defines
@@ -63,7 +63,7 @@ FAKE_DOC = f"""# fake
 def _fake_repo(tmp_path, body, doc=FAKE_DOC):
     (tmp_path / "docs").mkdir()
     if doc is not None:
-        (tmp_path / "docs" / "MODEL.md").write_text(doc, encoding="utf-8")
+        (tmp_path / DOC).write_text(doc, encoding="utf-8")
     (tmp_path / "csrc").mkdir()
     (tmp_path / "csrc" / "a.cpp").write_text(body, encoding="utf-8")
     return tmp_path
@@ -144,7 +144,7 @@ OLD_FORMS = [
     (f"1e-4 ({ISSUE}'s bound).", f"1e-4 (the bar of {DOC} {S}11.1)."),
     (f"<= 1e-4, the\n    {ISSUE[4:]}'s bound. What", f"<= 1e-4, the\n    bar of {DOC} {S}11.1. What"),
     (f"// <= 1e-4, the\n// {ISSUE[4:]}'s bound.", f"// <= 1e-4, the\n// bar of {DOC} {S}11.1."),
-    ("F32_TOL = 1e-4  # F32 weights (" + "issue 4)", f"F32_TOL = 1e-4  # F32 weights ({DOC} {S}11.1)"),
+    ("F32_TOL = 1e-4  # F32 weights (" + "iss" + "ue 4)", f"F32_TOL = 1e-4  # F32 weights ({DOC} {S}11.1)"),
 ]
 
 
