@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """Check that every citation in the code resolves inside the repository.
 
-Scans the sources, tests, benchmarks, scripts, docs and README for
+Scans every text file of the repository (sources, tests, benchmarks, scripts, docs, README;
+data folders and vendored ggml excepted) for
 
 * paths ``docs/...``: the file must exist;
 * section references ``§N`` / ``§N.M`` / ``§A.N`` (ranges ``§2–3`` count both ends), which all
@@ -19,17 +20,20 @@ old citation forms into the checked ones.
 from __future__ import annotations
 
 import re
+import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-#: what is scanned, relative to the repository root
-SCAN_DIRS = ("csrc", "python", "tests", "benchmarks", "scripts", "docs", "third_party")
-SCAN_FILES = ("README.md", "CMakeLists.txt", "pyproject.toml", ".ci/run")
+#: What is scanned: every text file of the repository (git's tracked and not-ignored files, or a
+#: walk of the tree outside git) with one of these suffixes, plus SCAN_FILES; a new top-level
+#: folder (fuzz/, docs/, ...) is scanned without being listed here.
+SCAN_FILES = ("CMakeLists.txt", ".ci/run")
 TEXT_SUFFIXES = {".py", ".pyi", ".cpp", ".cc", ".c", ".h", ".hpp", ".sh", ".md", ".txt", ".toml",
                  ".cmake", ".cfg", ".ini", ".yml", ".yaml", ".rst"}
-#: folders holding data, results or vendored sources (not ours to cite from)
-SKIP_PARTS = {"data", "results", "__pycache__", "ggml", "build", ".git"}
+#: folders holding data, results, vendored sources or build outputs (not ours to cite from)
+SKIP_PARTS = {"data", "results", "__pycache__", "ggml", "build", "dist", ".git", ".venv", "venv",
+              "node_modules", ".pytest_cache"}
 #: these two describe the citation forms themselves
 SKIP_FILES = {"scripts/check_citations.py", "scripts/rewrite_citations.py"}
 
@@ -122,21 +126,28 @@ def check_text(text: str, rel: str, root: Path, doc: ModelDoc | None) -> tuple[l
     return problems, seen
 
 
+def _candidates(root: Path):
+    """Relative paths of the repository's files: git's view when root is a git work tree."""
+    try:
+        top = subprocess.run(["git", "-C", str(root), "rev-parse", "--show-toplevel"], capture_output=True,
+                             text=True, check=True).stdout.strip()
+        if Path(top).resolve() == root.resolve():
+            out = subprocess.run(["git", "-C", str(root), "ls-files", "-z", "--cached", "--others",
+                                  "--exclude-standard"], capture_output=True, check=True).stdout
+            return sorted({Path(p.decode()) for p in out.split(b"\0") if p})
+    except (OSError, subprocess.CalledProcessError):
+        pass
+    return sorted(p.relative_to(root) for p in root.rglob("*") if p.is_file())
+
+
 def iter_files(root: Path):
-    for d in SCAN_DIRS:
-        base = root / d
-        if not base.is_dir():
+    root = Path(root)
+    for rel in _candidates(root):
+        p = root / rel
+        if rel.as_posix() in SKIP_FILES or SKIP_PARTS & set(rel.parts[:-1]) or not p.is_file():
             continue
-        for p in sorted(base.rglob("*")):
-            rel = p.relative_to(root)
-            if not p.is_file() or p.suffix not in TEXT_SUFFIXES or SKIP_PARTS & set(rel.parts[:-1]):
-                continue
-            if rel.as_posix() in SKIP_FILES:
-                continue
+        if p.suffix in TEXT_SUFFIXES or rel.as_posix() in SCAN_FILES:
             yield p
-    for f in SCAN_FILES:
-        if (root / f).is_file():
-            yield root / f
 
 
 def check_repo(root: Path) -> tuple[list[Problem], int]:

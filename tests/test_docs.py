@@ -162,3 +162,13 @@ def test_rewrite_script_leaves_repository_unchanged():
     # after the rewrite commit there is nothing left to rewrite; a branch merged later that
     # brings old forms back fails here and in test_repository_citations_resolve
     assert rw.main([str(ROOT), "--check"]) == 0
+
+
+def test_every_folder_is_scanned_but_data(tmp_path):
+    root = _fake_repo(tmp_path, f"// {DOC} {S}1.1\n")
+    (root / "fuzz").mkdir()
+    (root / "fuzz" / "f.cpp").write_text("// see docs/" + "FUZZING.md\n", encoding="utf-8")
+    (root / "tests" / "data").mkdir(parents=True)
+    (root / "tests" / "data" / "vocab.txt").write_text("the " + "issue</w>\n", encoding="utf-8")
+    problems, _ = cc.check_repo(root)
+    assert [(p.path, p.kind) for p in problems] == [("fuzz/f.cpp", "missing file")]
