@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Time the T5-XXL encoder of a FLUX.1-mini file (issue 4's benchmark; not a test).
+"""Time the T5-XXL encoder of a FLUX.1-mini file (the benchmark of docs/MODEL.md §11.3; not a test).
 
     python benchmarks/bench_t5.py /tmp/fm_models/FLUX.1-mini-Q4_0.gguf /tmp/fm_models/FLUX.1-mini-Q8_0.gguf
     python benchmarks/bench_t5.py MODEL.gguf --lengths 256 512 --threads 2 --repeat 2

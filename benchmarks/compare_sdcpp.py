@@ -215,7 +215,7 @@ def report(results: dict, args) -> None:
         flops = flux_step_flops(size, args.t5_length)
         ours = statistics.median(r["step"] for r in runs["fluxmini"])
         tokens = (size // 16) ** 2 + args.t5_length
-        # The bound uses ggml's GEMM; fluxmini's own kernel (AVX-VNNI) is faster, so the
+        # The matmul bound (docs/MODEL.md §11.3) uses ggml's GEMM; fluxmini's own kernel (AVX-VNNI) is faster, so the
         # bound at its rate is printed too.
         for what, ggml_only in (("ggml's GEMM", True), ("fluxmini's GEMM", False)):
             flops_per_s = gemm_throughput(args.variant.lower(), args.threads, tokens, ggml_only)

@@ -5,7 +5,7 @@
     python benchmarks/make_random.py -o /tmp/flux-mini-split --variant Q8_0 --split   # sd.cpp's files
     python benchmarks/make_random.py -o /tmp/x.gguf --variant all --delete            # time all six
 
-Each file has exactly the size of gpustack's file of that variant (MODEL.md §1.1): the script
+Each file has exactly the size of gpustack's file of that variant (docs/MODEL.md §1.1): the script
 checks it against ``predict_file_size``. Values are random with sane scales (see
 fluxmini.convert.random_tensor), so the engine's activations stay finite; speed does not depend
 on the values.

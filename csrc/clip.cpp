@@ -1,4 +1,4 @@
-// CLIP-L text model (MODEL.md §6.1), the equal of transformers' CLIPTextModel.pooler_output:
+// CLIP-L text model (docs/MODEL.md §6.1), the equal of transformers' CLIPTextModel.pooler_output:
 //   x = token_embedding[ids] + position_embedding
 //   each layer (pre-LN): x += out_proj(attn(LN1(x))) with a causal mask, scale 1/sqrt(64);
 //                        x += fc2(quick_gelu(fc1(LN2(x))))

@@ -1,4 +1,4 @@
-// CLIP-L text model (OpenAI ViT-L/14 text tower), MODEL.md §6. Sizes come from tensor shapes.
+// CLIP-L text model (OpenAI ViT-L/14 text tower), docs/MODEL.md §6. Sizes come from tensor shapes.
 #pragma once
 
 #include "network.h"

@@ -1,4 +1,4 @@
-// FLUX.1 MMDiT forward pass (MODEL.md §2–3), the equal of diffusers' FluxTransformer2DModel on
+// FLUX.1 MMDiT forward pass (docs/MODEL.md §2–3), the equal of diffusers' FluxTransformer2DModel on
 // BFL-named weights:
 //   tokens = patchify(latent) (2x2 patches, (channel, dy, dx) features, odd sizes zero-padded)
 //   vec    = time_in(E(1000σ)) + guidance_in(E(1000g)) + vector_in(pooled)   (E: cos half first)

@@ -1,4 +1,4 @@
-// FLUX.1 MMDiT (double + single stream blocks), MODEL.md §2-3. Sizes come from tensor shapes.
+// FLUX.1 MMDiT (double + single stream blocks), docs/MODEL.md §2-3. Sizes come from tensor shapes.
 #pragma once
 
 #include "network.h"

@@ -1,4 +1,4 @@
-// T5 v1.1 encoder (MODEL.md §7.1), the equal of transformers' T5EncoderModel.last_hidden_state
+// T5 v1.1 encoder (docs/MODEL.md §7.1), the equal of transformers' T5EncoderModel.last_hidden_state
 // without an attention mask:
 //   x = shared[ids]
 //   each block: x += o(attn(RMS(x))), scores = Q·Kᵀ (no 1/sqrt(d)) + bias[h, i, j];

@@ -1,4 +1,4 @@
-// T5 v1.1 encoder (T5-XXL in Flux), MODEL.md §7. Sizes come from tensor shapes.
+// T5 v1.1 encoder (T5-XXL in Flux), docs/MODEL.md §7. Sizes come from tensor shapes.
 #pragma once
 
 #include "network.h"

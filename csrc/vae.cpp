@@ -1,4 +1,4 @@
-// FLUX autoencoder (MODEL.md §5): decoder and encoder graphs, and tiled decode/encode.
+// FLUX autoencoder (docs/MODEL.md §5): decoder and encoder graphs, and tiled decode/encode.
 //
 // Images are ggml tensors [W, H, C, 1], which is the memory order of a row-major [C, H, W]
 // array, so numpy inputs and outputs are used as they are.
@@ -359,7 +359,7 @@ struct VaeNet::Impl {
         return ggml_add(o.ctx, skip, h);
     }
 
-    // Single-head attention over all W·H positions, C channels (MODEL.md §5.1 AttnBlock).
+    // Single-head attention over all W·H positions, C channels (docs/MODEL.md §5.1 AttnBlock).
     ggml_tensor *attn(const Ops &o, ggml_tensor *x, const AttnP &a) const {
         ggml_context *ctx = o.ctx;
         const int64_t W = x->ne[0], H = x->ne[1], C = x->ne[2], L = W * H;

@@ -1,4 +1,4 @@
-// FLUX autoencoder (16 latent channels), MODEL.md §5, with tiled decode/encode.
+// FLUX autoencoder (16 latent channels), docs/MODEL.md §5, with tiled decode/encode.
 #pragma once
 
 #include "network.h"

@@ -119,7 +119,7 @@ def reference_model(path):
 
 def reference_forward(model, latent, sigma, guidance, t5, pooled):
     """Velocity [C, h, w] as FluxPipeline computes it: odd sides zero-padded at the bottom/right
-    (MODEL.md §3.2, as stable-diffusion.cpp does), 2x2 packing, ids (0, row, col), cropped."""
+    (docs/MODEL.md §3.2, as stable-diffusion.cpp does), 2x2 packing, ids (0, row, col), cropped."""
     import torch
 
     c, h, w = latent.shape

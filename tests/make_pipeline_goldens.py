@@ -19,8 +19,8 @@ loop over the Hugging Face models on torch CPU float32, holding the tiny random 
   mean, ``0.3611 * (mean - 0.1159)`` (``0.3611 * mean`` for "sd.cpp");
 * schedule: diffusers ``FlowMatchEulerDiscreteScheduler`` with FLUX.1-dev's configuration and
   ``calculate_shift`` (as ``FluxPipeline`` sets it up); for compat "sd.cpp" the formula of
-  MODEL.md §4.4 in float64; img2img start as diffusers' ``FluxImg2ImgPipeline.get_timesteps``
-  (sd.cpp: ``t_enc = int(steps * strength)``, MODEL.md §5.3);
+  docs/MODEL.md §4.4 in float64; img2img start as diffusers' ``FluxImg2ImgPipeline.get_timesteps``
+  (sd.cpp: ``t_enc = int(steps * strength)``, docs/MODEL.md §5.3);
 * Euler: ``x += (sigma_next - sigma) * v`` in float32, ``x = sigma * noise + (1 - sigma) * z``
   for img2img.
 
@@ -192,7 +192,7 @@ def reference_tokens(prompt: str, t5_length: int):
 
 
 def reference_sigmas(steps: int, width: int, height: int, compat=None) -> np.ndarray:
-    if compat == "sd.cpp":  # MODEL.md §4.4, mu = 1.15 fixed
+    if compat == "sd.cpp":  # docs/MODEL.md §4.4, mu = 1.15 fixed
         t = np.linspace(999.0, 0.0, steps) if steps > 1 else np.array([999.0])
         tt = (t + 1.0) / 1000.0
         e = np.exp(1.15)

@@ -49,7 +49,7 @@ T5_VOCAB = 32128
 
 
 def tensor_types(big: str) -> dict:
-    """Types of the text-encoder tensors, as in gpustack's files (MODEL.md §1.1, §1.4): FP16 files
+    """Types of the text-encoder tensors, as in gpustack's files (docs/MODEL.md §1.1, §1.4): FP16 files
     hold every CLIP/T5 tensor in F16, 1-D ones included; quantized files quantize T5's RMSNorm
     weights too, and the "pure" files CLIP's LayerNorm weights and position embedding, with
     biases in their source type (F16 here). Tensors whose rows are not whole blocks keep the

@@ -34,7 +34,7 @@ from fluxmini.inventory import ModelDims, VaeDims, component_tensors, tiny_dims 
 # ch_mult (1, 2, 2, 2), one resnet per encoder level, two per decoder level); "res2": the real
 # model's structure (ch_mult (1, 2, 4, 4), 2 / 3 resnets per level) in small widths; "f16": F16
 # conv kernels (as in gpustack's FP16 file); "gpustack": F32 conv kernels with F16 GroupNorm
-# weights, the types of the VAE in gpustack's quantized files (MODEL.md §1.1).
+# weights, the types of the VAE in gpustack's quantized files (docs/MODEL.md §1.1).
 MODELS = {
     "f32": (tiny_dims().vae, "f32", False),
     "res2": (VaeDims(ch=32, ch_mult=(1, 2, 4, 4), num_res_blocks=2), "f32", False),

@@ -102,7 +102,7 @@ def test_full_size_prediction_matches_model_md(variant):
 
 
 def test_full_size_numbers_are_model_md_numbers():
-    # the table in MODEL.md §1.1, typed in independently of GPUSTACK_SIZES
+    # the table in docs/MODEL.md §1.1, typed in independently of GPUSTACK_SIZES
     assert C.predict_file_size(ModelDims(), "FP16") == 16_690_011_936
     assert C.predict_file_size(ModelDims(), "Q8_0") == 9_349_852_832
     assert C.predict_file_size(ModelDims(), "pure-Q8_0") == 9_234_579_808
@@ -161,7 +161,7 @@ def test_variant_types_and_size(tmp_path, tiny_sources, variant):
         for name, (t, v) in got[comp].items():
             want = C.gpustack_type(comp, name, inv[name], main, types[comp], C.SOURCE_TYPES[comp])
             assert t == want, (variant, name)
-    # spot checks of MODEL.md §1.1's table
+    # spot checks of docs/MODEL.md §1.1's table
     g = {n: t for n, (t, _) in full.items()}
     q = "q" in main
     assert g["model.diffusion_model.img_in.weight"] == "f32"

@@ -1,4 +1,4 @@
-"""The Flux MMDiT forward pass (csrc/flux.cpp, MODEL.md §2–3) against diffusers' FluxTransformer2DModel.
+"""The Flux MMDiT forward pass (csrc/flux.cpp, docs/MODEL.md §2–3) against diffusers' FluxTransformer2DModel.
 
 Reference: diffusers on torch CPU float32, with its state dict made from our BFL-named tensors by
 diffusers' own converter (tests/make_flux_goldens.py). The default tests compare the engine with
@@ -6,7 +6,7 @@ the committed goldens (tests/data/flux_goldens.npz, inputs stored with them); th
 recompute the reference with torch (CI installs it).
 
 Tolerances, as relative error = max |engine − reference| / max |reference|:
-* F32 weights: 1e-4 (the issue's bound). The engine then runs its exact path (exact tanh-GELU;
+* F32 weights: 1e-4 (the bar of docs/MODEL.md §11.1). The engine then runs its exact path (exact tanh-GELU;
   attention with F32 K/V: flash attention on the CPU, the explicit F32 softmax with flash
   attention off); the remaining difference is float32 summation order (measured 0.8–7.6e-6).
 * F16 weights: 2e-3. ggml's CPU matmul with F16 weights rounds the activations to F16 first

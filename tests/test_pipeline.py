@@ -1,4 +1,4 @@
-"""The text-to-image / image-to-image pipeline, its API, metadata and CLI (issue 6).
+"""The text-to-image / image-to-image pipeline, its API, metadata and CLI.
 
 References:
 
@@ -6,7 +6,7 @@ References:
   Face models (tests/make_pipeline_goldens.py, itself checked there to equal diffusers'
   FluxPipeline exactly): committed goldens (tests/data/pipeline_goldens.npz) and, with torch
   installed, live. Measure: PSNR of the decoded float image (before the byte conversion,
-  unclamped) over the nominal range [-1, 1] (peak-to-peak 2). Bar: 55 dB, the issue's; the
+  unclamped) over the nominal range [-1, 1] (peak-to-peak 2). Bar: 55 dB (docs/MODEL.md §11.2); the
   engine's F32 networks each match their references to ~1e-5 relative, a handful of Euler steps
   keep that (measured ~115 dB). Leaving out the VAE shift drops far below the bar (tested).
 * the stage order, the numbers handed from stage to stage, validation and cancellation with a
@@ -136,7 +136,7 @@ def test_values_handed_between_stages():
 def test_compat_sdcpp_schedule_t5_length_and_no_shift():
     m = FakeModel()
     pipeline.run(m, "a cat", width=64, height=64, steps=4, seed=5, compat="sd.cpp", progress=False)
-    # MODEL.md §4.4 table: sd.cpp N = 4 -> 1.0, 0.8635, 0.61298, 0.00315
+    # docs/MODEL.md §4.4 table: sd.cpp N = 4 -> 1.0, 0.8635, 0.61298, 0.00315
     np.testing.assert_allclose(m.sigmas_seen, [1.0, 0.8635, 0.61298, 0.00315], atol=1e-5)
     assert m.t5_shape == (255, 8) and len(m.t5_ids) == 255
     noise = initial_noise(5, 16, 8, 8)

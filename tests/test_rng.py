@@ -1,4 +1,4 @@
-"""fluxmini.rng: the stable-diffusion.cpp "cuda" RNG (Philox-4x32-10 + Box-Muller, MODEL.md §A.3).
+"""fluxmini.rng: the stable-diffusion.cpp "cuda" RNG (Philox-4x32-10 + Box-Muller, docs/MODEL.md §A.3).
 
 The vectorised generator is checked against a plain per-element reimplementation written here
 from the spec (Python ints for the Philox rounds, ``struct`` for float32 rounding), against the
@@ -19,7 +19,7 @@ from fluxmini.errors import FluxMiniError, FluxMiniValueError
 from fluxmini.rng import initial_noise, philox_randn
 
 # ----------------------------------------------------------------------------------------
-# Scalar reference, written from MODEL.md §A.3, one element at a time.
+# Scalar reference, written from docs/MODEL.md §A.3, one element at a time.
 
 
 def f32(x: float) -> float:

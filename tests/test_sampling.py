@@ -1,9 +1,9 @@
-"""fluxmini.sampling: schedules, img2img start, noising and the Euler loop (MODEL.md §4, §5.3).
+"""fluxmini.sampling: schedules, img2img start, noising and the Euler loop (docs/MODEL.md §4, §5.3).
 
-Reference points: the hand-checked table of MODEL.md §4.4; diffusers' FLUX scheduler and
+Reference points: the hand-checked table of docs/MODEL.md §4.4; diffusers' FLUX scheduler and
 img2img pipeline, through the committed goldens (tests/data/schedule_goldens.npz, written by
 tests/make_sampling_goldens.py) and, where diffusers is installed, live; stable-diffusion.cpp's
-code as described in MODEL.md §4.4 / §5.3; and ODEs whose solutions are derived by hand.
+code as described in docs/MODEL.md §4.4 / §5.3; and ODEs whose solutions are derived by hand.
 """
 
 from __future__ import annotations
@@ -51,7 +51,7 @@ def ulp_distance(a, b) -> int:
     return int(np.max(np.abs(ia - ib)))
 
 
-# ------------------------------------------------------------------ MODEL.md §4.4 test vectors
+# ------------------------------------------------------------------ docs/MODEL.md §4.4 test vectors
 
 TABLE = {
     ("sd.cpp", 4, None): [1.0, 0.8635, 0.61298, 0.00315, 0],
@@ -101,7 +101,7 @@ def test_schedule_structure(compat, steps):
 
 
 def test_sdcpp_schedule_against_float64_formula():
-    # MODEL.md §4.4: t_k = 999 - k*999/(N-1), sigma_k = shift(1.15, (t_k + 1)/1000), then 0.
+    # docs/MODEL.md §4.4: t_k = 999 - k*999/(N-1), sigma_k = shift(1.15, (t_k + 1)/1000), then 0.
     # sd.cpp keeps t_k in float32 (absolute error < 1e-4 on the grid, so < 1e-7 in
     # (t_k + 1)/1000) and d sigma / d t <= exp(1.15) ~ 3.2 near t = 0: within 3.2e-7 absolute,
     # and the float32 result itself within 1e-6 relative.
@@ -130,7 +130,7 @@ def test_sdcpp_mu_fixed():
 
 
 def test_bfl_schedule_against_float64_formula():
-    # MODEL.md §4.4: sigma_i = shift(mu, 1 - i/N), mu = 0.5 + 0.65 (L - 256)/3840 with
+    # docs/MODEL.md §4.4: sigma_i = shift(mu, 1 - i/N), mu = 0.5 + 0.65 (L - 256)/3840 with
     # L = (H/16)(W/16); only float32 rounding of the result separates the two.
     for (width, height) in [(256, 256), (512, 512), (1024, 1024), (512, 768), (1360, 768)]:
         tokens = (width // 16) * (height // 16)
@@ -281,7 +281,7 @@ def test_img2img_start_against_diffusers_live():
 
 
 def test_img2img_start_sdcpp():
-    # MODEL.md §5.3 / sd.cpp img2img(): t_enc = (size_t)(steps * strength) with a float32
+    # docs/MODEL.md §5.3 / sd.cpp img2img(): t_enc = (size_t)(steps * strength) with a float32
     # product, t_enc = steps - 1 if it equals steps, keep sigmas from steps - t_enc - 1 on.
     def start(steps, strength):
         return img2img_start(sigmas(steps, 512, 512, "sd.cpp"), steps, strength, "sd.cpp")

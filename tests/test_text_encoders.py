@@ -1,4 +1,4 @@
-"""CLIP-L text model and T5 encoder (MODEL.md §6.1, §7.1) against transformers.
+"""CLIP-L text model and T5 encoder (docs/MODEL.md §6.1, §7.1) against transformers.
 
 References: transformers' CLIPTextModel.pooler_output and T5EncoderModel.last_hidden_state (no
 attention mask) on torch CPU float32, with the tensors the engine sees, through the committed
@@ -9,7 +9,7 @@ weights included).
 
 Tolerances.
   * F32 weights (exact activation path): max |engine − reference| / max |reference| ≤ 1e-4, the
-    issue's bound. What is left is float32 summation order (measured ~5e-7 CLIP, ~5e-6 T5).
+    bar of docs/MODEL.md §11.1. What is left is float32 summation order (measured ~5e-7 CLIP, ~5e-6 T5).
   * F16 / Q8_0 / Q4_0 weights: the reference runs on the dequantized weights, so the weights are
     identical and the difference is ggml's own arithmetic: it rounds every Linear's input to F16
     (F16 weights) or to Q8_0 blocks (32 values, scale amax/127 stored in F16: up to 1/254 of the
@@ -43,7 +43,7 @@ from fluxmini.errors import FluxMiniError
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
-F32_TOL = 1e-4     # max-abs relative, F32 weights (issue 4)
+F32_TOL = 1e-4     # max-abs relative, F32 weights (docs/MODEL.md §11.1)
 RMS_FACTOR = 1.5   # engine RMS error / RMS error of ggml's arithmetic model
 MAX_FACTOR = 2.0   # engine max error / max error of ggml's arithmetic model
 

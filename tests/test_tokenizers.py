@@ -116,7 +116,7 @@ def test_goldens_document_t5_special_token_difference(prompts, goldens):
 
 
 # ---------------------------------------------------------------------------------------------
-# (b) hand-checked vectors: MODEL.md 6.2 / 7.2 and NOTICE.md
+# (b) hand-checked vectors: docs/MODEL.md §6.2 / §7.2 and NOTICE.md
 
 CLIP_VECTORS = [
     ("a lovely cat", [49406, 320, 2165, 2368, 49407]),

@@ -1,4 +1,4 @@
-"""The Flux autoencoder (csrc/vae.cpp, MODEL.md §5) against diffusers' AutoencoderKL, and tiling.
+"""The Flux autoencoder (csrc/vae.cpp, docs/MODEL.md §5) against diffusers' AutoencoderKL, and tiling.
 
 Reference: diffusers' AutoencoderKL configured as the Flux AE, on torch CPU float32, with its
 state dict made from our BFL-named tensors by diffusers' own convert_ldm_vae_checkpoint and loaded
@@ -9,7 +9,7 @@ inputs regenerated from their seeds); the live tests recompute the reference wit
 
 Tolerances, as relative error = max |engine − reference| / max |reference|:
 * F32 conv kernels ("f32", "res2", and "gpustack": F32 kernels with F16 GroupNorm weights, which
-  the engine widens to F32 exactly): 1e-4, the issue's bound. Everything then runs in F32
+  the engine widens to F32 exactly): 1e-4, the bar of docs/MODEL.md §11.1. Everything then runs in F32
   (convolutions: our CPU kernel, csrc/cpu_conv.cpp, or ggml's im2col + F32 matmul; attention:
   explicit F32 softmax); what is left is float32 summation order (measured 0.8-1.3e-6).
 * F16 conv kernels ("f16"): 3e-3, for ggml's convolution (GPU backends, CPUs without AVX2):

@@ -1,4 +1,4 @@
-"""Images in and out: pixel conversions (MODEL.md §5.4), PNG text metadata.
+"""Images in and out: pixel conversions (docs/MODEL.md §5.4), PNG text metadata.
 
 * :func:`to_uint8` / :func:`array_to_image`: a decoded VAE image ``[3, H, W]`` (about [-1, 1])
   to RGB bytes as stable-diffusion.cpp and BFL do it: ``v = (x + 1) / 2`` clamped to [0, 1],
@@ -50,7 +50,7 @@ def _pil():
 
 
 def to_uint8(x) -> np.ndarray:
-    """``[3, H, W]`` float image (about [-1, 1]) -> ``[H, W, 3]`` uint8 (MODEL.md §5.4).
+    """``[3, H, W]`` float image (about [-1, 1]) -> ``[H, W, 3]`` uint8 (docs/MODEL.md §5.4).
 
     ``(x + 1) / 2``, clamped to [0, 1], times 255, truncated; in float32 like sd.cpp. NaN
     becomes 0.
@@ -73,7 +73,7 @@ def array_to_image(x):
 def image_to_array(image) -> np.ndarray:
     """An image (PIL, path, or uint8 ``[H, W, 3]`` array) -> float32 ``[3, H, W]`` in [-1, 1].
 
-    ``bytes / 255 * 2 - 1`` in float32 (MODEL.md §5.4). Other modes (RGBA, L, P, ...) are
+    ``bytes / 255 * 2 - 1`` in float32 (docs/MODEL.md §5.4). Other modes (RGBA, L, P, ...) are
     converted to RGB first (alpha is dropped).
     """
     img = load_image(image)

@@ -1,6 +1,6 @@
 """Text-to-image and image-to-image for FLUX.1-mini.
 
-The pipeline (MODEL.md §4, Appendix A.1):
+The pipeline (docs/MODEL.md §4, §A.1):
 
 1. tokenize the prompt for CLIP-L (77 ids) and T5 (``t5_length`` ids);
 2. CLIP-L pooled vector and T5 hidden states; with ``low_memory`` the text encoders' weights
@@ -16,7 +16,7 @@ img2img encodes the init image first (``z = 0.3611 * (mean - 0.1159)``), starts 
 ``sigma * noise + (1 - sigma) * z`` and runs the remaining steps.
 
 ``compat="sd.cpp"`` reproduces the stable-diffusion.cpp that llama-box v0.0.86 embeds (the
-thxCode fork based on upstream 9578fdcc, MODEL.md [FORK-86]) — the runtime gpustack's
+thxCode fork based on upstream 9578fdcc, docs/MODEL.md [FORK-86]) — the runtime gpustack's
 FLUX.1-mini GGUFs were made for: its discrete schedule with a fixed mu = 1.15
 (:func:`fluxmini.sampling.sigmas`), T5 sequences of 255 tokens, no VAE shift
 (``z / 0.3611`` to decode, ``0.3611 * mean`` to encode) and its img2img start index. Known
@@ -73,7 +73,7 @@ __all__ = [
     "VAE_SHIFT",
 ]
 
-#: the FLUX VAE latent scale and shift (MODEL.md §4.6)
+#: the FLUX VAE latent scale and shift (docs/MODEL.md §4.6)
 VAE_SCALE = 0.3611
 VAE_SHIFT = 0.1159
 

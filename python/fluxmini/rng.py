@@ -2,7 +2,7 @@
 
 stable-diffusion.cpp (and llama-box, which embeds it) draws its starting noise with a CPU
 imitation of ``torch.randn(..., device="cuda")``: Philox-4x32-10 counters turned into normal
-values with one half of a Box-Muller transform (spec: ``MODEL.md`` §A.3). This module
+values with one half of a Box-Muller transform (spec: ``docs/MODEL.md`` §A.3). This module
 reproduces that generator with numpy, vectorised over the elements, so that a seed gives the
 same starting latent as those programs.
 

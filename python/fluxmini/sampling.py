@@ -1,6 +1,6 @@
 """Flow-matching sampler pieces for FLUX.1-mini: sigma schedules, img2img start, Euler loop.
 
-Spec: ``MODEL.md`` §4 (sampler and schedules), §4.2 (initial latent), §5.3 (img2img).
+Spec: ``docs/MODEL.md`` §4 (sampler and schedules), §4.2 (initial latent), §5.3 (img2img).
 
 Two schedules (both ``steps + 1`` values running from 1 down to exactly 0, returned as
 **float32**, the precision every reference implementation keeps its sigmas in):
@@ -12,7 +12,7 @@ Two schedules (both ``steps + 1`` values running from 1 down to exactly 0, retur
   float32 ulps (about 2e-7).
 * ``compat="sd.cpp"`` — stable-diffusion.cpp's ``DiscreteSchedule`` with its
   ``FluxFlowDenoiser`` as in the thxCode/stable-diffusion.cpp fork that llama-box v0.0.86 pins
-  (``MODEL.md`` [FORK-86], based on upstream 9578fdcc): ``mu`` fixed at 1.15 for
+  (``docs/MODEL.md`` [FORK-86], based on upstream 9578fdcc): ``mu`` fixed at 1.15 for
   guidance-distilled models, ``N`` timesteps ``t_k = 999 - k*999/(N-1)`` and
   ``sigma_k = shift(mu, (t_k + 1)/1000)``, then 0. The float32/float64 mix of that C++ code
   (float grid, ``std::exp(float)``, the rest of ``flux_time_shift`` in double, result stored
@@ -20,7 +20,7 @@ Two schedules (both ``steps + 1`` values running from 1 down to exactly 0, retur
   build of those expressions for every N from 1 to 1000.
 
 The Euler loop is the plain flow-matching update ``x <- x + (sigma_{i+1} - sigma_i) * v``
-with ``v = model(x, sigma_i)`` (``MODEL.md`` §4.3): the same numbers for both schedules.
+with ``v = model(x, sigma_i)`` (``docs/MODEL.md`` §4.3): the same numbers for both schedules.
 """
 
 from __future__ import annotations

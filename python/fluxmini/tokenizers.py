@@ -12,7 +12,7 @@ The data files live in ``fluxmini/data/tokenizers`` (see NOTICE.md there) and ar
 :func:`clip_tokenizer` / :func:`t5_tokenizer`. :func:`tokenize_clip` / :func:`tokenize_t5` are the
 validated entry points the rest of the package uses.
 
-Literal special-token text in a prompt (MODEL.md sections 6.2 and 7.2):
+Literal special-token text in a prompt (docs/MODEL.md §6.2 and §7.2):
 
 * CLIP follows its reference, transformers' ``CLIPTokenizer`` (and OpenAI's original tokenizer):
   the exact, case-sensitive strings ``<|startoftext|>`` and ``<|endoftext|>`` in the raw prompt

@@ -4,11 +4,11 @@
   file per component or an all-in-one file) to one GGUF holding all four components, in
   gpustack's or upstream stable-diffusion.cpp's name layout, with gpustack's per-tensor type rules.
 * ``quantize``: re-encode an existing all-in-one GGUF with other types.
-* ``predict_file_size``: the exact size of a file before writing it (MODEL.md §1.1).
+* ``predict_file_size``: the exact size of a file before writing it (docs/MODEL.md §1.1).
 * ``make_random``: a random-weight model of full size in any of gpustack's six variants, fast.
 
 Everything streams: a tensor is read, converted and written in row chunks, so memory stays at a
-few tens of MB whatever the model size. Types follow MODEL.md §1.4 (``gpustack_type``).
+few tens of MB whatever the model size. Types follow docs/MODEL.md §1.4 (``gpustack_type``).
 
 Modules: ``type_rules`` (types, gpustack's type rules and variants, encoding), ``gguf_writer``
 (streamed GGUF v3 writer), ``plan`` (output tensor plans, size prediction), ``random_model``

@@ -47,7 +47,7 @@ class _Virt:
         return _Virt(tuple(shape if shape is not None else src.shape), [(src, 0, src.numel)], src.name)
 
 
-# diffusers FluxTransformer2DModel -> BFL (MODEL.md §1.6): plain renames
+# diffusers FluxTransformer2DModel -> BFL (docs/MODEL.md §1.6): plain renames
 _DF_RENAMES = [(re.compile(p), r) for p, r in [
     (r"x_embedder\.(weight|bias)", r"img_in.\1"),
     (r"context_embedder\.(weight|bias)", r"txt_in.\1"),

@@ -62,7 +62,7 @@ def predict_file_size(dims: ModelDims | None = None, variant="Q4_0", layout: str
     ``variant`` is a gpustack variant name, a type name or a dict of per-component types (see
     ``plan_tensors``). ``metadata=None`` means no key/value pairs (n_kv = 0), as in gpustack's files;
     pass the metadata a writer used to predict its file. The defaults (full-size dims, T5 duplicate
-    embedding, gpustack layout, no metadata) give MODEL.md §1.1's numbers.
+    embedding, gpustack layout, no metadata) give docs/MODEL.md §1.1's numbers.
     """
     plan = plan_tensors(dims, variant, layout, keep_t5_duplicate, source_types=source_types,
                         components=components, bare=bare)

@@ -59,7 +59,7 @@ def tensor_nbytes(shape: Sequence[int], type_name: str) -> int:
 
 def gpustack_type(component: str, bare_name: str, shape: tuple[int, ...], main: str,
                   component_type: str, source: str = "f32") -> str:
-    """Type gpustack's converter gives a tensor (MODEL.md §1.4).
+    """Type gpustack's converter gives a tensor (docs/MODEL.md §1.4).
 
     ``main`` is the main --outtype, ``component_type`` the per-component type (CLIP/T5/VAE
     override, or ``main`` for the diffusion model), ``source`` the type the tensor had in the
@@ -80,7 +80,7 @@ def gpustack_type(component: str, bare_name: str, shape: tuple[int, ...], main: 
 
 
 # gpustack's six variants: (main type, CLIP-L type, T5 type, VAE type) and the source types the
-# converter read (diffusion F32 after BF16 widening, CLIP F16, T5 F16, VAE F32) — MODEL.md §1.1.
+# converter read (diffusion F32 after BF16 widening, CLIP F16, T5 F16, VAE F32) — docs/MODEL.md §1.1.
 VARIANTS = {
     "FP16": ("f16", "f16", "f16", "f16"),
     "Q8_0": ("q8_0", "f16", "q8_0", "f16"),
@@ -90,7 +90,7 @@ VARIANTS = {
     "pure-Q4_0": ("q4_0", "q4_0", "q4_0", "f16"),
 }
 SOURCE_TYPES = {"diffusion": "f32", "clip_l": "f16", "t5xxl": "f16", "vae": "f32"}
-# MODEL.md §1.1, computed with n_kv = 0 and the gpustack layout.
+# docs/MODEL.md §1.1, computed with n_kv = 0 and the gpustack layout.
 GPUSTACK_SIZES = {"FP16": 16_690_011_936, "Q8_0": 9_349_852_832, "pure-Q8_0": 9_234_579_808,
                   "Q4_1": 5_846_275_104, "Q4_0": 5_345_764_000, "pure-Q4_0": 5_169_011_808}
 
