@@ -23,9 +23,26 @@ if [ "${FULL:-1}" = 1 ]; then
 fi
 # Each check in its own process: a failed GGML_ASSERT in one must not hide the others.
 export PYTHONUNBUFFERED=1
+# Every check runs even after a failure; the script's exit status says whether any failed.
+: > "$out/gpu_check.log"
+failed=()
 for check in transformer encode_t5 encode_clip vae_decode vae_encode; do
-  python3 benchmarks/gpu_check.py --backend cuda --only $check 2>&1 | grep -v "^backends" | tee -a "$out/gpu_check.log" || true
+  set +e
+  python3 benchmarks/gpu_check.py --backend cuda --only $check 2>&1 | grep -v "^backends" | tee -a "$out/gpu_check.log"
+  rc=${PIPESTATUS[0]}
+  set -e
+  [ "$rc" = 0 ] || failed+=("$check (exit $rc)")
 done
 if [ -n "$full" ]; then
-  timeout "${FULL_TIMEOUT:-300}" python3 benchmarks/gpu_check.py --backend cuda --no-parity --repeats "${REPEATS:-2}" -v --full "$full" 2>&1 | tee -a "$out/gpu_check.log" || true
+  set +e
+  timeout "${FULL_TIMEOUT:-300}" python3 benchmarks/gpu_check.py --backend cuda --no-parity --repeats "${REPEATS:-2}" -v --full "$full" 2>&1 | tee -a "$out/gpu_check.log"
+  rc=${PIPESTATUS[0]}
+  set -e
+  [ "$rc" = 0 ] || failed+=("full-size timing (exit $rc)")
 fi
+if grep -q "PARITY FAILED" "$out/gpu_check.log"; then failed+=("a parity line says FAILED"); fi
+if [ ${#failed[@]} -gt 0 ]; then
+  printf 'gpu_check: FAILED: %s\n' "${failed[@]}"
+  exit 1
+fi
+echo "gpu_check: all checks passed"

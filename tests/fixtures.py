@@ -174,7 +174,14 @@ _CACHE = Path(os.environ.get("FLUXMINI_TEST_MODELS", Path(__file__).parent / "_m
 def cached_model(name: str, **kwargs) -> Path:
     """write_model into tests/_models (git-ignored) once per test session."""
     _CACHE.mkdir(parents=True, exist_ok=True)
-    key = hashlib.sha256((repr(sorted(kwargs.items())) + Path(__file__).read_text()).encode()).hexdigest()[:10]
+    # the file's content depends on this module, the tensor inventory and the name table
+    import fluxmini.inventory
+    import fluxmini.names
+
+    sources = [Path(__file__), Path(fluxmini.inventory.__file__), Path(fluxmini.names.__file__),
+               Path(fluxmini.names.__file__).parent / "data" / "names.txt"]
+    text = repr(sorted(kwargs.items())) + "".join(f.read_text() for f in sources)
+    key = hashlib.sha256(text.encode()).hexdigest()[:10]
     p = _CACHE / f"{name}-{key}.gguf"
     tmp = p.with_suffix(f".{os.getpid()}.tmp")
     if not p.exists():
