@@ -365,93 +365,81 @@ void WeightFile::parse_gguf() {
     check_names_and_overlaps(tensors_, path);
 }
 
-// A minimal JSON reader, enough for the safetensors header: an object of objects holding
-// strings, numbers and arrays of numbers. Anything else is rejected with an error.
+// A streaming JSON reader for the safetensors header: the header is read member by member into
+// TensorRefs and metadata strings, with no document tree, so memory stays within a small factor
+// of the header's size whatever it holds (a tree of values can take 20x the text it came from).
 namespace {
-struct JsonValue {
-    enum Kind { Str, Num, Arr, Obj } kind = Str;
-    std::string str;
-    double num = 0;
-    uint64_t unum = 0;
-    bool is_uint = false;
-    std::vector<JsonValue> arr;
-    std::vector<std::pair<std::string, JsonValue>> obj;
-};
-
 class JsonParser {
 public:
     JsonParser(const char *p, size_t n, const std::string &path) : p_(p), end_(p + n), path_(path) {}
-    JsonValue parse_document() {
-        JsonValue v = value(0);
-        ws();
-        if (p_ != end_) bad("trailing characters after the header object");
-        return v;
-    }
 
-private:
     [[noreturn]] void bad(const char *what) {
         fail_file("%s: the safetensors header is not valid JSON (%s); the file is damaged or not a "
                   "safetensors file",
                   path_.c_str(), what);
     }
-    void ws() {
-        while (p_ < end_ && (*p_ == ' ' || *p_ == '\n' || *p_ == '\r' || *p_ == '\t')) ++p_;
-    }
-    JsonValue value(int depth) {
-        if (depth > 8) bad("nesting too deep");
+    char peek() {
         ws();
-        if (p_ >= end_) bad("unexpected end");
-        JsonValue v;
-        if (*p_ == '{') {
-            v.kind = JsonValue::Obj;
-            ++p_;
+        return p_ < end_ ? *p_ : '\0';
+    }
+    bool accept(char c) {
+        if (peek() != c) return false;
+        ++p_;
+        return true;
+    }
+    void expect(char c, const char *what) {
+        if (!accept(c)) bad(what);
+    }
+    void end() {
+        ws();
+        if (p_ != end_) bad("trailing characters after the header object");
+    }
+    // The members of an object: member(key) must read the value.
+    template <typename F> void object(F &&member) {
+        expect('{', "expected an object");
+        if (accept('}')) return;
+        do {
             ws();
-            if (p_ < end_ && *p_ == '}') { ++p_; return v; }
-            for (;;) {
-                ws();
-                std::string k = string();
-                ws();
-                if (p_ >= end_ || *p_ != ':') bad("expected ':'");
-                ++p_;
-                v.obj.emplace_back(std::move(k), value(depth + 1));
-                ws();
-                if (p_ < end_ && *p_ == ',') { ++p_; continue; }
-                if (p_ < end_ && *p_ == '}') { ++p_; break; }
-                bad("expected ',' or '}'");
-            }
-        } else if (*p_ == '[') {
-            v.kind = JsonValue::Arr;
-            ++p_;
-            ws();
-            if (p_ < end_ && *p_ == ']') { ++p_; return v; }
-            for (;;) {
-                v.arr.push_back(value(depth + 1));
-                ws();
-                if (p_ < end_ && *p_ == ',') { ++p_; continue; }
-                if (p_ < end_ && *p_ == ']') { ++p_; break; }
-                bad("expected ',' or ']'");
-            }
-        } else if (*p_ == '"') {
-            v.kind = JsonValue::Str;
-            v.str = string();
-        } else if (*p_ == '-' || (*p_ >= '0' && *p_ <= '9')) {
-            v.kind = JsonValue::Num;
-            const char *s = p_;
-            while (p_ < end_ && (std::strchr("+-.eE", *p_) || (*p_ >= '0' && *p_ <= '9'))) ++p_;
-            std::string tok(s, p_);
-            v.num = std::strtod(tok.c_str(), nullptr);
-            if (tok.find_first_not_of("0123456789") == std::string::npos && tok.size() <= 19) {
-                v.is_uint = true;
-                v.unum = std::strtoull(tok.c_str(), nullptr, 10);
-            }
-        } else if (end_ - p_ >= 4 && (std::memcmp(p_, "true", 4) == 0 || std::memcmp(p_, "null", 4) == 0)) {
-            p_ += 4;
-        } else if (end_ - p_ >= 5 && std::memcmp(p_, "false", 5) == 0) {
-            p_ += 5;
-        } else {
-            bad("unexpected character");
-        }
-        return v;
+            std::string key = string();
+            expect(':', "expected ':'");
+            member(key);
+        } while (accept(','));
+        expect('}', "expected ',' or '}'");
+    }
+    // The elements of an array: element() must read the value.
+    template <typename F> void array(F &&element) {
+        expect('[', "expected an array");
+        if (accept(']')) return;
+        do element();
+        while (accept(','));
+        expect(']', "expected ',' or ']'");
+    }
+    bool at_number() {
+        const char c = peek();
+        return c == '-' || (c >= '0' && c <= '9');
+    }
+    // A number; true (and *out set) when it is a plain unsigned integer that fits 64 bits.
+    bool number(uint64_t *out) {
+        if (!at_number()) bad("expected a number");
+        const char *s = p_;
+        while (p_ < end_ && (std::strchr("+-.eE", *p_) || (*p_ >= '0' && *p_ <= '9'))) ++p_;
+        const std::string tok(s, p_);
+        if (tok.find_first_not_of("0123456789") != std::string::npos || tok.size() > 19) return false;
+        *out = std::strtoull(tok.c_str(), nullptr, 10);
+        return true;
+    }
+    // Reads and drops any value (nesting is limited: recursion depth stays small).
+    void skip(int depth) {
+        if (depth > 8) bad("nesting too deep");
+        const char c = peek();
+        uint64_t u;
+        if (c == '{') object([&](const std::string &) { skip(depth + 1); });
+        else if (c == '[') array([&] { skip(depth + 1); });
+        else if (c == '"') string();
+        else if (at_number()) number(&u);
+        else if (end_ - p_ >= 4 && (std::memcmp(p_, "true", 4) == 0 || std::memcmp(p_, "null", 4) == 0)) p_ += 4;
+        else if (end_ - p_ >= 5 && std::memcmp(p_, "false", 5) == 0) p_ += 5;
+        else bad(p_ >= end_ ? "unexpected end" : "unexpected character");
     }
     std::string string() {
         if (p_ >= end_ || *p_ != '"') bad("expected a string");
@@ -498,6 +486,11 @@ private:
         ++p_;
         return s;
     }
+
+private:
+    void ws() {
+        while (p_ < end_ && (*p_ == ' ' || *p_ == '\n' || *p_ == '\r' || *p_ == '\t')) ++p_;
+    }
     // The four hex digits of a \u escape.
     unsigned hex4() {
         if (end_ - p_ < 4) bad("short \\u escape");
@@ -516,6 +509,16 @@ private:
     const char *end_;
     const std::string &path_;
 };
+
+// One header entry as read: the fields a tensor needs, and whether each was well-formed.
+struct SafetensorsEntry {
+    bool has_dtype = false, has_shape = false, has_offsets = false;
+    std::string dtype;
+    size_t n_dims = 0, n_offsets = 0;
+    bool dims_ok = true, offsets_ok = true;
+    uint64_t dims[4] = {0, 0, 0, 0};
+    uint64_t offsets[2] = {0, 0};
+};
 }  // namespace
 
 void WeightFile::parse_safetensors() {
@@ -530,34 +533,59 @@ void WeightFile::parse_safetensors() {
                   path.c_str(), (unsigned long long)hlen, fsize);
     }
     JsonParser jp(reinterpret_cast<const char *>(d + 8), size_t(hlen), path);
-    JsonValue root = jp.parse_document();
-    if (root.kind != JsonValue::Obj) fail_file("%s: the safetensors header is not a JSON object", path.c_str());
+    if (jp.peek() != '{') fail_file("%s: the safetensors header is not a JSON object", path.c_str());
     const size_t data_start = 8 + size_t(hlen);
     const size_t data_size = fsize - data_start;
-    for (auto &kv : root.obj) {
-        if (kv.first == "__metadata__") {
-            if (kv.second.kind == JsonValue::Obj)
-                for (auto &m : kv.second.obj)
-                    if (m.second.kind == JsonValue::Str && valid_utf8(m.first) && valid_utf8(m.second.str))
-                        metadata_[m.first] = m.second.str;
-            continue;
+    jp.object([&](const std::string &name) {
+        if (name == "__metadata__") {
+            if (jp.peek() != '{') return jp.skip(1);
+            jp.object([&](const std::string &key) {
+                if (jp.peek() != '"') return jp.skip(2);
+                std::string value = jp.string();
+                if (valid_utf8(key) && valid_utf8(value)) metadata_[key] = std::move(value);
+            });
+            return;
         }
-        const JsonValue &info = kv.second;
-        const JsonValue *dtype = nullptr, *shape = nullptr, *offs = nullptr;
-        if (info.kind == JsonValue::Obj)
-            for (auto &f : info.obj) {
-                if (f.first == "dtype") dtype = &f.second;
-                else if (f.first == "shape") shape = &f.second;
-                else if (f.first == "data_offsets") offs = &f.second;
-            }
-        if (!dtype || !shape || !offs || dtype->kind != JsonValue::Str || shape->kind != JsonValue::Arr ||
-            offs->kind != JsonValue::Arr || offs->arr.size() != 2)
+        SafetensorsEntry e;
+        if (jp.peek() == '{') {
+            jp.object([&](const std::string &field) {
+                if (field == "dtype" && jp.peek() == '"') {
+                    e.dtype = jp.string();
+                    e.has_dtype = true;
+                } else if (field == "shape" && jp.peek() == '[') {
+                    e.has_shape = true;
+                    jp.array([&] {
+                        uint64_t v = 0;
+                        if (!jp.at_number()) { e.dims_ok = false; return jp.skip(3); }
+                        if (!jp.number(&v)) e.dims_ok = false;
+                        if (e.n_dims < 4) e.dims[e.n_dims] = v;
+                        ++e.n_dims;
+                    });
+                } else if (field == "data_offsets" && jp.peek() == '[') {
+                    e.has_offsets = true;
+                    jp.array([&] {
+                        uint64_t v = 0;
+                        if (!jp.at_number()) { e.offsets_ok = false; return jp.skip(3); }
+                        if (!jp.number(&v)) e.offsets_ok = false;
+                        if (e.n_offsets < 2) e.offsets[e.n_offsets] = v;
+                        ++e.n_offsets;
+                    });
+                } else {
+                    jp.skip(2);
+                }
+            });
+        } else {
+            jp.skip(1);
+        }
+        const std::string shown = printable(name);
+        const char *pname = shown.c_str();
+        if (!e.has_dtype || !e.has_shape || !e.has_offsets || e.n_offsets != 2)
             fail_file("%s: tensor '%s' has an incomplete safetensors entry (needs dtype, shape, data_offsets)",
-                      path.c_str(), printable(kv.first).c_str());
+                      path.c_str(), pname);
         TensorRef t;
-        t.file_name = kv.first;
+        t.file_name = name;
         size_t esize = 0;
-        const std::string &dt = dtype->str;
+        const std::string &dt = e.dtype;
         if (dt == "F32") { t.type = GGML_TYPE_F32; esize = 4; }
         else if (dt == "F16") { t.type = GGML_TYPE_F16; esize = 2; }
         else if (dt == "BF16") { t.type = GGML_TYPE_BF16; esize = 2; }
@@ -570,39 +598,35 @@ void WeightFile::parse_safetensors() {
             else if (dt == "I16" || dt == "U16") esize = 2;
             else if (dt == "I8" || dt == "U8" || dt == "BOOL" || dt == "F8_E4M3" || dt == "F8_E5M2") esize = 1;
             else
-                fail_file("%s: tensor '%s' has unknown dtype '%s'", path.c_str(), printable(kv.first).c_str(),
-                          printable(dt).c_str());
+                fail_file("%s: tensor '%s' has unknown dtype '%s'", path.c_str(), pname, printable(dt).c_str());
         }
-        if (shape->arr.size() > 4)
-            fail_value("%s: tensor '%s' has %zu dimensions (at most 4 are supported)", path.c_str(),
-                       printable(kv.first).c_str(), shape->arr.size());
-        t.n_dims = int(shape->arr.size());
-        if (t.n_dims == 0) t.n_dims = 1;
+        if (e.n_dims > 4)
+            fail_file("%s: tensor '%s' has %zu dimensions (at most 4 are supported)", path.c_str(), pname, e.n_dims);
+        t.n_dims = e.n_dims == 0 ? 1 : int(e.n_dims);
         size_t nel = 1;
-        for (size_t k = 0; k < shape->arr.size(); ++k) {
-            const JsonValue &dim = shape->arr[shape->arr.size() - 1 - k];
-            if (dim.kind != JsonValue::Num || !dim.is_uint || dim.unum > (uint64_t(1) << 40))
-                fail_file("%s: tensor '%s' has a bad shape entry", path.c_str(), printable(kv.first).c_str());
-            t.ne[k] = int64_t(dim.unum);
-            if (__builtin_mul_overflow(nel, size_t(dim.unum), &nel))
-                fail_file("%s: tensor '%s' has an impossible size", path.c_str(), printable(kv.first).c_str());
+        for (size_t k = 0; k < e.n_dims; ++k) {
+            const uint64_t dim = e.dims[e.n_dims - 1 - k];
+            if (!e.dims_ok || dim > (uint64_t(1) << 40))
+                fail_file("%s: tensor '%s' has a bad shape entry", path.c_str(), pname);
+            t.ne[k] = int64_t(dim);
+            if (__builtin_mul_overflow(nel, size_t(dim), &nel))
+                fail_file("%s: tensor '%s' has an impossible size", path.c_str(), pname);
         }
-        const JsonValue &b = offs->arr[0], &e = offs->arr[1];
-        if (b.kind != JsonValue::Num || e.kind != JsonValue::Num || !b.is_uint || !e.is_uint || e.unum < b.unum)
-            fail_file("%s: tensor '%s' has bad data_offsets", path.c_str(), printable(kv.first).c_str());
+        const uint64_t b = e.offsets[0], end = e.offsets[1];
+        if (!e.offsets_ok || end < b) fail_file("%s: tensor '%s' has bad data_offsets", path.c_str(), pname);
         size_t need = 0;
-        if (__builtin_mul_overflow(nel, esize, &need) || e.unum - b.unum != need)
-            fail_file("%s: tensor '%s' has %llu data bytes but its shape %s in %s needs %zu", path.c_str(),
-                      printable(kv.first).c_str(), (unsigned long long)(e.unum - b.unum), t.shape_str().c_str(),
-                      printable(dtype->str).c_str(), need);
-        if (e.unum > data_size)
+        if (__builtin_mul_overflow(nel, esize, &need) || end - b != need)
+            fail_file("%s: tensor '%s' has %llu data bytes but its shape %s in %s needs %zu", path.c_str(), pname,
+                      (unsigned long long)(end - b), t.shape_str().c_str(), printable(dt).c_str(), need);
+        if (end > data_size)
             fail_file("%s: tensor '%s' lies past the end of the file (the file is truncated; download it again)",
-                      path.c_str(), printable(kv.first).c_str());
-        t.data = d + data_start + size_t(b.unum);
+                      path.c_str(), pname);
+        t.data = d + data_start + size_t(b);
         t.nbytes = need;
         t.file = map_.get();
         tensors_.push_back(std::move(t));
-    }
+    });
+    jp.end();
     check_names_and_overlaps(tensors_, path);
 }
 
