@@ -184,7 +184,7 @@ def test_gguf_corruption_classes(tmp_path):
         # counts that the file cannot hold
         "n_tensors_huge": (gguf(n_tensors=2**62), ["impossible"]),
         "n_kv_huge": (gguf(n_kv=2**63), ["impossible"]),
-        "n_tensors_lies": (gguf([f32_tensor()], n_tensors=5, data=b""), ["truncated"]),
+        "n_tensors_lies": (gguf([f32_tensor()], n_tensors=5, data=b"", alignment=1), ["truncated"]),
         # duplicates
         "dup_tensor": (gguf([f32_tensor("a.weight"), f32_tensor("a.weight", offset=64)]), ["#0", "#1", "a.weight"]),
         "dup_key": (gguf(kvs=[kv_scalar("k", U8, "<B", 1), kv_scalar("k", U8, "<B", 2)]), ["appears twice"]),
