@@ -11,8 +11,12 @@
 #   OTHER_RUNS=200000           runs of every other harness
 #   MAX_TIME=0                  seconds per harness (0: no limit, runs only)
 #   PY=/opt/fmdev/bin/python    the Python with fluxmini's dependencies and atheris (the `fuzz` extra)
-#   ASAN_PKG=/tmp/build-asan/pkg   a FLUXMINI_SANITIZE=address,undefined dev build (scripts/dev_build.sh);
-#                               empty: the Python harnesses run against the fluxmini already importable
+#   ASAN_PKG=/tmp/build-asan/pkg   a FLUXMINI_SANITIZE=address,undefined dev build (scripts/dev_build.sh)
+#                               for the harnesses that reach the extension (weights, after_load);
+#                               empty: they run against the fluxmini on PYTHONPATH / installed
+# prompt, png_metadata and init_image never reach the extension (tokenizers, Pillow) and run
+# against the fluxmini on PYTHONPATH without the ASan preload: gcc's libasan would take over the
+# coverage callbacks atheris registers, leaving those fuzzers blind.
 set -uo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 OUT=${OUT:-/tmp/fluxmini-fuzz}
@@ -25,10 +29,8 @@ targets=("$@")
 [ ${#targets[@]} -gt 0 ] || targets=(gguf_bytes gguf_struct safetensors weights after_load prompt png_metadata init_image)
 
 mkdir -p "$OUT/artifacts" "$OUT/logs"
-[ -d "$OUT/seeds" ] || PYTHONPATH="${ASAN_PKG:-${PYTHONPATH:-}}" "$PY" "$root/fuzz/make_seeds.py" "$OUT/seeds"
+[ -d "$OUT/seeds" ] || "$PY" "$root/fuzz/make_seeds.py" "$OUT/seeds"
 common=(-timeout=10 -rss_limit_mb=4096 -max_total_time="$MAX_TIME" -print_final_stats=1)
-wrap=()
-[ -z "$ASAN_PKG" ] || wrap=("$root/scripts/sanitized.sh")
 status=0
 for t in "${targets[@]}"; do
   runs=$OTHER_RUNS
@@ -46,7 +48,11 @@ for t in "${targets[@]}"; do
         -max_len=65536 -malloc_limit_mb=256 -artifact_prefix="$OUT/artifacts/$t-" \
         "$corpus" $seeds >"$log" 2>&1 ;;
     *)
-      PYTHONPATH="${ASAN_PKG:-${PYTHONPATH:-}}" nice -n 10 "${wrap[@]}" "$PY" "$root/fuzz/run_atheris.py" "$t" \
+      wrap=(); pkg=${PYTHONPATH:-}
+      if [ -n "$ASAN_PKG" ] && { [ "$t" = weights ] || [ "$t" = after_load ]; }; then
+        wrap=("$root/scripts/sanitized.sh"); pkg=$ASAN_PKG
+      fi
+      PYTHONPATH="$pkg" nice -n 10 "${wrap[@]}" "$PY" "$root/fuzz/run_atheris.py" "$t" \
         "${common[@]}" -runs="$runs" -max_len=65536 -artifact_prefix="$OUT/artifacts/$t-" "$corpus" $seeds >"$log" 2>&1 ;;
   esac
   rc=$?
