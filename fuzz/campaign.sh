@@ -52,8 +52,11 @@ for t in "${targets[@]}"; do
       if [ -n "$ASAN_PKG" ] && { [ "$t" = weights ] || [ "$t" = after_load ]; }; then
         wrap=("$root/scripts/sanitized.sh"); pkg=$ASAN_PKG
       fi
+      extra=()
+      # after_load reads its choices from the input: full-length inputs from the start
+      [ "$t" != after_load ] || extra=(-len_control=0 -max_len=256)
       PYTHONPATH="$pkg" nice -n 10 "${wrap[@]}" "$PY" "$root/fuzz/run_atheris.py" "$t" \
-        "${common[@]}" -runs="$runs" -max_len=65536 -artifact_prefix="$OUT/artifacts/$t-" "$corpus" $seeds >"$log" 2>&1 ;;
+        "${common[@]}" -runs="$runs" -max_len=65536 "${extra[@]}" -artifact_prefix="$OUT/artifacts/$t-" "$corpus" $seeds >"$log" 2>&1 ;;
   esac
   rc=$?
   [ $rc -eq 0 ] || status=1

@@ -125,7 +125,7 @@ def one_after_load(data: bytes) -> None:
 
     b = _Bytes(data)
     dims = _tiny_dims(b)
-    comps = [c for c in COMPONENTS if b.int(0, 3)]
+    comps = [c for c in COMPONENTS if b.int(0, 3) != 3]  # (zero bytes: all four)
     big_type = b.pick(["f32", "f16", "bf16", "q8_0", "q4_0", "q4_1", "q5_0", "q5_1"])
     layout = b.pick(["gpustack", "sd.cpp"])
     p = _scratch(".gguf")
