@@ -42,3 +42,25 @@ def test_replay(target, tmp_path):
                        env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path), "FUZZ_TMPDIR": str(tmp_path)})
     assert r.returncode == 0, f"rc {r.returncode}\n{r.stdout[-2000:]}\n{r.stderr[-4000:]}"
     assert r.stdout.count("ok ") == len(files)
+
+
+@pytest.mark.parametrize("path", ["init_image/decompression-bomb-bmp", "png_metadata/decompression-bomb-tiff"])
+def test_huge_image_dimensions_are_a_file_error(path):
+    # Found by the init_image and png_metadata fuzzers: Pillow's DecompressionBombError (not an
+    # OSError) escaped both readers.
+    import fluxmini
+    from fluxmini.imageio import load_image
+
+    f = CORPUS / path
+    with pytest.raises(fluxmini.FluxMiniFileError, match="too large"):
+        load_image(f)
+    with pytest.raises(fluxmini.FluxMiniFileError, match="too large"):
+        fluxmini.read_metadata(f)
+
+
+def test_tensor_name_not_utf8_names_the_index():
+    # The issue's own finding: such a name raised UnicodeDecodeError from the bindings.
+    import fluxmini
+
+    with pytest.raises(fluxmini.FluxMiniFileError, match=r"tensor #1 has a name that is not valid UTF-8"):
+        fluxmini.FluxMini.load(CORPUS / "weights" / "name-not-utf8.gguf")
