@@ -53,8 +53,9 @@ for t in "${targets[@]}"; do
         wrap=("$root/scripts/sanitized.sh"); pkg=$ASAN_PKG
       fi
       extra=()
-      # after_load reads its choices from the input: full-length inputs from the start
-      [ "$t" != after_load ] || extra=(-len_control=0 -max_len=256)
+      # after_load reads its choices from the input: full-length inputs from the start. Its own
+      # model writer (gguf-py's quantizers, in Python) can take seconds on a busy machine: 60 s.
+      [ "$t" != after_load ] || extra=(-len_control=0 -max_len=256 -timeout=60)
       PYTHONPATH="$pkg" nice -n 10 "${wrap[@]}" "$PY" "$root/fuzz/run_atheris.py" "$t" \
         "${common[@]}" -runs="$runs" -max_len=65536 "${extra[@]}" -artifact_prefix="$OUT/artifacts/$t-" "$corpus" $seeds >"$log" 2>&1 ;;
   esac
