@@ -63,4 +63,4 @@ def test_tensor_name_not_utf8_names_the_index():
     import fluxmini
 
     with pytest.raises(fluxmini.FluxMiniFileError, match=r"tensor #1 has a name that is not valid UTF-8"):
-        fluxmini.FluxMini.load(CORPUS / "weights" / "name-not-utf8.gguf")
+        fluxmini.FluxMini.load(CORPUS / "weights" / "name-not-utf8.bin")
