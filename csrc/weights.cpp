@@ -14,6 +14,7 @@
 #include <cstring>
 #include <limits>
 #include <sstream>
+#include <set>
 
 namespace fm {
 
@@ -93,6 +94,76 @@ std::string TensorRef::shape_str() const {
 // File formats
 
 static bool add_overflows(size_t a, size_t b, size_t *out) { return __builtin_add_overflow(a, b, out); }
+
+// Length of the well-formed UTF-8 sequence at s[i..n) (no overlongs, no surrogates, at most
+// U+10FFFF), or 0 if the bytes there are not one.
+static size_t utf8_seq_len(const unsigned char *s, size_t i, size_t n) {
+    const unsigned c = s[i];
+    if (c < 0x80) return 1;
+    size_t len;
+    unsigned lo = 0x80, hi = 0xBF;  // allowed range of the second byte
+    if (c >= 0xC2 && c <= 0xDF) len = 2;
+    else if (c >= 0xE0 && c <= 0xEF) { len = 3; if (c == 0xE0) lo = 0xA0; if (c == 0xED) hi = 0x9F; }
+    else if (c >= 0xF0 && c <= 0xF4) { len = 4; if (c == 0xF0) lo = 0x90; if (c == 0xF4) hi = 0x8F; }
+    else return 0;
+    if (n - i < len) return 0;
+    if (s[i + 1] < lo || s[i + 1] > hi) return 0;
+    for (size_t k = 2; k < len; ++k)
+        if ((s[i + k] & 0xC0) != 0x80) return 0;
+    return len;
+}
+
+static bool valid_utf8(const std::string &str) {
+    const auto *s = reinterpret_cast<const unsigned char *>(str.data());
+    for (size_t i = 0, n = str.size(); i < n;) {
+        size_t k = utf8_seq_len(s, i, n);
+        if (!k) return false;
+        i += k;
+    }
+    return true;
+}
+
+// A string read from a file, fit for an error message (which Python decodes as UTF-8): bytes that
+// are not UTF-8 and control characters become \xNN, and long strings are cut.
+static std::string printable(const std::string &str) {
+    const auto *s = reinterpret_cast<const unsigned char *>(str.data());
+    std::string out;
+    size_t i = 0;
+    for (const size_t n = str.size(); i < n && out.size() < 160;) {
+        size_t k = utf8_seq_len(s, i, n);
+        if (k == 1 && s[i] >= 0x20 && s[i] != 0x7F) out += char(s[i]);
+        else if (k > 1) out.append(str, i, k);
+        else { out += strfmt("\\x%02x", s[i]); k = 1; }
+        i += k;
+    }
+    if (i < str.size()) out += strfmt("... (%zu bytes)", str.size());
+    return out;
+}
+
+// Names must be UTF-8 (Python sees them as str) and unique within a file; tensors must not share
+// bytes (each writer lays them out one after the other). index is the tensor's position in the file.
+static void check_names_and_overlaps(const std::vector<TensorRef> &tensors, const std::string &path) {
+    std::map<std::string, size_t> seen;
+    for (size_t i = 0; i < tensors.size(); ++i) {
+        const std::string &name = tensors[i].file_name;
+        if (!valid_utf8(name))
+            fail_file("%s: tensor #%zu has a name that is not valid UTF-8 ('%s'); the file is damaged", path.c_str(),
+                      i, printable(name).c_str());
+        auto ins = seen.emplace(name, i);
+        if (!ins.second)
+            fail_file("%s: tensor #%zu and tensor #%zu are both named '%s'; the file is damaged", path.c_str(),
+                      ins.first->second, i, printable(name).c_str());
+    }
+    std::vector<const TensorRef *> by_addr;
+    by_addr.reserve(tensors.size());
+    for (const TensorRef &t : tensors)
+        if (t.nbytes) by_addr.push_back(&t);
+    std::sort(by_addr.begin(), by_addr.end(), [](const TensorRef *a, const TensorRef *b) { return a->data < b->data; });
+    for (size_t i = 1; i < by_addr.size(); ++i)
+        if (by_addr[i - 1]->data + by_addr[i - 1]->nbytes > by_addr[i]->data)
+            fail_file("%s: the data of tensors '%s' and '%s' overlap; the file is damaged", path.c_str(),
+                      printable(by_addr[i - 1]->file_name).c_str(), printable(by_addr[i]->file_name).c_str());
+}
 
 std::unique_ptr<WeightFile> WeightFile::open(const std::string &path) {
     auto wf = std::unique_ptr<WeightFile>(new WeightFile());
@@ -192,12 +263,16 @@ void WeightFile::parse_gguf() {
                   "the file is damaged",
                   path.c_str(), (unsigned long long)n_tensors, (unsigned long long)n_kv, fsize);
     uint64_t alignment = 32;
+    std::set<std::string> keys;
     for (uint64_t i = 0; i < n_kv; ++i) {
         std::string key = cur.str();
+        if (!keys.insert(key).second)
+            fail_file("%s: the GGUF key '%s' appears twice; the file is damaged", path.c_str(), printable(key).c_str());
         uint32_t type = cur.read<uint32_t>();
         if (type >= kTypeCount) cur.bad("unknown value type %llu", type);
         if (type == kString) {
-            metadata_[key] = cur.str();
+            std::string value = cur.str();
+            if (valid_utf8(key) && valid_utf8(value)) metadata_[key] = std::move(value);
         } else if (type == kArray) {
             uint32_t et = cur.read<uint32_t>();
             uint64_t n = cur.read<uint64_t>();
@@ -214,7 +289,7 @@ void WeightFile::parse_gguf() {
             if (key == "general.alignment" && type == kU32) {
                 alignment = cur.read<uint32_t>();
                 if (alignment == 0 || (alignment & (alignment - 1)) != 0 || alignment > 65536)
-                    cur.bad("general.alignment %llu is not a power of two", (unsigned long long)alignment);
+                    cur.bad("general.alignment %llu is not a power of two up to 65536", (unsigned long long)alignment);
             } else {
                 cur.skip(es);
             }
@@ -228,20 +303,24 @@ void WeightFile::parse_gguf() {
         uint64_t offset;
     };
     std::vector<Info> infos;
-    infos.reserve(size_t(n_tensors));
+    // A tensor info takes at least 32 bytes of the file; reserve no more than the file can hold.
+    infos.reserve(size_t(std::min<uint64_t>(n_tensors, (fsize - cur.pos()) / 32)));
     for (uint64_t i = 0; i < n_tensors; ++i) {
         Info in{};
         in.name = cur.str();
+        if (!valid_utf8(in.name))
+            fail_file("%s: tensor #%llu has a name that is not valid UTF-8 ('%s'); the file is damaged",
+                      path.c_str(), (unsigned long long)i, printable(in.name).c_str());
         in.n_dims = cur.read<uint32_t>();
         if (in.n_dims == 0 || in.n_dims > 4)
             fail_file("%s: tensor '%s' has %u dimensions (1 to 4 are valid); the file is damaged", path.c_str(),
-                      in.name.c_str(), in.n_dims);
+                      printable(in.name).c_str(), in.n_dims);
         for (int k = 0; k < 4; ++k) in.ne[k] = 1;
         for (uint32_t k = 0; k < in.n_dims; ++k) {
             uint64_t v = cur.read<uint64_t>();
             if (v == 0 || v > (uint64_t(1) << 40))
                 fail_file("%s: tensor '%s' has a bad dimension (%llu); the file is damaged", path.c_str(),
-                          in.name.c_str(), (unsigned long long)v);
+                          printable(in.name).c_str(), (unsigned long long)v);
             in.ne[k] = int64_t(v);
         }
         in.type = cur.read<uint32_t>();
@@ -259,7 +338,7 @@ void WeightFile::parse_gguf() {
             ggml_blck_size(ggml_type(in.type)) == 0)
             fail_file("%s: tensor '%s' has unknown type id %u; the file is damaged or was written by a newer "
                       "tool than this ggml knows",
-                      path.c_str(), in.name.c_str(), in.type);
+                      path.c_str(), printable(in.name).c_str(), in.type);
         t.supported = is_supported_type(ggml_type(in.type));
         t.type = ggml_type(in.type);
         t.n_dims = int(in.n_dims);
@@ -268,112 +347,101 @@ void WeightFile::parse_gguf() {
         if (t.ne[0] % blck != 0)
             fail_file("%s: tensor '%s' of type %s has rows of %lld values, not a multiple of the block size %lld; "
                       "the file is damaged",
-                      path.c_str(), in.name.c_str(), ggml_type_name(t.type), (long long)t.ne[0], (long long)blck);
+                      path.c_str(), printable(in.name).c_str(), ggml_type_name(t.type), (long long)t.ne[0], (long long)blck);
         size_t nbytes = ggml_row_size(t.type, t.ne[0]);
         for (int k = 1; k < 4; ++k)
             if (__builtin_mul_overflow(nbytes, size_t(t.ne[k]), &nbytes))
-                fail_file("%s: tensor '%s' has an impossible size; the file is damaged", path.c_str(), in.name.c_str());
+                fail_file("%s: tensor '%s' has an impossible size; the file is damaged", path.c_str(), printable(in.name).c_str());
         t.nbytes = nbytes;
         size_t off = 0, end = 0;
         if (in.offset % alignment != 0 || add_overflows(data_off, size_t(in.offset), &off) ||
             add_overflows(off, t.nbytes, &end) || end > fsize) {
             fail_file("%s: tensor '%s' (%zu bytes at offset %llu) lies past the end of the file (%zu bytes) or "
                       "is misaligned: the file is truncated or damaged; download it again",
-                      path.c_str(), in.name.c_str(), t.nbytes, (unsigned long long)(data_off + in.offset), fsize);
+                      path.c_str(), printable(in.name).c_str(), t.nbytes, (unsigned long long)(data_off + in.offset), fsize);
         }
         t.data = map_->data() + off;
         t.file = map_.get();
         tensors_.push_back(std::move(t));
     }
+    check_names_and_overlaps(tensors_, path);
 }
 
-// A minimal JSON reader, enough for the safetensors header: an object of objects holding
-// strings, numbers and arrays of numbers. Anything else is rejected with an error.
+// A streaming JSON reader for the safetensors header: the header is read member by member into
+// TensorRefs and metadata strings, with no document tree, so memory stays within a small factor
+// of the header's size whatever it holds (a tree of values can take 20x the text it came from).
 namespace {
-struct JsonValue {
-    enum Kind { Str, Num, Arr, Obj } kind = Str;
-    std::string str;
-    double num = 0;
-    uint64_t unum = 0;
-    bool is_uint = false;
-    std::vector<JsonValue> arr;
-    std::vector<std::pair<std::string, JsonValue>> obj;
-};
-
 class JsonParser {
 public:
     JsonParser(const char *p, size_t n, const std::string &path) : p_(p), end_(p + n), path_(path) {}
-    JsonValue parse_document() {
-        JsonValue v = value(0);
-        ws();
-        if (p_ != end_) bad("trailing characters after the header object");
-        return v;
-    }
 
-private:
     [[noreturn]] void bad(const char *what) {
         fail_file("%s: the safetensors header is not valid JSON (%s); the file is damaged or not a "
                   "safetensors file",
                   path_.c_str(), what);
     }
-    void ws() {
-        while (p_ < end_ && (*p_ == ' ' || *p_ == '\n' || *p_ == '\r' || *p_ == '\t')) ++p_;
-    }
-    JsonValue value(int depth) {
-        if (depth > 8) bad("nesting too deep");
+    char peek() {
         ws();
-        if (p_ >= end_) bad("unexpected end");
-        JsonValue v;
-        if (*p_ == '{') {
-            v.kind = JsonValue::Obj;
-            ++p_;
+        return p_ < end_ ? *p_ : '\0';
+    }
+    bool accept(char c) {
+        if (peek() != c) return false;
+        ++p_;
+        return true;
+    }
+    void expect(char c, const char *what) {
+        if (!accept(c)) bad(what);
+    }
+    void end() {
+        ws();
+        if (p_ != end_) bad("trailing characters after the header object");
+    }
+    // The members of an object: member(key) must read the value.
+    template <typename F> void object(F &&member) {
+        expect('{', "expected an object");
+        if (accept('}')) return;
+        do {
             ws();
-            if (p_ < end_ && *p_ == '}') { ++p_; return v; }
-            for (;;) {
-                ws();
-                std::string k = string();
-                ws();
-                if (p_ >= end_ || *p_ != ':') bad("expected ':'");
-                ++p_;
-                v.obj.emplace_back(std::move(k), value(depth + 1));
-                ws();
-                if (p_ < end_ && *p_ == ',') { ++p_; continue; }
-                if (p_ < end_ && *p_ == '}') { ++p_; break; }
-                bad("expected ',' or '}'");
-            }
-        } else if (*p_ == '[') {
-            v.kind = JsonValue::Arr;
-            ++p_;
-            ws();
-            if (p_ < end_ && *p_ == ']') { ++p_; return v; }
-            for (;;) {
-                v.arr.push_back(value(depth + 1));
-                ws();
-                if (p_ < end_ && *p_ == ',') { ++p_; continue; }
-                if (p_ < end_ && *p_ == ']') { ++p_; break; }
-                bad("expected ',' or ']'");
-            }
-        } else if (*p_ == '"') {
-            v.kind = JsonValue::Str;
-            v.str = string();
-        } else if (*p_ == '-' || (*p_ >= '0' && *p_ <= '9')) {
-            v.kind = JsonValue::Num;
-            const char *s = p_;
-            while (p_ < end_ && (std::strchr("+-.eE", *p_) || (*p_ >= '0' && *p_ <= '9'))) ++p_;
-            std::string tok(s, p_);
-            v.num = std::strtod(tok.c_str(), nullptr);
-            if (tok.find_first_of("-.eE") == std::string::npos && tok.size() <= 19) {
-                v.is_uint = true;
-                v.unum = std::strtoull(tok.c_str(), nullptr, 10);
-            }
-        } else if (end_ - p_ >= 4 && (std::memcmp(p_, "true", 4) == 0 || std::memcmp(p_, "null", 4) == 0)) {
-            p_ += 4;
-        } else if (end_ - p_ >= 5 && std::memcmp(p_, "false", 5) == 0) {
-            p_ += 5;
-        } else {
-            bad("unexpected character");
-        }
-        return v;
+            std::string key = string();
+            expect(':', "expected ':'");
+            member(key);
+        } while (accept(','));
+        expect('}', "expected ',' or '}'");
+    }
+    // The elements of an array: element() must read the value.
+    template <typename F> void array(F &&element) {
+        expect('[', "expected an array");
+        if (accept(']')) return;
+        do element();
+        while (accept(','));
+        expect(']', "expected ',' or ']'");
+    }
+    bool at_number() {
+        const char c = peek();
+        return c == '-' || (c >= '0' && c <= '9');
+    }
+    // A number; true (and *out set) when it is a plain unsigned integer that fits 64 bits.
+    bool number(uint64_t *out) {
+        if (!at_number()) bad("expected a number");
+        const char *s = p_;
+        while (p_ < end_ && (std::strchr("+-.eE", *p_) || (*p_ >= '0' && *p_ <= '9'))) ++p_;
+        const std::string tok(s, p_);
+        if (tok.find_first_not_of("0123456789") != std::string::npos || tok.size() > 19) return false;
+        *out = std::strtoull(tok.c_str(), nullptr, 10);
+        return true;
+    }
+    // Reads and drops any value (nesting is limited: recursion depth stays small).
+    void skip(int depth) {
+        if (depth > 8) bad("nesting too deep");
+        const char c = peek();
+        uint64_t u;
+        if (c == '{') object([&](const std::string &) { skip(depth + 1); });
+        else if (c == '[') array([&] { skip(depth + 1); });
+        else if (c == '"') string();
+        else if (at_number()) number(&u);
+        else if (end_ - p_ >= 4 && (std::memcmp(p_, "true", 4) == 0 || std::memcmp(p_, "null", 4) == 0)) p_ += 4;
+        else if (end_ - p_ >= 5 && std::memcmp(p_, "false", 5) == 0) p_ += 5;
+        else bad(p_ >= end_ ? "unexpected end" : "unexpected character");
     }
     std::string string() {
         if (p_ >= end_ || *p_ != '"') bad("expected a string");
@@ -391,12 +459,23 @@ private:
                     case 'b': s += '\b'; break;
                     case 'f': s += '\f'; break;
                     case 'u': {
-                        if (end_ - p_ < 4) bad("short \\u escape");
-                        unsigned cp = unsigned(std::strtoul(std::string(p_, 4).c_str(), nullptr, 16));
-                        p_ += 4;
+                        unsigned cp = hex4();
+                        // A UTF-16 surrogate pair is one code point; a lone surrogate is no text.
+                        if (cp >= 0xDC00 && cp <= 0xDFFF) bad("lone low surrogate in a \\u escape");
+                        if (cp >= 0xD800 && cp <= 0xDBFF) {
+                            if (end_ - p_ < 2 || p_[0] != '\\' || p_[1] != 'u') bad("lone high surrogate in a \\u escape");
+                            p_ += 2;
+                            unsigned lo = hex4();
+                            if (lo < 0xDC00 || lo > 0xDFFF) bad("lone high surrogate in a \\u escape");
+                            cp = 0x10000 + ((cp - 0xD800) << 10) + (lo - 0xDC00);
+                        }
                         if (cp < 0x80) s += char(cp);
                         else if (cp < 0x800) { s += char(0xC0 | (cp >> 6)); s += char(0x80 | (cp & 0x3F)); }
-                        else { s += char(0xE0 | (cp >> 12)); s += char(0x80 | ((cp >> 6) & 0x3F)); s += char(0x80 | (cp & 0x3F)); }
+                        else if (cp < 0x10000) { s += char(0xE0 | (cp >> 12)); s += char(0x80 | ((cp >> 6) & 0x3F)); s += char(0x80 | (cp & 0x3F)); }
+                        else {
+                            s += char(0xF0 | (cp >> 18)); s += char(0x80 | ((cp >> 12) & 0x3F));
+                            s += char(0x80 | ((cp >> 6) & 0x3F)); s += char(0x80 | (cp & 0x3F));
+                        }
                         break;
                     }
                     default: s += c;
@@ -409,9 +488,38 @@ private:
         ++p_;
         return s;
     }
+
+private:
+    void ws() {
+        while (p_ < end_ && (*p_ == ' ' || *p_ == '\n' || *p_ == '\r' || *p_ == '\t')) ++p_;
+    }
+    // The four hex digits of a \u escape.
+    unsigned hex4() {
+        if (end_ - p_ < 4) bad("short \\u escape");
+        unsigned v = 0;
+        for (int k = 0; k < 4; ++k) {
+            const char c = *p_++;
+            v <<= 4;
+            if (c >= '0' && c <= '9') v |= unsigned(c - '0');
+            else if (c >= 'a' && c <= 'f') v |= unsigned(c - 'a' + 10);
+            else if (c >= 'A' && c <= 'F') v |= unsigned(c - 'A' + 10);
+            else bad("bad hex digit in a \\u escape");
+        }
+        return v;
+    }
     const char *p_;
     const char *end_;
     const std::string &path_;
+};
+
+// One header entry as read: the fields a tensor needs, and whether each was well-formed.
+struct SafetensorsEntry {
+    bool has_dtype = false, has_shape = false, has_offsets = false;
+    std::string dtype;
+    size_t n_dims = 0, n_offsets = 0;
+    bool dims_ok = true, offsets_ok = true;
+    uint64_t dims[4] = {0, 0, 0, 0};
+    uint64_t offsets[2] = {0, 0};
 };
 }  // namespace
 
@@ -427,33 +535,59 @@ void WeightFile::parse_safetensors() {
                   path.c_str(), (unsigned long long)hlen, fsize);
     }
     JsonParser jp(reinterpret_cast<const char *>(d + 8), size_t(hlen), path);
-    JsonValue root = jp.parse_document();
-    if (root.kind != JsonValue::Obj) fail_file("%s: the safetensors header is not a JSON object", path.c_str());
+    if (jp.peek() != '{') fail_file("%s: the safetensors header is not a JSON object", path.c_str());
     const size_t data_start = 8 + size_t(hlen);
     const size_t data_size = fsize - data_start;
-    for (auto &kv : root.obj) {
-        if (kv.first == "__metadata__") {
-            if (kv.second.kind == JsonValue::Obj)
-                for (auto &m : kv.second.obj)
-                    if (m.second.kind == JsonValue::Str) metadata_[m.first] = m.second.str;
-            continue;
+    jp.object([&](const std::string &name) {
+        if (name == "__metadata__") {
+            if (jp.peek() != '{') return jp.skip(1);
+            jp.object([&](const std::string &key) {
+                if (jp.peek() != '"') return jp.skip(2);
+                std::string value = jp.string();
+                if (valid_utf8(key) && valid_utf8(value)) metadata_[key] = std::move(value);
+            });
+            return;
         }
-        const JsonValue &info = kv.second;
-        const JsonValue *dtype = nullptr, *shape = nullptr, *offs = nullptr;
-        if (info.kind == JsonValue::Obj)
-            for (auto &f : info.obj) {
-                if (f.first == "dtype") dtype = &f.second;
-                else if (f.first == "shape") shape = &f.second;
-                else if (f.first == "data_offsets") offs = &f.second;
-            }
-        if (!dtype || !shape || !offs || dtype->kind != JsonValue::Str || shape->kind != JsonValue::Arr ||
-            offs->kind != JsonValue::Arr || offs->arr.size() != 2)
+        SafetensorsEntry e;
+        if (jp.peek() == '{') {
+            jp.object([&](const std::string &field) {
+                if (field == "dtype" && jp.peek() == '"') {
+                    e.dtype = jp.string();
+                    e.has_dtype = true;
+                } else if (field == "shape" && jp.peek() == '[') {
+                    e.has_shape = true;
+                    jp.array([&] {
+                        uint64_t v = 0;
+                        if (!jp.at_number()) { e.dims_ok = false; return jp.skip(3); }
+                        if (!jp.number(&v)) e.dims_ok = false;
+                        if (e.n_dims < 4) e.dims[e.n_dims] = v;
+                        ++e.n_dims;
+                    });
+                } else if (field == "data_offsets" && jp.peek() == '[') {
+                    e.has_offsets = true;
+                    jp.array([&] {
+                        uint64_t v = 0;
+                        if (!jp.at_number()) { e.offsets_ok = false; return jp.skip(3); }
+                        if (!jp.number(&v)) e.offsets_ok = false;
+                        if (e.n_offsets < 2) e.offsets[e.n_offsets] = v;
+                        ++e.n_offsets;
+                    });
+                } else {
+                    jp.skip(2);
+                }
+            });
+        } else {
+            jp.skip(1);
+        }
+        const std::string shown = printable(name);
+        const char *pname = shown.c_str();
+        if (!e.has_dtype || !e.has_shape || !e.has_offsets || e.n_offsets != 2)
             fail_file("%s: tensor '%s' has an incomplete safetensors entry (needs dtype, shape, data_offsets)",
-                      path.c_str(), kv.first.c_str());
+                      path.c_str(), pname);
         TensorRef t;
-        t.file_name = kv.first;
+        t.file_name = name;
         size_t esize = 0;
-        const std::string &dt = dtype->str;
+        const std::string &dt = e.dtype;
         if (dt == "F32") { t.type = GGML_TYPE_F32; esize = 4; }
         else if (dt == "F16") { t.type = GGML_TYPE_F16; esize = 2; }
         else if (dt == "BF16") { t.type = GGML_TYPE_BF16; esize = 2; }
@@ -466,38 +600,36 @@ void WeightFile::parse_safetensors() {
             else if (dt == "I16" || dt == "U16") esize = 2;
             else if (dt == "I8" || dt == "U8" || dt == "BOOL" || dt == "F8_E4M3" || dt == "F8_E5M2") esize = 1;
             else
-                fail_file("%s: tensor '%s' has unknown dtype '%s'", path.c_str(), kv.first.c_str(), dt.c_str());
+                fail_file("%s: tensor '%s' has unknown dtype '%s'", path.c_str(), pname, printable(dt).c_str());
         }
-        if (shape->arr.size() > 4)
-            fail_value("%s: tensor '%s' has %zu dimensions (at most 4 are supported)", path.c_str(),
-                       kv.first.c_str(), shape->arr.size());
-        t.n_dims = int(shape->arr.size());
-        if (t.n_dims == 0) t.n_dims = 1;
+        if (e.n_dims > 4)
+            fail_file("%s: tensor '%s' has %zu dimensions (at most 4 are supported)", path.c_str(), pname, e.n_dims);
+        t.n_dims = e.n_dims == 0 ? 1 : int(e.n_dims);
         size_t nel = 1;
-        for (size_t k = 0; k < shape->arr.size(); ++k) {
-            const JsonValue &dim = shape->arr[shape->arr.size() - 1 - k];
-            if (dim.kind != JsonValue::Num || !dim.is_uint || dim.unum > (uint64_t(1) << 40))
-                fail_file("%s: tensor '%s' has a bad shape entry", path.c_str(), kv.first.c_str());
-            t.ne[k] = int64_t(dim.unum);
-            if (__builtin_mul_overflow(nel, size_t(dim.unum), &nel))
-                fail_file("%s: tensor '%s' has an impossible size", path.c_str(), kv.first.c_str());
+        for (size_t k = 0; k < e.n_dims; ++k) {
+            const uint64_t dim = e.dims[e.n_dims - 1 - k];
+            if (!e.dims_ok || dim > (uint64_t(1) << 40))
+                fail_file("%s: tensor '%s' has a bad shape entry", path.c_str(), pname);
+            t.ne[k] = int64_t(dim);
+            if (__builtin_mul_overflow(nel, size_t(dim), &nel))
+                fail_file("%s: tensor '%s' has an impossible size", path.c_str(), pname);
         }
-        const JsonValue &b = offs->arr[0], &e = offs->arr[1];
-        if (b.kind != JsonValue::Num || e.kind != JsonValue::Num || !b.is_uint || !e.is_uint || e.unum < b.unum)
-            fail_file("%s: tensor '%s' has bad data_offsets", path.c_str(), kv.first.c_str());
+        const uint64_t b = e.offsets[0], end = e.offsets[1];
+        if (!e.offsets_ok || end < b) fail_file("%s: tensor '%s' has bad data_offsets", path.c_str(), pname);
         size_t need = 0;
-        if (__builtin_mul_overflow(nel, esize, &need) || e.unum - b.unum != need)
-            fail_file("%s: tensor '%s' has %llu data bytes but its shape %s in %s needs %zu", path.c_str(),
-                      kv.first.c_str(), (unsigned long long)(e.unum - b.unum), t.shape_str().c_str(),
-                      dtype->str.c_str(), need);
-        if (e.unum > data_size)
+        if (__builtin_mul_overflow(nel, esize, &need) || end - b != need)
+            fail_file("%s: tensor '%s' has %llu data bytes but its shape %s in %s needs %zu", path.c_str(), pname,
+                      (unsigned long long)(end - b), t.shape_str().c_str(), printable(dt).c_str(), need);
+        if (end > data_size)
             fail_file("%s: tensor '%s' lies past the end of the file (the file is truncated; download it again)",
-                      path.c_str(), kv.first.c_str());
-        t.data = d + data_start + size_t(b.unum);
+                      path.c_str(), pname);
+        t.data = d + data_start + size_t(b);
         t.nbytes = need;
         t.file = map_.get();
         tensors_.push_back(std::move(t));
-    }
+    });
+    jp.end();
+    check_names_and_overlaps(tensors_, path);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -693,6 +825,9 @@ void WeightSet::add_file(const std::string &path, int forced) {
             ignored_.push_back(n);
             continue;
         }
+        if (t.nelements() == 0)
+            fail_value("%s: tensor '%s' is empty (shape %s); the file is damaged or belongs to another model",
+                       path.c_str(), n.c_str(), t.shape_str().c_str());
         if (!t.supported)
             fail_value("%s: tensor '%s' has type %s, which fluxmini cannot compute with (supported: F32, F16, "
                        "BF16, Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q2_K..Q6_K); requantize the file with "

@@ -46,6 +46,21 @@ def _pil():
     return Image
 
 
+def _decoded(path: str, use):
+    """use(image) of the fully decoded image file at path. Pillow's decoders raise many exception
+    types on damaged files (OSError, SyntaxError, ValueError, EOFError, struct.error, ...) and
+    DecompressionBombError on huge dimensions: each becomes a FluxMiniFileError."""
+    Image = _pil()
+    try:
+        with Image.open(path) as f:
+            f.load()
+            return use(f)
+    except Image.DecompressionBombError as e:
+        raise FluxMiniFileError(f"cannot read the image {path}: it is too large to decode safely ({e})") from None
+    except Exception as e:  # noqa: BLE001 (only the decoder runs here)
+        raise FluxMiniFileError(f"cannot read the image {path}: {e or type(e).__name__}") from None
+
+
 # --------------------------------------------------------------------------- pixels
 
 
@@ -92,12 +107,7 @@ def load_image(image):
         path = os.fspath(image)
         if not os.path.isfile(path):
             raise FluxMiniFileError(f"image file not found: {path}")
-        try:
-            with Image.open(path) as f:
-                f.load()
-                img = f.copy()
-        except (OSError, SyntaxError, ValueError) as e:
-            raise FluxMiniFileError(f"cannot read the image {path}: {e}") from None
+        img = _decoded(path, lambda f: f.copy())
     elif isinstance(image, np.ndarray):
         if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
             raise FluxMiniValueError(
@@ -183,12 +193,7 @@ def read_metadata(source) -> dict:
         path = os.fspath(source)
         if not os.path.isfile(path):
             raise FluxMiniFileError(f"image file not found: {path}")
-        try:
-            with Image.open(path) as img:
-                img.load()  # text chunks after the image data are read by load()
-                return _metadata_of(img)
-        except (OSError, SyntaxError, ValueError) as e:
-            raise FluxMiniFileError(f"cannot read the image {path}: {e}") from None
+        return _decoded(path, _metadata_of)  # text chunks after the image data are read by load()
     raise FluxMiniValueError(f"read_metadata needs a path or a PIL image, got {type(source).__name__}")
 
 
