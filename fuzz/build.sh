@@ -14,10 +14,17 @@ if [ -z "$cxx" ]; then
 fi
 ggml=$("$py" -c 'import libggml, os; print(os.path.dirname(libggml.__file__))')
 libdir="$ggml/lib64"; [ -d "$libdir" ] || libdir="$ggml/lib"
-mkdir -p "$out"
+mkdir -p "$out/generated"
+# the loader's name table, generated the way CMakeLists.txt does (configure_file of names_table.h.in)
+"$py" - "$root/csrc/names_table.h.in" "$root/python/fluxmini/data/names.txt" "$out/generated/names_table.h" <<'PY'
+import sys
+template, names, dest = sys.argv[1:]
+text = open(template).read().replace("@FLUXMINI_NAMES_TEXT@", open(names).read())
+open(dest, "w").write(text)
+PY
 flags=(-std=c++17 -O1 -g -fno-omit-frame-pointer -fsanitize=fuzzer,address,undefined
-       -fno-sanitize-recover=undefined -I"$root/csrc" -I"$ggml/include")
-srcs=("$root/fuzz/fuzz_weights.cpp" "$root/csrc/weights.cpp" "$root/csrc/common.cpp")
+       -fno-sanitize-recover=undefined -I"$root/csrc" -I"$out/generated" -I"$ggml/include")
+srcs=("$root/fuzz/fuzz_weights.cpp" "$root/csrc/weights.cpp" "$root/csrc/common.cpp" "$root/csrc/options.cpp")
 i=0
 for name in fuzz_gguf_bytes fuzz_gguf_struct fuzz_safetensors; do
   "$cxx" "${flags[@]}" -DFUZZ_MODE=$i "${srcs[@]}" -L"$libdir" -lggml-base -Wl,-rpath,"$libdir" -o "$out/$name" &

@@ -252,7 +252,7 @@ std::string make_gguf(FuzzedDataProvider &p) {
 
 extern "C" int LLVMFuzzerInitialize(int *, char ***) {
     fm::install_ggml_hooks();
-    fm::set_verbosity(0);
+    // verbosity is 0 (quiet) unless a VerbosityScope raises it
     return 0;
 }
 
