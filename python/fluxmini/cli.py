@@ -41,6 +41,9 @@ def build_parser() -> argparse.ArgumentParser:
         add_generate_subcommand = None
     if add_generate_subcommand is not None:
         add_generate_subcommand(sub)
+    from .batch.command import add_parser as add_batch_parser
+
+    add_batch_parser(sub)
     return p
 
 

@@ -93,22 +93,21 @@ def _run(parsed, store: Store, *, model, ray, workers, threads, files, backend, 
         if pending:
             tasks.append({"index": job.index, "params": job.params, "seeds": [s for _, s in pending]})
 
+    for job in parsed:
+        if job.error is not None:
+            rec = {"key": job.key, "status": "error", **_base_record(job), "error": job.error}
+            store.append(rec)
+            yield rec
+    for key, seed in skipped:
+        job = by_index[int(key.split("_")[0])]
+        rec = {"key": key, "status": "ok", **_base_record(job), "seed": seed, "file": key + ".png"}
+        # a kill between the rename and the append leaves a complete image without a record
+        recovered = store.append({**rec, "recovered": True})
+        yield {**rec, "status": "skipped", **({"recovered": True} if recovered else {})}
+    if not tasks:
+        return
     bar = _Progress(n_images, len(skipped), enabled=progress)
     try:
-        for job in parsed:
-            if job.error is not None:
-                rec = {"key": job.key, "status": "error", **_base_record(job), "error": job.error}
-                store.append(rec)
-                yield rec
-        for key, seed in skipped:
-            job = by_index[int(key.split("_")[0])]
-            rec = {"key": key, "status": "ok", **_base_record(job), "seed": seed, "file": key + ".png",
-                   "recovered": True}
-            # a kill between the rename and the append leaves a complete image without a record
-            store.append(rec)
-            yield {**rec, "status": "skipped"}
-        if not tasks:
-            return
         if ray is None:
             results = _local_results(tasks, model, files, backend, threads, low_memory)
         else:
