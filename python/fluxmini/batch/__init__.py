@@ -61,6 +61,10 @@ def run(jobs, out_dir, *, model, ray=None, workers: Optional[int] = None, thread
         raise FluxMiniValueError(f"workers must be a positive integer, got {workers!r}")
     if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
         raise FluxMiniValueError(f"threads must be a positive integer, got {threads!r}")
+    if ray is False:
+        ray = None
+    if ray is not None and not isinstance(ray, (bool, str)):
+        raise FluxMiniValueError(f"ray must be None, True or a cluster address string, got {type(ray).__name__}")
     if ray is None and workers not in (None, 1):
         raise FluxMiniValueError("workers > 1 needs Ray (ray=True or an address); local mode runs one "
                                  "process, whose threads are set with threads=")
