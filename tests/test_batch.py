@@ -189,3 +189,28 @@ def test_killed_batch_resumes_without_recomputing(tmp_path, reference):
     model = fluxmini.FluxMini.load(cases.model_path(), threads=THREADS)
     for key in [sorted(done)[0][:-4], made[0], made[-1]]:
         assert (out / f"{key}.png").read_bytes() == cases.reference_png(model, expected[key]), key
+
+
+def test_img2img_job_with_a_path_relative_to_the_jobs_file(tmp_path, model):
+    import make_pipeline_goldens as ref
+    from PIL import Image
+
+    (tmp_path / "in").mkdir()
+    Image.fromarray(ref.init_image(32, 32)).save(tmp_path / "in" / "init.png")
+    jobs = cases.write_jobs(tmp_path / "in" / "jobs.jsonl",
+                            [{"prompt": "a watercolour", "seed": 3, "init_image": "init.png", "strength": 0.6}])
+    records = list(batch.run(jobs, tmp_path / "out", model=cases.model_path(), threads=THREADS,
+                             defaults=cases.DEFAULTS, progress=False))
+    assert [r["status"] for r in records] == ["ok"]
+    assert records[0]["job"]["init_image"] == str(tmp_path / "in" / "init.png")
+    want = cases.reference_png(model, {**cases.DEFAULTS, "prompt": "a watercolour", "seed": 3, "strength": 0.6,
+                                       "init_image": str(tmp_path / "in" / "init.png")})
+    assert (tmp_path / "out" / "000000_3.png").read_bytes() == want
+
+
+def test_ray_mode_without_ray_says_what_to_install(tmp_path, monkeypatch):
+    from fluxmini.errors import FluxMiniRuntimeError
+
+    monkeypatch.setitem(sys.modules, "ray", None)  # `import ray` fails as if it were not installed
+    with pytest.raises(FluxMiniRuntimeError, match=r'pip install "fluxmini\[ray\]"'):
+        list(batch.run([{"prompt": "x"}], tmp_path / "out", model=cases.model_path(), ray=True, progress=False))

@@ -64,11 +64,16 @@ def _where(line: Optional[int], index: int) -> str:
     return f"line {line}" if line is not None else f"job {index}"
 
 
-def validate(raw, defaults: Optional[dict], index: int, line: Optional[int] = None) -> Job:
-    """A Job from a decoded JSON value: params on success, else error (never raises)."""
+def validate(raw, defaults: Optional[dict], index: int, line: Optional[int] = None,
+             base_dir: Optional[str] = None) -> Job:
+    """A Job from a decoded JSON value: params on success, else error (never raises).
+
+    A relative ``init_image`` path is taken from ``base_dir`` (default: the current folder) and
+    made absolute, so that workers started elsewhere (Ray) find it too.
+    """
     job = Job(index=index, line=line, raw=raw)
     try:
-        job.params = _normalise(raw, defaults or {})
+        job.params = _normalise(raw, defaults or {}, base_dir or os.getcwd())
     except FluxMiniError as e:
         job.error = f"{_where(line, index)}: {e}"
         return job
@@ -77,7 +82,7 @@ def validate(raw, defaults: Optional[dict], index: int, line: Optional[int] = No
     return job
 
 
-def _normalise(raw, defaults: dict) -> dict:
+def _normalise(raw, defaults: dict, base_dir: str) -> dict:
     from .. import pipeline, sampling
 
     if not isinstance(raw, dict):
@@ -102,6 +107,8 @@ def _normalise(raw, defaults: dict) -> dict:
         raise FluxMiniValueError(f"count must be between 1 and {MAX_COUNT}, got {p['count']}")
     if p["seed"] + p["count"] > 1 << 64:
         raise FluxMiniValueError("seed + count must stay below 2**64")
+    if isinstance(p.get("init_image"), str):
+        p["init_image"] = os.path.abspath(os.path.join(base_dir, p["init_image"]))
     if p.get("init_image") is None:
         for side in ("width", "height"):
             value = p.get(side)
@@ -120,7 +127,8 @@ def parse_jobs(jobs, defaults: Optional[dict] = None) -> List[Job]:
     """Jobs from a JOBS.jsonl path or an iterable of dicts (or JSON strings).
 
     In a file, blank lines and lines starting with ``#`` are skipped; every other line is a job
-    with the next index (a line that is not valid JSON too: it becomes an error record).
+    with the next index (a line that is not valid JSON too: it becomes an error record), and
+    relative ``init_image`` paths are relative to the file's folder.
     """
     if defaults is not None and not isinstance(defaults, dict):
         raise FluxMiniValueError("defaults must be a dict of job fields")
@@ -140,12 +148,12 @@ def parse_jobs(jobs, defaults: Optional[dict] = None) -> List[Job]:
     return out
 
 
-def _parse_text(text: str, defaults, index: int, line: Optional[int]) -> Job:
+def _parse_text(text: str, defaults, index: int, line: Optional[int], base_dir: Optional[str] = None) -> Job:
     try:
         raw = json.loads(text)
     except ValueError as e:
         return Job(index=index, line=line, raw=text, error=f"{_where(line, index)}: not valid JSON ({e})")
-    return validate(raw, defaults, index, line)
+    return validate(raw, defaults, index, line, base_dir)
 
 
 def _parse_file(path: str, defaults):
@@ -160,7 +168,7 @@ def _parse_file(path: str, defaults):
     for n, text in enumerate(lines, 1):
         if not text.strip() or text.lstrip().startswith("#"):
             continue
-        yield _parse_text(text, defaults, index, n)
+        yield _parse_text(text, defaults, index, n, os.path.dirname(os.path.abspath(path)))
         index += 1
 
 
