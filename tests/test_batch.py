@@ -214,3 +214,22 @@ def test_ray_mode_without_ray_says_what_to_install(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "ray", None)  # `import ray` fails as if it were not installed
     with pytest.raises(FluxMiniRuntimeError, match=r'pip install "fluxmini\[ray\]"'):
         list(batch.run([{"prompt": "x"}], tmp_path / "out", model=cases.model_path(), ray=True, progress=False))
+
+
+def test_progress_without_tqdm_prints_rate_and_eta(monkeypatch):
+    import io
+
+    from fluxmini.batch import _Progress
+
+    monkeypatch.setitem(sys.modules, "tqdm", None)
+    stream = io.StringIO()
+    bar = _Progress(10, 4, enabled=True, stream=stream)  # 4 images were there before this run
+    bar.t0 -= 7.2  # as if the first new image took 7.2 s: 500 images/hour
+    bar.update(ok=True)
+    bar.update(ok=False)
+    bar.close()
+    lines = stream.getvalue().splitlines()
+    assert len(lines) == 2 and lines[0].startswith("fluxmini batch: 5/10 images, ")
+    # 2 new images in ~7.2 s: ~1000 img/h; 4 left: ~14 s
+    rate = float(lines[1].split(", ")[1].split()[0])
+    assert 900 < rate <= 1000 and "ETA 0:00:1" in lines[1] and "1 failed" in lines[1], lines
