@@ -160,6 +160,7 @@ def _restore(key: str, text: str):
 def save_png(image, path, metadata: Optional[dict] = None) -> None:
     """Write ``image`` as a PNG with ``metadata`` as text chunks.
 
+    path: a file path, or a binary file object (e.g. ``io.BytesIO``; the same bytes as a file).
     metadata: a dict (values are written as text); by default the metadata fluxmini attached
     to an image it generated (:func:`read_metadata` of the image).
     """
@@ -170,10 +171,11 @@ def save_png(image, path, metadata: Optional[dict] = None) -> None:
     info = PngInfo()
     for k, v in metadata_text(meta).items():
         info.add_text(k, v)  # Pillow switches to iTXt for text outside Latin-1
+    target = path if hasattr(path, "write") else os.fspath(path)
     try:
-        img.save(os.fspath(path), format="PNG", pnginfo=info)
+        img.save(target, format="PNG", pnginfo=info)
     except OSError as e:
-        raise FluxMiniFileError(f"cannot write {os.fspath(path)}: {e}") from None
+        raise FluxMiniFileError(f"cannot write {target}: {e}") from None
 
 
 def read_metadata(source) -> dict:

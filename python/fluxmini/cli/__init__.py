@@ -13,9 +13,9 @@ import argparse
 import sys
 
 from ..errors import Cancelled, FluxMiniError
-from . import convert, demo, generate, info, make_random, quantize, serve
+from . import batch, convert, demo, generate, info, make_random, quantize, serve
 
-COMMANDS = [info, generate, demo, serve, convert, quantize, make_random]
+COMMANDS = [info, generate, demo, batch, serve, convert, quantize, make_random]
 
 
 def build_parser(commands=None) -> argparse.ArgumentParser:
