@@ -97,9 +97,13 @@ GgmlAbortGuard::~GgmlAbortGuard() { t_abort_to_exception = prev_; }
 
 KernelChoice kernel_choice() {
     const char *e = std::getenv("FLUXMINI_KERNELS");
-    if (e && !std::strcmp(e, "ggml")) return KernelChoice::Ggml;
-    if (e && !std::strcmp(e, "portable")) return KernelChoice::Portable;
-    return KernelChoice::Own;
+    if (!e || !*e || !std::strcmp(e, "auto")) return KernelChoice::Own;
+    if (!std::strcmp(e, "ggml")) return KernelChoice::Ggml;
+    if (!std::strcmp(e, "portable")) return KernelChoice::Portable;
+    if (!std::strcmp(e, "avx2")) return KernelChoice::Avx2;
+    if (!std::strcmp(e, "avxvnni")) return KernelChoice::AvxVnni;
+    if (!std::strcmp(e, "avx512vnni")) return KernelChoice::Avx512Vnni;
+    return KernelChoice::Invalid;
 }
 
 }  // namespace fm

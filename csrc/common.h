@@ -31,10 +31,11 @@ void set_verbosity(int level);
 int verbosity();
 void log_info(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
 
-// FLUXMINI_KERNELS: unset (fluxmini's CPU kernels where the CPU has what they need), "ggml"
-// (ggml's matmul everywhere, for comparisons) or "portable" (our kernels run their plain C++
-// versions, so tests exercise them on any CPU, and the engine uses ggml's instead of them).
-enum class KernelChoice { Own, Ggml, Portable };
+// FLUXMINI_KERNELS: unset or "auto" (fluxmini's CPU kernels, the fastest this CPU runs), "ggml"
+// (ggml's matmul everywhere, for comparisons), "portable" (our kernels' plain C++ versions), or one
+// instruction-set path of the quantized matmul: "avx512vnni", "avxvnni", "avx2" (cpu_qmatmul.h).
+// Never throws (kernel threads read it): an unknown value gives Invalid, which the backend reports.
+enum class KernelChoice { Own, Ggml, Portable, Avx2, AvxVnni, Avx512Vnni, Invalid };
 KernelChoice kernel_choice();
 
 // The last error line ggml logged on this thread (ggml reports parse failures only by logging).
