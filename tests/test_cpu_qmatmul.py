@@ -305,16 +305,26 @@ def rss_anon_kb():
     return 0
 
 
+@pytest.fixture(scope="module")
+def q4_model_file(tmp_path_factory):
+    """A Q4_0 transformer with ~30 MB of weights (written once: quantizing in numpy is slow)."""
+    import fixtures
+    import fluxmini
+    from fluxmini.inventory import ModelDims
+
+    dims = ModelDims(flux=fluxmini.inventory.FluxDims(hidden=1024, depth=2, depth_single=2, context_dim=64, vec_dim=32))
+    return fixtures.write_model(tmp_path_factory.mktemp("q4") / "q4.gguf", dims=dims, components=["diffusion"],
+                                big_type="q4_0")
+
+
 @pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason="needs Linux's /proc/self/status")
 @pytest.mark.parametrize("cpu", ["this", "avx512-without-avxvnni", "avx2-only"])
-def test_weights_stay_in_place_where_our_kernel_runs(monkeypatch, tmp_path, cpu):
+def test_weights_stay_in_place_where_our_kernel_runs(monkeypatch, q4_model_file, cpu):
     """Where our kernel runs, Q4_0 weights are used in place from the file mapping: loading them
     grows anonymous memory by far less than their size, on this CPU and as on CPUs without AVX-VNNI
     (AVX-512 VNNI only, e.g. AMD Zen 4) or without either VNNI (AVX2 only); with ggml's matmul
     (FLUXMINI_KERNELS=ggml) they are copied into ggml's repacked layout (about their size)."""
-    import fixtures
     import fluxmini
-    from fluxmini.inventory import ModelDims
 
     lacks = {"this": None, "avx512-without-avxvnni": "avxvnni", "avx2-only": "avx512vnni,avxvnni"}[cpu]
     want = {"this": _core.qmatmul_paths()[0], "avx512-without-avxvnni": "avx512vnni", "avx2-only": "avx2"}[cpu]
@@ -322,8 +332,7 @@ def test_weights_stay_in_place_where_our_kernel_runs(monkeypatch, tmp_path, cpu)
         pytest.skip(f"this CPU lacks the {want} path")
     if lacks:
         monkeypatch.setenv("FLUXMINI_CPU_WITHOUT", lacks)
-    dims = ModelDims(flux=fluxmini.inventory.FluxDims(hidden=1024, depth=2, depth_single=2, context_dim=64, vec_dim=32))
-    path = fixtures.write_model(tmp_path / "q4.gguf", dims=dims, components=["diffusion"], big_type="q4_0")
+    path = q4_model_file
 
     def grown(kernels):
         monkeypatch.setenv("FLUXMINI_KERNELS", kernels)
