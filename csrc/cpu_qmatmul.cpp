@@ -345,6 +345,10 @@ __attribute__((target("avx2,fma"))) void tile_avx2(const uint8_t *panel, int64_t
                 FM_EACH_ROW(FM_DOT)
 #undef FM_DOT
             }
+            // Keep the sums in their registers step by step: left free, GCC regroups the additions
+            // into a tree over all 8 steps and spills its 48 products to the stack.
+            __asm__("" : "+x"(s0), "+x"(s1), "+x"(s2), "+x"(s3), "+x"(s4), "+x"(s5));
+            if (kSplit) __asm__("" : "+x"(h0), "+x"(h1), "+x"(h2), "+x"(h3));
         }
         const __m256 dw = _mm256_load_ps(reinterpret_cast<const float *>(panel + scales));
 #define FM_SCALE(r)                                                                                               \
