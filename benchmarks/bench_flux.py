@@ -14,7 +14,7 @@ The estimate is FLOPs / throughput, from the model's configuration and the token
   type (block weights in the file's main type; gpustack keeps the embedders and the final layer
   in F32), each divided by the GEMM throughput the engine reaches for that type on this
   machine, measured here with ``_core.testing.bench_mul_mat`` (weight [hidden -> mlp_hidden], placed and
-  multiplied as the model's weights are: fluxmini's Q4_0/Q8_0 kernel where the CPU has AVX-VNNI,
+  multiplied as the model's weights are: fluxmini's Q4_0/Q8_0 kernel where the CPU has AVX2 (its fastest path),
   else ggml's matmul, repacked where ggml has a kernel; 512 tokens);
 * attention: 4·L²·hidden per block (Q·Kᵀ and P·V), divided by the throughput of the attention the
   graph uses, measured with ``_core.testing.bench_attention`` at the step's L (2 heads);

@@ -147,7 +147,7 @@ def flux_step_flops(size: int, t5_length: int, hidden=3072, mlp=12288, depth=5, 
 
 def gemm_throughput(weight_type: str, threads: int, tokens: int, ggml_only: bool = False) -> float:
     """FLOP/s of the CPU matmul for a Flux MLP weight [3072 -> 12288] of this type, placed as
-    the engine places and multiplies it (fluxmini's kernel with AVX-VNNI, else ggml's, repacked)."""
+    the engine places and multiplies it (fluxmini's kernel where the CPU has AVX2, else ggml's, repacked)."""
     from fluxmini import _core
 
     wall, _ = _core.testing.bench_mul_mat(weight_type, 3072, 12288, tokens, threads, 3, ggml_only)
@@ -215,8 +215,8 @@ def report(results: dict, args) -> None:
         flops = flux_step_flops(size, args.t5_length)
         ours = statistics.median(r["step"] for r in runs["fluxmini"])
         tokens = (size // 16) ** 2 + args.t5_length
-        # The matmul bound (docs/MODEL.md §11.3) uses ggml's GEMM; fluxmini's own kernel (AVX-VNNI) is faster, so the
-        # bound at its rate is printed too.
+        # The matmul bound (docs/MODEL.md §11.3) uses ggml's GEMM; fluxmini's own kernel (AVX2 or a VNNI path)
+        # is faster, so the bound at its rate is printed too.
         for what, ggml_only in (("ggml's GEMM", True), ("fluxmini's GEMM", False)):
             flops_per_s = gemm_throughput(args.variant.lower(), args.threads, tokens, ggml_only)
             bound = flops / flops_per_s

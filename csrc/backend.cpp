@@ -108,7 +108,8 @@ Backend::Backend(const std::string &name_in, int threads, KernelChoice kernels) 
         for (ggml_backend_buffer_type_t *b = get_extra(cpu_dev); b && *b; ++b)
             if (std::strstr(ggml_backend_buft_name(*b), "REPACK")) repack_buft_ = *b;
     }
-    own_qmatmul_ = is_cpu() && cpu_qmatmul_available() && kernels == KernelChoice::Own;
+    const KernelChoice qmatmul = qmatmul_engine_path(kernels);  // checks the choice on any backend
+    qmatmul_path_ = is_cpu() ? qmatmul : KernelChoice::Ggml;
     set_threads(threads);
 }
 

@@ -32,10 +32,12 @@ public:
     int threads() const { return threads_; }
     void set_threads(int threads);
 
-    // Whether Q4_0 / Q4_1 / Q8_0 linear weights use our CPU kernel (cpu_qmatmul.h: the CPU backend on a
-    // CPU with AVX-VNNI, unless the kernel choice is Ggml) instead of ggml's matmul; such weights
-    // stay in place in the file mapping (never repacked).
-    bool own_qmatmul() const { return own_qmatmul_; }
+    // Whether Q4_0 / Q4_1 / Q8_0 linear weights use our CPU kernel (cpu_qmatmul.h: the CPU backend,
+    // on every x86-64 CPU with AVX2, unless the kernel choice is Ggml) instead of ggml's matmul;
+    // such weights stay in place in the file mapping (never repacked). qmatmul_path(): which of its
+    // instruction-set paths (KernelChoice::Ggml where none).
+    bool own_qmatmul() const { return qmatmul_path_ != KernelChoice::Ggml; }
+    KernelChoice qmatmul_path() const { return qmatmul_path_; }
 
     // The CPU buffer type that repacks weights for faster matmul, or nullptr.
     ggml_backend_buffer_type_t repack_buft() const { return repack_buft_; }
@@ -51,7 +53,7 @@ private:
     ggml_backend_t cpu_ = nullptr;
     ggml_backend_buffer_type_t repack_buft_ = nullptr;
     int threads_ = 1;
-    bool own_qmatmul_ = false;
+    KernelChoice qmatmul_path_ = KernelChoice::Ggml;
 };
 
 // Builds a graph once per "key" (e.g. a resolution), reserves its compute memory once, and runs

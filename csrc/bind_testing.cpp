@@ -3,11 +3,13 @@
 #include "common.h"
 #include "cpu_conv.h"
 #include "cpu_qmatmul.h"
+#include "options.h"
 #include "testing.h"
 
 #include <ggml.h>
 
 #include <algorithm>
+#include <ctime>
 #include <optional>
 #include <tuple>
 #include <thread>
@@ -18,6 +20,36 @@
 #include <pybind11/stl.h>
 
 namespace py = pybind11;
+
+namespace {
+// The quantized matmul's paths, fastest first.
+constexpr fm::KernelChoice kQmatmulPaths[] = {fm::KernelChoice::Avx512Vnni, fm::KernelChoice::AvxVnni,
+                                              fm::KernelChoice::Avx2, fm::KernelChoice::Portable};
+
+ggml_type qmatmul_type(const std::string &name) {
+    return name == "q4_0" ? GGML_TYPE_Q4_0 : name == "q4_1" ? GGML_TYPE_Q4_1 : name == "q8_0" ? GGML_TYPE_Q8_0 : GGML_TYPE_COUNT;
+}
+
+// The quantized-matmul path called `name` (one of kQmatmulPaths; "auto" and "ggml" are not paths).
+bool qmatmul_path_named(const std::string &name, fm::KernelChoice *path) {
+    fm::KernelChoice c;
+    if (!fm::parse_kernel_choice(name.c_str(), &c)) return false;
+    for (fm::KernelChoice p : kQmatmulPaths)
+        if (p == c) {
+            *path = c;
+            return true;
+        }
+    return false;
+}
+
+// fn(0 .. threads-1), fn(0) on the calling thread.
+template <class Fn> void run_threads(int threads, Fn &&fn) {
+    std::vector<std::thread> pool;
+    for (int t = 1; t < threads; ++t) pool.emplace_back([&fn, t] { fn(t); });
+    fn(0);
+    for (auto &th : pool) th.join();
+}
+}  // namespace
 
 void bind_testing(py::module_ &m) {
     // Micro-benchmarks for benchmarks/bench_flux.py: (wall seconds, process CPU seconds) of one op,
@@ -61,16 +93,20 @@ void bind_testing(py::module_ &m) {
         return out;
     }, py::arg("x"), py::arg("kernel"), py::arg("bias"), py::arg("stride") = 1, py::arg("pad") = 0, py::arg("threads") = 1);
     m.def("cpu_conv2d_available", &fm::cpu_conv2d_available);
-    // The quantized matmul kernel on its own, for tests: w = ggml Q4_0 or Q8_0 rows as bytes
+    // The quantized matmul kernel on its own, for tests: w = ggml Q4_0, Q4_1 or Q8_0 rows as bytes
     // [n, row bytes], x [rows, k] -> [rows, n]; quantization of x and the product split over
-    // `threads` threads.
+    // `threads` threads, on instruction-set path `kernels` (default: the fastest this CPU runs).
     m.def("qmatmul", [](const std::string &type_name, py::array_t<uint8_t, py::array::c_style> w, f32_array x,
-                        std::optional<f32_array> bias, int threads) {
-        const ggml_type type = type_name == "q4_0"   ? GGML_TYPE_Q4_0
-                               : type_name == "q4_1" ? GGML_TYPE_Q4_1
-                               : type_name == "q8_0" ? GGML_TYPE_Q8_0
-                                                     : GGML_TYPE_COUNT;
+                        std::optional<f32_array> bias, int threads, std::optional<std::string> kernels) {
+        const ggml_type type = qmatmul_type(type_name);
         if (type == GGML_TYPE_COUNT) fm::fail_value("qmatmul takes type q4_0, q4_1 or q8_0");
+        fm::KernelChoice path = fm::qmatmul_best_path();
+        if (kernels) {
+            if (!qmatmul_path_named(*kernels, &path))
+                fm::fail_value("qmatmul: unknown kernels '%s' (avx512vnni, avxvnni, avx2 or portable)", kernels->c_str());
+            if (!fm::qmatmul_path_supported(path))
+                fm::fail_value("qmatmul: this CPU lacks %s", fm::qmatmul_path_description(path));
+        }
         if (x.ndim() != 2 || w.ndim() != 2 || x.shape(1) % 32 != 0 || size_t(w.shape(1)) != ggml_row_size(type, x.shape(1)) ||
             w.shape(0) % 8 != 0 || threads < 1)
             fm::fail_value("qmatmul takes w [n, row bytes] uint8 (n a multiple of 8) and x [rows, k] (k a multiple of 32)");
@@ -83,18 +119,66 @@ void bind_testing(py::module_ &m) {
         float *op = out.mutable_data();
         {
             py::gil_scoped_release nogil;
-            auto run = [&](auto &&fn) {
-                std::vector<std::thread> pool;
-                for (int t = 1; t < threads; ++t) pool.emplace_back([&, t] { fn(t); });
-                fn(0);
-                for (auto &th : pool) th.join();
-            };
-            run([&](int t) { fm::quantize_rows_q8(xp, k, rows * t / threads, rows * (t + 1) / threads, xq.data()); });
-            run([&](int t) { fm::qmatmul(type, wp, ggml_row_size(type, k), xq.data(), bp, op, rows, n, k, t, threads); });
+            run_threads(threads, [&](int t) {
+                fm::quantize_rows_q8(path, xp, k, rows * t / threads, rows * (t + 1) / threads, xq.data());
+            });
+            run_threads(threads, [&](int t) {
+                fm::qmatmul(path, type, wp, ggml_row_size(type, k), xq.data(), bp, op, rows, n, k, t, threads);
+            });
         }
         return out;
-    }, py::arg("type"), py::arg("w"), py::arg("x"), py::arg("bias") = py::none(), py::arg("threads") = 1);
-    m.def("cpu_qmatmul_available", &fm::cpu_qmatmul_available);
+    }, py::arg("type"), py::arg("w"), py::arg("x"), py::arg("bias") = py::none(), py::arg("threads") = 1,
+       py::arg("kernels") = py::none());
+    // The quantized matmul's instruction-set paths this CPU runs, fastest first (always ending in
+    // "portable"; FLUXMINI_CPU_WITHOUT removes paths).
+    m.def("qmatmul_paths", [] {
+        std::vector<std::string> out;
+        for (fm::KernelChoice p : kQmatmulPaths)
+            if (fm::qmatmul_path_supported(p)) out.push_back(fm::kernel_choice_name(p));
+        return out;
+    });
+    // The path a model loaded now would use (EngineOptions from FLUXMINI_KERNELS; "ggml" for
+    // ggml's matmul; FluxMiniValueError for a bad value or a path this CPU lacks).
+    m.def("qmatmul_engine_path", [] {
+        return std::string(fm::kernel_choice_name(fm::qmatmul_engine_path(fm::engine_options_from_env().kernels)));
+    });
+    // Kernel micro-benchmark (benchmarks/bench_qmatmul.py): `reps` runs of quantize + GEMM of a
+    // random [k -> n] weight over `rows` rows on one path in the calling thread (threads = 1) or
+    // `threads` threads; per run (wall seconds, CPU seconds of the calling thread), so that figures
+    // taken on a shared machine can count only the time the thread actually ran.
+    m.def("bench_qmatmul", [](const std::string &type_name, int64_t k, int64_t n, int64_t rows, const std::string &kernels,
+                              int threads, int reps) {
+        const ggml_type type = qmatmul_type(type_name);
+        fm::KernelChoice path = fm::KernelChoice::Portable;
+        const bool named = qmatmul_path_named(kernels, &path);
+        if (type == GGML_TYPE_COUNT || !named || !fm::qmatmul_path_supported(path) || k % 32 || n % 8 || k < 32 || n < 8 ||
+            rows < 1 || threads < 1 || reps < 1 || k * n > (int64_t(1) << 28) || k * rows > (int64_t(1) << 28))
+            fm::fail_value("bench_qmatmul: bad type, kernels (or one this CPU lacks) or sizes");
+        std::vector<float> wf(size_t(k * n)), x(size_t(k * rows)), out(size_t(n * rows));
+        uint32_t state = 1;
+        auto rnd = [&] { state = state * 1664525u + 1013904223u; return float(int32_t(state >> 8) - (1 << 23)) / float(1 << 23); };
+        for (auto &v : wf) v = rnd();
+        for (auto &v : x) v = rnd();
+        std::vector<uint8_t> w(ggml_row_size(type, k) * size_t(n));
+        ggml_quantize_chunk(type, wf.data(), w.data(), 0, n, k, nullptr);
+        std::vector<fm::QuantBlock> xq(size_t(rows * (k / 32)));
+        std::vector<std::pair<double, double>> times;
+        py::gil_scoped_release nogil;
+        auto clock = [](clockid_t id) { timespec t; clock_gettime(id, &t); return double(t.tv_sec) + 1e-9 * double(t.tv_nsec); };
+        for (int r = 0; r < reps; ++r) {
+            const double w0 = clock(CLOCK_MONOTONIC), c0 = clock(CLOCK_THREAD_CPUTIME_ID);
+            run_threads(threads, [&](int t) {
+                fm::quantize_rows_q8(path, x.data(), k, rows * t / threads, rows * (t + 1) / threads, xq.data());
+            });
+            run_threads(threads, [&](int t) {
+                fm::qmatmul(path, type, w.data(), ggml_row_size(type, k), xq.data(), nullptr, out.data(), rows, n, k, t,
+                            threads);
+            });
+            times.emplace_back(clock(CLOCK_MONOTONIC) - w0, clock(CLOCK_THREAD_CPUTIME_ID) - c0);
+        }
+        return times;
+    }, py::arg("type"), py::arg("k"), py::arg("n"), py::arg("rows"), py::arg("kernels"), py::arg("threads") = 1,
+       py::arg("reps") = 10);
     // linear() as the networks call it, F32 weights: x [rows, in], w [out, in], bias [out] or None,
     // adapters [(down [rank, in], up [out, rank], scale), ...] -> [rows, out].
     m.def("linear", [](f32_array x, f32_array w, std::optional<f32_array> bias,

@@ -99,7 +99,14 @@ GgmlAbortGuard::GgmlAbortGuard() : prev_(t_abort_to_exception) { t_abort_to_exce
 GgmlAbortGuard::~GgmlAbortGuard() { t_abort_to_exception = prev_; }
 
 KernelChoice kernel_choice() {
-    static const KernelChoice choice = engine_options_from_env().kernels;
+    // Never throws (kernel threads may ask first): a bad FLUXMINI_KERNELS is reported at load.
+    static const KernelChoice choice = [] {
+        try {
+            return engine_options_from_env().kernels;
+        } catch (const Error &) {
+            return KernelChoice::Own;
+        }
+    }();
     return choice;
 }
 

@@ -45,14 +45,16 @@ private:
     int prev_;
 };
 
-// Which CPU kernels run (FLUXMINI_KERNELS, read by engine_options_from_env() in options.h): Own
-// (fluxmini's where the CPU has what they need), Ggml (ggml's matmul everywhere, for comparisons)
-// or Portable (our kernels run their plain C++ versions, so tests exercise them on any CPU, and
-// the engine uses ggml's instead of them).
-enum class KernelChoice { Own, Ggml, Portable };
-// The process's choice for the kernel functions' own dispatch (cpu_qmatmul.cpp, cpu_conv.cpp pick
-// their vector or plain version once per process): engine_options_from_env().kernels at first
-// use. A model's engine uses its own EngineOptions::kernels, read when it is loaded.
+// Which CPU kernels run (FLUXMINI_KERNELS, parsed by engine_options_from_env() in options.h):
+// Own ("auto" or unset: fluxmini's, the fastest path this CPU runs), Ggml (ggml's matmul
+// everywhere, for comparisons), Portable (our kernels' plain C++ versions, so tests exercise them
+// on any CPU), or one instruction-set path of the quantized matmul: Avx512Vnni, AvxVnni, Avx2
+// (cpu_qmatmul.h; the VAE convolution keeps its AVX2 kernel under these).
+enum class KernelChoice { Own, Ggml, Portable, Avx2, AvxVnni, Avx512Vnni };
+// The process's choice for the convolution kernel's own dispatch (cpu_conv.cpp picks its vector
+// or plain version once per process): engine_options_from_env().kernels at first use (Own when
+// FLUXMINI_KERNELS is not a valid choice: the model load reports that). A model's engine uses its
+// own EngineOptions::kernels, read when it is loaded; the quantized matmul takes its path per call.
 KernelChoice kernel_choice();
 
 // A per-call cancellation flag. cancel() from any thread stops the computations that run under

@@ -7,13 +7,14 @@
 
 namespace fm {
 
-Ops::Ops(ggml_context *c, const Backend &backend) : ctx(c), own_qmatmul(backend.own_qmatmul()) {}
+Ops::Ops(ggml_context *c, const Backend &backend) : ctx(c), qmatmul_path(backend.qmatmul_path()) {}
 
 ggml_tensor *linear(const Ops &o, ggml_tensor *x, const Linear &p) {
     ggml_tensor *w = p.w, *b = p.b;
     ggml_tensor *y;
-    if (o.own_qmatmul && qmatmul_shape(w) && x->type == GGML_TYPE_F32 && (!b || b->type == GGML_TYPE_F32)) {
-        y = qmatmul_op(o.ctx, w, x, b);  // bias fused
+    if (o.qmatmul_path != KernelChoice::Ggml && qmatmul_shape(w) && x->type == GGML_TYPE_F32 &&
+        (!b || b->type == GGML_TYPE_F32)) {
+        y = qmatmul_op(o.ctx, w, x, b, o.qmatmul_path);  // bias fused
     } else {
         y = ggml_mul_mat(o.ctx, w, x);
         if (o.f32_matmul) ggml_mul_mat_set_prec(y, GGML_PREC_F32);

@@ -5,6 +5,8 @@
 // and attention keeps K/V in F32, so F32 files reproduce the float32 reference to ~1e-5.
 #pragma once
 
+#include "common.h"
+
 #include <ggml.h>
 
 #include <vector>
@@ -15,7 +17,7 @@ class Backend;
 
 struct Ops {
     explicit Ops(ggml_context *c) : ctx(c) {}
-    // For graphs that run on `backend`: takes its choice of kernels (own_qmatmul).
+    // For graphs that run on `backend`: takes its choice of kernels (qmatmul_path).
     Ops(ggml_context *c, const Backend &backend);
 
     ggml_context *ctx;
@@ -27,9 +29,9 @@ struct Ops {
     // Ask GPU backends to accumulate linear() matmuls in F32 (CUDA may use F16 for F16 weights,
     // which overflows on T5's activations). The CPU backend accumulates in F32 anyway.
     bool f32_matmul = false;
-    // Q4_0 / Q4_1 / Q8_0 weights of linear() go through our CPU kernel (Backend::own_qmatmul();
-    // cpu_qmatmul.h).
-    bool own_qmatmul = false;
+    // Q4_0 / Q4_1 / Q8_0 weights of linear() go through our CPU kernel on this path
+    // (Backend::qmatmul_path(); cpu_qmatmul.h), unless Ggml.
+    KernelChoice qmatmul_path = KernelChoice::Ggml;
 };
 
 // A low-rank adapter of a linear layer: y += scale · up(down(x)), down ne=[in, rank], up

@@ -1,6 +1,7 @@
 #include "model.h"
 
 #include "common.h"
+#include "cpu_qmatmul.h"
 
 #include <algorithm>
 
@@ -61,7 +62,9 @@ Network &Model::net(Component c) {
 
 std::string Model::kernels() const {
     if (!backend_->is_cpu()) return "ggml (" + backend_->name() + ")";
-    std::string s = backend_->own_qmatmul() ? "Q4_0/Q4_1/Q8_0 matmul: fluxmini (AVX-VNNI)" : "matmul: ggml";
+    std::string s = backend_->own_qmatmul() ? std::string("Q4_0/Q4_1/Q8_0 matmul: fluxmini (") +
+                                                  qmatmul_path_description(backend_->qmatmul_path()) + ")"
+                                            : std::string("matmul: ggml");
     if (const auto *vae = static_cast<const VaeNet *>(nets_[size_t(Component::Vae)].get()))
         s += vae->own_conv() ? "; VAE convolution: fluxmini (AVX2)" : "; VAE convolution: ggml";
     return s;

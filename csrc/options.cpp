@@ -5,6 +5,32 @@
 
 namespace fm {
 
+namespace {
+constexpr KernelChoice kAllChoices[] = {KernelChoice::Own,  KernelChoice::Ggml,    KernelChoice::Portable,
+                                        KernelChoice::Avx2, KernelChoice::AvxVnni, KernelChoice::Avx512Vnni};
+}  // namespace
+
+const char *kernel_choice_name(KernelChoice choice) {
+    switch (choice) {
+    case KernelChoice::Own: return "auto";
+    case KernelChoice::Ggml: return "ggml";
+    case KernelChoice::Portable: return "portable";
+    case KernelChoice::Avx2: return "avx2";
+    case KernelChoice::AvxVnni: return "avxvnni";
+    case KernelChoice::Avx512Vnni: return "avx512vnni";
+    }
+    return "?";
+}
+
+bool parse_kernel_choice(const char *name, KernelChoice *out) {
+    for (KernelChoice c : kAllChoices)
+        if (!std::strcmp(name, kernel_choice_name(c))) {
+            *out = c;
+            return true;
+        }
+    return false;
+}
+
 EngineOptions engine_default_params() { return EngineOptions(); }
 
 EngineOptions engine_options_from_env(EngineOptions o) {
@@ -12,10 +38,10 @@ EngineOptions engine_options_from_env(EngineOptions o) {
         const char *e = std::getenv(name);
         return e && *e ? e : nullptr;
     };
-    if (const char *e = env("FLUXMINI_KERNELS")) {
-        if (!std::strcmp(e, "ggml")) o.kernels = KernelChoice::Ggml;
-        else if (!std::strcmp(e, "portable")) o.kernels = KernelChoice::Portable;
-    }
+    if (const char *e = env("FLUXMINI_KERNELS"))
+        if (!parse_kernel_choice(e, &o.kernels))
+            fail_value("FLUXMINI_KERNELS='%s' is not a kernel choice; use auto, avx512vnni, avxvnni, avx2, portable or ggml",
+                       e);
     if (const char *e = env("FLUXMINI_VAE_CONV")) {
         if (!std::strcmp(e, "im2col") || !std::strcmp(e, "banded")) o.vae_conv = VaeConv::Im2col;
         else if (!std::strcmp(e, "direct")) o.vae_conv = VaeConv::Direct;

@@ -15,7 +15,7 @@ namespace fm {
 enum class VaeConv { Own, Im2col, Direct };
 
 struct EngineOptions {
-    KernelChoice kernels = KernelChoice::Own;  // FLUXMINI_KERNELS=ggml|portable
+    KernelChoice kernels = KernelChoice::Own;  // FLUXMINI_KERNELS=auto|ggml|portable|avx2|avxvnni|avx512vnni
     VaeConv vae_conv = VaeConv::Own;           // FLUXMINI_VAE_CONV=im2col|banded|direct
     size_t vae_budget_mb = 1536;               // FLUXMINI_VAE_BUDGET_MB: automatic VAE tiling tiles when
                                                // an untiled pass needs a larger compute buffer
@@ -28,6 +28,12 @@ struct EngineOptions {
 // The defaults, without looking at the environment.
 EngineOptions engine_default_params();
 // `base` with the FLUXMINI_* environment variables applied (unset or empty ones keep `base`).
+// Throws FluxMiniValueError for a FLUXMINI_KERNELS that is not a kernel choice.
 EngineOptions engine_options_from_env(EngineOptions base = engine_default_params());
+
+// FLUXMINI_KERNELS's names: "auto" (Own), "ggml", "portable", "avx2", "avxvnni", "avx512vnni".
+const char *kernel_choice_name(KernelChoice choice);
+// The choice named `name`; false for an unknown name.
+bool parse_kernel_choice(const char *name, KernelChoice *out);
 
 }  // namespace fm

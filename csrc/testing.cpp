@@ -91,7 +91,7 @@ BenchTime bench_mul_mat(const std::string &type_name, int64_t k, int64_t n, int6
             ggml_tensor *x = ggml_new_tensor_2d(ctx, GGML_TYPE_F32, k, m);
             ggml_set_name(x, "x");
             ggml_set_input(x);
-            ggml_tensor *y = own ? qmatmul_op(ctx, w, x, nullptr) : ggml_mul_mat(ctx, w, x);
+            ggml_tensor *y = own ? qmatmul_op(ctx, w, x, nullptr, backend.qmatmul_path()) : ggml_mul_mat(ctx, w, x);
             ggml_set_output(y);
             ggml_cgraph *g = ggml_new_graph_custom(ctx, 16, false);
             ggml_build_forward_expand(g, y);

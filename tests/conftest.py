@@ -6,6 +6,7 @@ and the development and CI machines change between sessions, so every run says w
 
 from __future__ import annotations
 
+import os
 import platform
 
 # x86-64 flags that select a code path somewhere (ours, ggml's or torch's)
@@ -33,7 +34,20 @@ def pytest_report_header(config):
         from fluxmini import _core
     except ImportError as e:  # the suite then fails loudly in every engine test; say why up front
         return lines + [f"fluxmini engine: NOT IMPORTABLE ({e})"]
-    lines.append(f"fluxmini CPU kernels: quantized matmul {'fluxmini' if _core.cpu_qmatmul_available() else 'ggml'}"
-                 f" by default, VAE convolution {'fluxmini' if _core.cpu_conv2d_available() else 'ggml'};"
-                 " forced paths tested: portable (plain C++) and ggml, plus the vector paths above")
+    # The quantized matmul's instruction-set paths (cpu_qmatmul.h): test_cpu_qmatmul.py forces each
+    # one this CPU has (FLUXMINI_KERNELS=path) and skips the others; ggml's matmul is forced too.
+    all_paths = ("avx512vnni", "avxvnni", "avx2", "portable")
+    have = _core.testing.qmatmul_paths()
+    try:
+        default = _core.testing.qmatmul_engine_path()
+    except Exception as e:  # a bad FLUXMINI_KERNELS: every model load then says so
+        default = f"none ({e})"
+    lacking = [p for p in all_paths if p not in have]
+    if os.environ.get("FLUXMINI_CPU_WITHOUT"):
+        lacking.append(f"as FLUXMINI_CPU_WITHOUT={os.environ['FLUXMINI_CPU_WITHOUT']} pretends")
+    lines.append(f"fluxmini quantized matmul: paths on this CPU {', '.join(have)}; engine default {default}; "
+                 f"forced and tested: {', '.join(have)}, ggml"
+                 + (f"; not tested (CPU lacks): {', '.join(lacking)}" if lacking else ""))
+    lines.append(f"fluxmini VAE convolution: {'fluxmini (AVX2)' if _core.testing.cpu_conv2d_available() else 'ggml'}"
+                 " by default; forced and tested: portable (plain C++), ggml")
     return lines
