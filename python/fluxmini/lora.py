@@ -383,7 +383,7 @@ def read_lora(path, layers: ModelLayers) -> LoraFile:
                     "for a different model")
             lf.adapters.append(Adapter(tg.component, tg.name, tg.row0, tg.on_output, scale, ddt,
                                        np.ascontiguousarray(down), u, key))
-    lf.unmatched = unmatched
+    lf.unmatched = sorted(unmatched, key=lambda kw: [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", kw[0])])
     known = sorted(formats - {"unknown", "bare"})
     lf.format = " + ".join(known) if known else ("bare names" if "bare" in formats else "unknown")
     return lf
