@@ -563,3 +563,57 @@ def test_generate_with_lora_and_metadata(tmp_path):
                         "--lora", dev], capture_output=True, text=True, env=env, timeout=300)
     assert r.returncode != 0 and "FLUX.1-dev" in r.stderr and "Traceback" not in r.stderr
     shutil.rmtree(tmp_path, ignore_errors=True)
+
+
+def test_server_lora_field(tmp_path):
+    """``lora`` names files of the server's --lora-dir only; the image equals generate(loras=...)."""
+    import base64
+    import io
+
+    from PIL import Image
+
+    import fluxmini
+    import make_pipeline_goldens as ref
+    from serverutil import LiveServer, request
+
+    model_path = ref.model_path()
+    lora_dir = tmp_path / "loras"
+    lora_dir.mkdir()
+    p = write(lora_dir / "style.safetensors", bfl_dict(factors(14)))
+    outside = write(tmp_path / "outside.safetensors", bfl_dict(factors(14)))
+    (lora_dir / "link.safetensors").symlink_to(outside)
+    write(lora_dir / "dev.safetensors", {k: v for k, v in _read_all(_dev_lora(tmp_path)).items()})
+    s = LiveServer(model_path, "--lora-dir", lora_dir, log_dir=tmp_path)
+    try:
+        body = {"prompt": "a fox", "size": "32x32", "steps": 2, "seed": 5, "t5_length": 16,
+                "lora": [{"path_or_name": "style", "scale": 0.8}]}
+        status, _, raw = request("POST", s.port, "/v1/images/generations", body)
+        assert status == 200, raw
+        png = base64.b64decode(json.loads(raw)["data"][0]["b64_json"])
+        with Image.open(io.BytesIO(png)) as im:
+            got = np.asarray(im.convert("RGB"))
+            assert im.text.get("loras") == "style.safetensors:0.8"
+        tiny = fluxmini.FluxMini.load(str(model_path), threads=1)
+        want = tiny.generate("a fox", width=32, height=32, steps=2, seed=5, t5_length=16, progress=False,
+                             loras=[(p, 0.8)])
+        np.testing.assert_array_equal(got, np.asarray(want))
+        for bad, code in (([{"path_or_name": outside}], 400), ([{"path_or_name": "../outside"}], 400),
+                          ([{"path_or_name": "link"}], 400), ([{"path_or_name": "nothere"}], 400),
+                          ([{"path_or_name": "style", "scale": "x"}], 400), ("style", 400),
+                          ([{"path_or_name": "dev"}], 400)):
+            status, _, raw = request("POST", s.port, "/v1/images/generations",
+                                     {"prompt": "a", "size": "16x16", "steps": 1, "lora": bad})
+            assert status == code, (bad, raw)
+            assert json.loads(raw)["error"]["message"]
+    finally:
+        s.stop()
+    assert "Traceback" not in s.log()
+
+
+def _read_all(path) -> dict:
+    from fluxmini.safetensors_io import SafetensorsFile
+
+    sf = SafetensorsFile(path)
+    out = {k: sf.tensor(k) for k in sf.entries}
+    sf.close()
+    return out
