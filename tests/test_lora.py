@@ -617,3 +617,53 @@ def _read_all(path) -> dict:
     out = {k: sf.tensor(k) for k in sf.entries}
     sf.close()
     return out
+
+
+def test_text_encoder_lora_equals_merged_weights(tmp_path):
+    """CLIP-L LoRAs (kohya ``lora_te1_*`` with .alpha, diffusers ``text_encoder.*``) against the
+    same CLIP with W + scale·B·A merged into its file in float64 (an independent route: no adapter
+    code involved). F32: float32 summation order only (1e-5)."""
+    import fixtures
+    import make_pipeline_goldens as ref
+    from fluxmini.inventory import LAYOUT_PREFIXES
+
+    base = fluxmini_load(ref.model_path())
+    pre = LAYOUT_PREFIXES["gpustack"]["clip_l"]
+    h, m = 64, 128  # tiny_dims().clip
+    rng = np.random.default_rng(15)
+    mk = lambda i, o: ((rng.standard_normal((RANK, i)) / np.sqrt(i)).astype(np.float32),  # noqa: E731
+                       (0.5 * rng.standard_normal((o, RANK))).astype(np.float32))
+    layers = {"text_model.encoder.layers.0.self_attn.q_proj": mk(h, h),
+              "text_model.encoder.layers.1.mlp.fc1": mk(h, m)}
+    alpha, scale = 2.0, 0.7
+    sd = {}
+    k0 = "lora_te1_" + "text_model.encoder.layers.0.self_attn.q_proj".replace(".", "_")
+    a, b = layers["text_model.encoder.layers.0.self_attn.q_proj"]
+    sd[k0 + ".lora_down.weight"], sd[k0 + ".lora_up.weight"] = a, b
+    sd[k0 + ".alpha"] = np.array(alpha, np.float32)
+    a, b = layers["text_model.encoder.layers.1.mlp.fc1"]
+    sd["text_encoder.text_model.encoder.layers.1.mlp.fc1.lora_A.weight"] = a
+    sd["text_encoder.text_model.encoder.layers.1.mlp.fc1.lora_B.weight"] = b
+    path = write(tmp_path / "te.safetensors", sd)
+    eff = {"text_model.encoder.layers.0.self_attn.q_proj": scale * alpha / RANK,
+           "text_model.encoder.layers.1.mlp.fc1": scale}  # PEFT without alpha: 1
+    ref_vals = {name: fixtures.tensor_values(1234, f"clip_l:{name}.weight", (layers[name][1].shape[0],
+                                                                             layers[name][0].shape[1]))
+                for name in layers}
+    merged = [(pre + name + ".weight", (ref_vals[name].astype(np.float64)
+                                        + eff[name] * layers[name][1].astype(np.float64)
+                                        @ layers[name][0].astype(np.float64)).astype(np.float32))
+              for name in layers]
+    merged_path = fixtures.write_model(tmp_path / "merged.gguf", big_type="f32", components=("clip_l",),
+                                       skip={n for n, _ in merged}, extra=merged)
+    ids = base.tokenize_clip("a red fox in the snow")
+    plain = base.encode_clip(ids)
+    base.set_loras([(path, scale)])
+    got = base.encode_clip(ids)
+    want = fluxmini_load(merged_path, components=["clip_l"]).encode_clip(ids)
+    assert rel(want, plain) > EFFECT
+    assert rel(got, want) <= 1e-5
+
+
+def fluxmini_load(path, components=None):
+    return FluxMini.load(str(path), threads=2, components=components)
