@@ -266,7 +266,7 @@ def test_kohya_matches_diffusers(tmp_path):
     """kohya keys (BFL names, .alpha), read by diffusers' own kohya converter. Without linear1:
     that converter splits it with FLUX.1-dev's hard-coded widths (3072, 12288), which the tiny
     model does not have (linear1 in kohya form is covered by test_formats_agree)."""
-    torch = pytest.importorskip("torch")
+    pytest.importorskip("torch")
     pytest.importorskip("peft")
     from diffusers import FluxPipeline
 
@@ -290,7 +290,6 @@ def test_kohya_matches_diffusers(tmp_path):
     assert rel(want, run(engine())) > EFFECT
     err = rel(got, want)
     assert err <= TOL["f32"], f"relative error {err:.3g} against diffusers' kohya reading"
-    del torch
 
 
 def test_xlabs_matches_fluxkits_formula(tmp_path):

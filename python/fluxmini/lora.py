@@ -256,7 +256,7 @@ def _open(path: str):
         if isinstance(md, dict):
             meta = md
         break
-    return {t.name: t for t in tensors}, meta
+    return {t.name: t for t in tensors}, meta, tensors
 
 
 _KEEP = {"f32": np.float32, "f16": np.float16, "bf16": np.uint16}
@@ -314,7 +314,16 @@ def _peft_alphas(meta: dict) -> tuple[Optional[float], dict]:
 def read_lora(path, layers: ModelLayers) -> LoraFile:
     """Parse one LoRA file against a model's layers. Raises FluxMiniError for a file that is not
     a LoRA, is damaged, holds NaNs, or has a factor whose shape does not fit its layer."""
-    tensors, meta = _open(path)
+    from .convert.readers import close_inputs
+
+    tensors, meta, opened = _open(path)
+    try:
+        return _read_lora(path, layers, tensors, meta)
+    finally:
+        close_inputs(opened)
+
+
+def _read_lora(path, layers: ModelLayers, tensors: dict, meta: dict) -> LoraFile:
     label = os.path.basename(os.fspath(path))
     modules: dict[str, dict] = {}
     unmatched = []

@@ -254,6 +254,8 @@ class FluxMini(Engine):
         parameters (saved as PNG text by :func:`fluxmini.imageio.save_png`).
 
         loras: LoRAs for this call only (as :meth:`set_loras`); those set before come back after.
+        The LoRAs belong to the model, not the call: threads sharing a model should not pass
+        different ``loras`` at the same time (the server runs one request at a time).
         """
         from .pipeline import generate
 
