@@ -80,7 +80,7 @@ def test_every_command_is_registered():
 
     p = build_parser()
     sub = next(a for a in p._actions if a.dest == "command")
-    assert set(sub.choices) == {"info", "generate", "demo", "convert", "quantize", "make-random"}
+    assert set(sub.choices) == {"info", "generate", "demo", "serve", "convert", "quantize", "make-random"}
     assert len(COMMANDS) == len(sub.choices)
 
 
