@@ -107,7 +107,7 @@ ggml_cgraph *ClipNet::build(ggml_context *ctx) const {
     x = layer_norm(o, x, P.final_norm, kClipEps);
     ggml_set_name(x, "hidden");
     ggml_set_output(x);
-    ggml_cgraph *g = ggml_new_graph_custom(ctx, 8192, false);
+    ggml_cgraph *g = ggml_new_graph_custom(ctx, graph_nodes(), false);
     ggml_build_forward_expand(g, x);
     return g;
 }

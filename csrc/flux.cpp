@@ -145,7 +145,7 @@ struct FluxNet::Layers {
 
 FluxNet::FluxNet(Backend &b, const ComponentWeights &w, const EngineOptions &options)
     : Network(b, w, options), cfg_(FluxConfig::infer(w)), layers_(new Layers) {
-    runner_.set_max_nodes(max_nodes(cfg_));
+    set_graph_nodes(max_nodes(cfg_));
     Layers &L = *layers_;
     const int64_t h = cfg_.hidden, d = cfg_.head_dim, mlp = cfg_.mlp_hidden;
     auto scale = [&](const std::string &n) { return declare_f32(n, {d}); };
@@ -276,7 +276,7 @@ ggml_cgraph *FluxNet::build(ggml_context *ctx, int64_t l_img, int64_t l_txt, boo
     ggml_tensor *out = linear(o, modulate(o, xi, chunk(ctx, fm_, h, 0), chunk(ctx, fm_, h, 1)), P.final_lin);  // [in_channels, L_img]
     ggml_set_name(out, "out");
     ggml_set_output(out);
-    ggml_cgraph *g = ggml_new_graph_custom(ctx, max_nodes(c), false);
+    ggml_cgraph *g = ggml_new_graph_custom(ctx, graph_nodes(), false);
     ggml_build_forward_expand(g, out);
     return g;
 }

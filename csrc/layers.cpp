@@ -20,9 +20,22 @@ ggml_tensor *linear(const Ops &o, ggml_tensor *x, const Linear &p) {
         if (o.f32_matmul) ggml_mul_mat_set_prec(y, GGML_PREC_F32);
         if (b) y = ggml_add(o.ctx, y, b);
     }
-    for (const LowRankAdapter &a : p.adapters) {
-        ggml_tensor *d = ggml_mul_mat(o.ctx, a.up, ggml_mul_mat(o.ctx, a.down, x));
-        y = ggml_add(o.ctx, y, a.scale == 1.0f ? d : ggml_scale(o.ctx, d, a.scale));
+    if (!p.adapters || p.adapters->empty()) return y;
+    // Input adapters first; output adapters (on_output) then read the adapted output, so two
+    // LoRAs stacked on one layer add up whatever their kind.
+    for (int pass = 0; pass < 2; ++pass) {
+        ggml_tensor *src = pass == 0 ? x : y;
+        for (const LowRankAdapter &a : *p.adapters) {
+            if (a.on_output != (pass == 1)) continue;
+            ggml_tensor *d = ggml_mul_mat(o.ctx, a.up, ggml_mul_mat(o.ctx, a.down, src));
+            if (a.scale != 1.0f) d = ggml_scale(o.ctx, d, a.scale);
+            if (d->ne[0] == y->ne[0]) {
+                y = ggml_add(o.ctx, y, d);
+            } else {  // a row range of a fused weight: add into that slice of every column
+                const size_t es = ggml_element_size(y);
+                y = ggml_acc(o.ctx, y, d, y->nb[1], y->nb[2], y->nb[3], size_t(a.row0) * es);
+            }
+        }
     }
     return y;
 }

@@ -34,11 +34,15 @@ struct Ops {
     KernelChoice qmatmul_path = KernelChoice::Ggml;
 };
 
-// A low-rank adapter of a linear layer: y += scale · up(down(x)), down ne=[in, rank], up
-// ne=[rank, out]. Nothing fills these yet; LoRA will.
+// A low-rank adapter (LoRA) of a linear layer: y[row0 : row0 + rows] += scale · up(down(x)),
+// down ne=[in, rank], up ne=[rank, rows] (rows may cover only part of a fused weight, e.g. the q
+// of a fused qkv). With on_output the adapter reads the layer's output instead of its input:
+// y += scale · up(down(y)) (XLabs' single-block proj_lora, a residual after linear2).
 struct LowRankAdapter {
     ggml_tensor *down = nullptr, *up = nullptr;
     float scale = 1.0f;
+    int64_t row0 = 0;
+    bool on_output = false;
 };
 
 // Everything a linear layer computes with. Networks hold one per layer and pass it to linear()
@@ -47,7 +51,9 @@ struct LowRankAdapter {
 struct Linear {
     ggml_tensor *w = nullptr;  // ne=[in, out]
     ggml_tensor *b = nullptr;  // [out] or null
-    std::vector<LowRankAdapter> adapters;
+    // The layer's adapters, owned by its Network (set_adapters() changes them in place, so every
+    // copy of the handle sees them); null or empty: none.
+    const std::vector<LowRankAdapter> *adapters = nullptr;
 };
 
 // The affine parameters of a normalisation (either may be null).

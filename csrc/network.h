@@ -10,6 +10,7 @@
 #include "weights.h"
 
 #include <cstdint>
+#include <map>
 #include <string>
 #include <utility>
 #include <vector>
@@ -18,6 +19,25 @@ namespace fm {
 
 // Inferred hyper-parameters as (name, value) pairs, for info().
 using ConfigItems = std::vector<std::pair<std::string, int64_t>>;
+
+// One low-rank adapter to attach to a linear layer (see LowRankAdapter): factors in their file
+// type (F32, F16 or BF16), row-major as stored by PyTorch: down [rank, in_features], up
+// [rows, rank]. The data is copied by set_adapters().
+struct AdapterSpec {
+    std::string target;  // the linear layer's name, e.g. "double_blocks.0.img_attn.qkv"
+    int64_t row0 = 0;
+    bool on_output = false;
+    float scale = 1.0f;
+    ggml_type type = GGML_TYPE_F32;
+    int64_t rank = 0, in = 0, rows = 0;
+    const void *down = nullptr, *up = nullptr;
+};
+
+// A linear layer as adapters see it: name, in and out features.
+struct LinearInfo {
+    std::string name;
+    int64_t in = 0, out = 0;
+};
 
 class Network {
 public:
@@ -35,6 +55,14 @@ public:
     bool loaded() const { return params_.bytes() > 0; }
     size_t weight_bytes() const { return params_.bytes(); }
 
+    // Low-rank adapters (LoRA), applied at run time as extra graph nodes; the base weights stay
+    // as they are. Replaces every adapter of this network (an empty list removes them); the
+    // factors go into a buffer of their own, in their own type. Checks every target and shape.
+    void set_adapters(const std::vector<AdapterSpec> &adapters);
+    size_t adapter_bytes() const;
+    size_t adapter_count() const { return adapter_count_; }
+    std::vector<LinearInfo> linears() const;
+
 protected:
     // Ops for a graph on this network's backend: its kernel choice, and the exact activation
     // path when every big weight is F32.
@@ -48,11 +76,26 @@ protected:
     // One F32 vector or table.
     ggml_tensor *declare_f32(const std::string &name, std::initializer_list<int64_t> ne);
 
+    // The node budget of this network's graphs: `base` for the network itself plus room for the
+    // adapters' nodes.
+    void set_graph_nodes(size_t base);
+    size_t graph_nodes() const;
+
     Backend &backend_;
     const ComponentWeights &weights_;
     const EngineOptions &options_;
     ParamStore params_;
     GraphRunner runner_;
+
+private:
+    void free_adapters();
+
+    std::map<std::string, std::vector<LowRankAdapter>> adapters_;  // per linear layer (stable nodes)
+    std::map<std::string, std::pair<int64_t, int64_t>> linear_shapes_;  // name -> (in, out)
+    ggml_context *adapter_ctx_ = nullptr;
+    ggml_backend_buffer_t adapter_buf_ = nullptr;
+    size_t adapter_count_ = 0;
+    size_t base_nodes_ = 8192;
 };
 
 }  // namespace fm

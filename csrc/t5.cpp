@@ -136,7 +136,7 @@ ggml_cgraph *T5Net::build(ggml_context *ctx, int64_t n) const {
     x = rms_norm(o, x, P.final_ln, kT5Eps);
     ggml_set_name(x, "hidden");
     ggml_set_output(x);
-    ggml_cgraph *g = ggml_new_graph_custom(ctx, 8192, false);
+    ggml_cgraph *g = ggml_new_graph_custom(ctx, graph_nodes(), false);
     ggml_build_forward_expand(g, x);
     return g;
 }

@@ -145,11 +145,17 @@ std::vector<float> linear_f32(const float *x, int64_t rows, int64_t in, const fl
     ggml_init_params ip{ggml_tensor_overhead() * (2 + 2 * adapters.size()), nullptr, true};
     ggml_context *wctx = ggml_init(ip);
     Linear p;
+    std::vector<LowRankAdapter> ads;
     p.w = ggml_new_tensor_2d(wctx, GGML_TYPE_F32, in, out);
     if (bias) p.b = ggml_new_tensor_1d(wctx, GGML_TYPE_F32, out);
-    for (const AdapterData &a : adapters)
-        p.adapters.push_back({ggml_new_tensor_2d(wctx, GGML_TYPE_F32, in, a.rank),
-                              ggml_new_tensor_2d(wctx, GGML_TYPE_F32, a.rank, out), a.scale});
+    for (const AdapterData &a : adapters) {
+        LowRankAdapter la;
+        la.down = ggml_new_tensor_2d(wctx, GGML_TYPE_F32, in, a.rank);
+        la.up = ggml_new_tensor_2d(wctx, GGML_TYPE_F32, a.rank, out);
+        la.scale = a.scale;
+        ads.push_back(la);
+    }
+    p.adapters = &ads;
     ggml_backend_buffer_t buf = ggml_backend_alloc_ctx_tensors_from_buft(wctx, ggml_backend_get_default_buffer_type(backend.cpu()));
     if (!buf) {
         ggml_free(wctx);
@@ -160,8 +166,8 @@ std::vector<float> linear_f32(const float *x, int64_t rows, int64_t in, const fl
         ggml_backend_tensor_set(p.w, w, 0, ggml_nbytes(p.w));
         if (bias) ggml_backend_tensor_set(p.b, bias, 0, ggml_nbytes(p.b));
         for (size_t i = 0; i < adapters.size(); ++i) {
-            ggml_backend_tensor_set(p.adapters[i].down, adapters[i].down, 0, ggml_nbytes(p.adapters[i].down));
-            ggml_backend_tensor_set(p.adapters[i].up, adapters[i].up, 0, ggml_nbytes(p.adapters[i].up));
+            ggml_backend_tensor_set(ads[i].down, adapters[i].down, 0, ggml_nbytes(ads[i].down));
+            ggml_backend_tensor_set(ads[i].up, adapters[i].up, 0, ggml_nbytes(ads[i].up));
         }
         GraphRunner runner(backend, options, 64);
         runner.prepare("linear", [&](ggml_context *ctx) {

@@ -49,6 +49,11 @@ class Engine(abc.ABC):
     def release(self, component: str) -> None:
         """Free a component's weights (they are read again on next use)."""
 
+    @property
+    def loras(self) -> list:
+        """The LoRA adapters applied now, [(path, scale)] (written into image metadata)."""
+        return []
+
     # ------------------------------------------------------------------ description
     @property
     def name(self) -> str:

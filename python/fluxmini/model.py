@@ -96,17 +96,24 @@ class FluxMini(Engine):
         self._calls: list = []
         self._calls_lock = threading.Lock()
         self._scope = threading.local()
+        # LoRAs applied now: [(path, scale)], the identity of that set (files' size and mtime, so
+        # set_loras() of the same set is free), and the adapters' bytes in the engine.
+        self._loras: list = []
+        self._lora_key: tuple = ()
+        self._lora_lock = threading.Lock()
 
     @classmethod
     def load(cls, path, *, clip_l=None, t5xxl=None, vae=None, backend: str = "cpu",
              threads: Optional[int] = None, components: Optional[Iterable[str]] = None,
-             flash_attn: bool = True, verbose: int = 0) -> "FluxMini":
+             flash_attn: bool = True, verbose: int = 0, loras=None, lora_strict: bool = True) -> "FluxMini":
         """Open a model.
 
         path: a FLUX.1-mini GGUF (gpustack's single file, sd.cpp names, or diffusion-only).
         clip_l / t5xxl / vae: split component files (GGUF or safetensors).
         backend: "cpu", "cuda", "metal" or "auto". threads: CPU threads (default: physical cores).
         components: the components that must be present (default: all four).
+        loras: LoRA adapters to apply at run time, e.g. ``[("style.safetensors", 0.8)]`` (see
+        :meth:`set_loras`); lora_strict: refuse a LoRA with keys that match no layer.
         """
         if not isinstance(backend, str):
             raise FluxMiniValueError("backend must be a string: cpu, cuda, metal or auto")
@@ -128,7 +135,10 @@ class FluxMini(Engine):
             warnings.warn(f"the {m.backend} backend is experimental in fluxmini {_version()}: its results have not "
                           "been checked against the reference yet (see README, 'GPU builds'); CPU and CUDA are checked",
                           RuntimeWarning, stacklevel=2)
-        return cls(m, paths)
+        model = cls(m, paths)
+        if loras:
+            model.set_loras(loras, strict=lora_strict)
+        return model
 
     # ------------------------------------------------------------------ description
     def info(self) -> dict:
@@ -231,7 +241,7 @@ class FluxMini(Engine):
         return tokenize_t5(prompt, length)
 
     # ------------------------------------------------------------------ pipeline
-    def generate(self, prompt: str = "", *, cancel=None, **kwargs):
+    def generate(self, prompt: str = "", *, cancel=None, loras=None, **kwargs):
         """Text-to-image (image-to-image with ``init_image=``) -> ``PIL.Image.Image``.
 
         cancel: a :class:`CancelToken` that stops this call (and no other) when cancelled from
@@ -242,11 +252,79 @@ class FluxMini(Engine):
         "sd.cpp", t5_length, noise, init_image, strength=0.75, progress=True, callback,
         low_memory=False, verbose=False, vae_tiling. The image's ``info`` holds the generation
         parameters (saved as PNG text by :func:`fluxmini.imageio.save_png`).
+
+        loras: LoRAs for this call only (as :meth:`set_loras`); those set before come back after.
+        The LoRAs belong to the model, not the call: threads sharing a model should not pass
+        different ``loras`` at the same time (the server runs one request at a time).
         """
         from .pipeline import generate
 
-        with self.cancel_scope(cancel):
-            return generate(self, prompt, **kwargs)
+        if loras is None:
+            with self.cancel_scope(cancel):
+                return generate(self, prompt, **kwargs)
+        before, before_key = self._loras, self._lora_key
+        self.set_loras(loras)
+        try:
+            with self.cancel_scope(cancel):
+                return generate(self, prompt, **kwargs)
+        finally:
+            self.set_loras(before, strict=before_key[1] if before_key else True)
+
+    # ------------------------------------------------------------------ LoRA
+    @property
+    def loras(self) -> list:
+        """The LoRAs applied now: [(path, scale)]."""
+        return list(self._loras)
+
+    def set_loras(self, loras, *, strict: bool = True) -> list:
+        """Apply LoRA adapters at run time, replacing those applied before (None or [] removes
+        them); the base weights are not touched. Cheap when the set (files and scales) is unchanged.
+
+        loras: a path, a (path, scale) pair, or a list of paths / (path, scale) pairs (scale:
+        the multiplier, negative allowed; default 1). Formats: FluxKits/XLabs, kohya,
+        diffusers/PEFT and BFL/ComfyUI, in safetensors or GGUF (see :mod:`fluxmini.lora`).
+        strict: refuse a LoRA with tensors that match no layer of this model (e.g. one made for
+        FLUX.1-dev); with strict=False they are skipped and reported in the return value.
+
+        Returns [(path, [(tensor, reason), ...])]: the unmatched tensors of each LoRA.
+        """
+        from . import lora as L
+
+        items = L.lora_list(loras)
+        key = []
+        for path, scale in items:
+            try:
+                st = os.stat(path)
+            except OSError as e:
+                raise FluxMiniFileError(f"LoRA file not found: {path} ({e.strerror or e})") from e
+            key.append((os.path.realpath(path), st.st_size, st.st_mtime_ns, scale))
+        key = (tuple(key), bool(strict))
+        with self._lora_lock:
+            if key == self._lora_key:
+                return []
+            layers = L.ModelLayers.of(self._m, [c["name"] for c in self._m.info() if c["present"]])
+            parsed, report = [], []
+            for path, scale in items:
+                lf = L.read_lora(path, layers)
+                if lf.unmatched:
+                    if strict:
+                        raise FluxMiniValueError(L.unmatched_message(lf, layers))
+                    report.append((path, list(lf.unmatched)))
+                if not lf.adapters:
+                    raise FluxMiniValueError(f"{os.path.basename(path)}: no tensor of this LoRA matches a layer of "
+                                             "this model; nothing would change")
+                parsed.append((lf, scale))
+            per_comp = L.engine_items(parsed)
+            for comp in layers.linears:
+                self._m.set_adapters(comp, per_comp.get(comp, []))
+            self._loras = items
+            self._lora_key = key
+            return report
+
+    def lora_bytes(self) -> int:
+        """Memory the applied LoRAs' factors take in the engine."""
+        return sum(self._m.adapter_bytes(c["name"]) for c in self._m.info()
+                   if c["present"] and c["name"] != "vae")
 
     # ------------------------------------------------------------------ memory
     def load_weights(self, component: str) -> None:

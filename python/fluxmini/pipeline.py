@@ -402,6 +402,9 @@ def _image(model: Engine, st: _Settings, decoded: np.ndarray, seed_used, noise_g
         "noise": "custom" if noise_given else "seed",
         "fluxmini_version": __version__,
     }
+    loras = getattr(model, "loras", None)
+    if loras:
+        meta["loras"] = ", ".join(f"{os.path.basename(p)}:{s:g}" for p, s in loras)
     if st.init_img is not None:
         meta["strength"] = st.strength
         meta["start_step"] = st.start

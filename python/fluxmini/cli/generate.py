@@ -50,6 +50,13 @@ def run(args) -> int:
     t0 = time.perf_counter()
     model = FluxMini.load(path, clip_l=args.clip_l, t5xxl=args.t5xxl, vae=args.vae, backend=args.backend,
                           threads=args.threads, verbose=1 if args.verbose else 0)
+    if args.lora:
+        from ..lora import parse_lora_arg
+
+        report = model.set_loras([parse_lora_arg(x) for x in args.lora], strict=not args.lora_nonstrict)
+        for lora_path, keys in report:
+            print(f"fluxmini: {lora_path}: {len(keys)} tensors match no layer and were skipped: "
+                  + ", ".join(k for k, _ in keys[:10]) + (" ..." if len(keys) > 10 else ""), file=sys.stderr)
     if args.verbose:
         print(f"fluxmini: loaded {path} ({model.info()['backend']}, {model.threads} threads) in "
               f"{time.perf_counter() - t0:.3f} s", file=sys.stderr)
@@ -119,6 +126,11 @@ def add_parser(subparsers) -> None:
                         "before sampling and the transformer before the VAE, to lower the peak memory)")
     g.add_argument("--noise", dest="noise_file", default=None,
                    help="a .npy float32 [16, H/8, W/8] starting noise instead of the seed's")
+    g.add_argument("--lora", action="append", default=[], metavar="PATH[:SCALE]",
+                   help="apply a LoRA at run time with a multiplier (default 1, negative allowed); repeatable. "
+                        "FluxKits/XLabs, kohya, diffusers/PEFT or BFL/ComfyUI keys, safetensors or GGUF")
+    g.add_argument("--lora-nonstrict", action="store_true",
+                   help="apply the matching part of a LoRA whose other tensors match no layer (listed on stderr)")
     g.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     g.add_argument("-v", "--verbose", action="store_true", help="per-stage timings and peak memory on stderr")
     g.set_defaults(func=run)

@@ -108,9 +108,37 @@ def _sse(event: str, data: dict) -> bytes:
     return f"event: {event}\ndata: {json.dumps(data, separators=(',', ':'))}\n\n".encode()
 
 
+LORA_SUFFIXES = (".safetensors", ".gguf")
+
+
+def resolve_loras(lora_dir: Optional[str], loras: list) -> list:
+    """[(name, scale)] -> [(path, scale)] for names of files inside ``lora_dir`` only: a plain file
+    name (with or without its .safetensors/.gguf suffix), never a path; links leading out of the
+    folder are refused too."""
+    if not loras:
+        return []
+    if not lora_dir:
+        raise bad("this server takes no LoRAs (start it with --lora-dir DIR to offer the LoRA files in DIR)",
+                  "lora", "unsupported_parameter")
+    root = os.path.realpath(lora_dir)
+    out = []
+    for name, scale in loras:
+        if ("/" in name or "\\" in name or name.startswith(".") or "\x00" in name or ":" in name):
+            raise bad(f"LoRA {name[:60]!r}: give the name of a file in the server's LoRA folder, not a path",
+                      "lora")
+        for cand in [name] + [name + s for s in LORA_SUFFIXES if not name.endswith(s)]:
+            path = os.path.realpath(os.path.join(root, cand))
+            if os.path.dirname(path) == root and cand.endswith(LORA_SUFFIXES) and os.path.isfile(path):
+                out.append((path, scale))
+                break
+        else:
+            raise bad(f"no LoRA named {name[:60]!r} in the server's LoRA folder", "lora", "lora_not_found")
+    return out
+
+
 def create_app(model, *, model_id: str, api_key: Optional[str] = None, max_queue: int = 8, max_size: int = 1024,
                max_body_bytes: int = 20 << 20, cors_origins: Sequence[str] = (), url_ttl: float = 600.0,
-               url_capacity: int = 64, runner=None) -> FastAPI:
+               url_capacity: int = 64, runner=None, lora_dir: Optional[str] = None) -> FastAPI:
     """The server's ASGI app around a loaded :class:`fluxmini.FluxMini` (one worker thread).
 
     model_id: the name clients send as ``model``. api_key: required as ``Authorization: Bearer``
@@ -118,6 +146,7 @@ def create_app(model, *, model_id: str, api_key: Optional[str] = None, max_queue
     max_size: largest width/height. max_body_bytes: largest request body (then 413).
     cors_origins: origins allowed by CORS (none by default). url_ttl / url_capacity: how long
     and how many ``url`` images are kept. runner: replaces ``fluxmini.pipeline.run`` (tests).
+    lora_dir: the folder whose LoRA files requests may name in ``lora`` (None: no LoRAs).
     """
     from contextlib import asynccontextmanager
 
@@ -345,6 +374,7 @@ def create_app(model, *, model_id: str, api_key: Optional[str] = None, max_queue
         if isinstance(body, dict):
             check_model(body.get("model"))
         req = params.from_json(body, max_size=max_size)
+        req.lora_paths = resolve_loras(lora_dir, req.loras)
         if req.width is None:
             req.width = req.height = 512
         return await answer(request, req)
@@ -378,6 +408,7 @@ def create_app(model, *, model_id: str, api_key: Optional[str] = None, max_queue
                 fields[key] = value
         check_model(fields.get("model"))
         req = params.from_form(fields, max_size=max_size)
+        req.lora_paths = resolve_loras(lora_dir, req.loras)
         if not images:
             raise bad("'image' is required: the picture to edit, as a file", "image", "missing_required_parameter")
         data = await images[0].read()

@@ -30,6 +30,8 @@ def _check_args(args) -> None:
         raise FluxMiniValueError(f"--max-body-mb must be positive, got {args.max_body_mb}")
     if args.api_key is not None and not args.api_key.strip():
         raise FluxMiniValueError("--api-key must not be empty")
+    if args.lora_dir is not None and not os.path.isdir(args.lora_dir):
+        raise FluxMiniValueError(f"--lora-dir {args.lora_dir}: no such folder")
 
 
 def _is_loopback(host: str) -> bool:
@@ -60,7 +62,7 @@ def _cmd_serve(args) -> int:
     alias = args.alias or os.path.splitext(os.path.basename(path))[0]
     app = create_app(model, model_id=alias, api_key=api_key, max_queue=args.max_queue, max_size=args.max_size,
                      max_body_bytes=int(args.max_body_mb * (1 << 20)), cors_origins=args.cors_origin or (),
-                     url_ttl=args.url_ttl)
+                     url_ttl=args.url_ttl, lora_dir=args.lora_dir)
     if not _is_loopback(args.host) and api_key is None:
         print(f"fluxmini serve: warning: listening on {args.host} without --api-key: anyone who can reach this "
               "port can use the server", file=sys.stderr)
@@ -100,6 +102,9 @@ def add_parser(subparsers) -> None:
                    help="allow browser pages from ORIGIN to call the API (repeatable; default: CORS off)")
     s.add_argument("--url-ttl", type=float, default=600.0,
                    help="seconds a response_format=url image stays downloadable (default 600; 64 kept at most)")
+    s.add_argument("--lora-dir", default=None, metavar="DIR",
+                   help="offer the LoRA files (.safetensors, .gguf) in DIR: requests name them in 'lora' "
+                        "([{\"path_or_name\": \"style\", \"scale\": 0.8}]); no other path is ever read")
     s.add_argument("--log-level", default="warning", choices=["critical", "error", "warning", "info", "debug"],
                    help="uvicorn's log level (default warning; info logs each request)")
     s.set_defaults(func=_cmd_serve)

@@ -7,6 +7,8 @@ values; multipart forms (``/v1/images/edits``) give text, which :func:`from_form
 
 from __future__ import annotations
 
+import json
+
 import math
 from dataclasses import dataclass, field
 from typing import Optional
@@ -32,8 +34,10 @@ IGNORED_FIELDS = frozenset({
 })
 COMMON_FIELDS = frozenset({
     "prompt", "model", "n", "size", "response_format", "output_format", "output_compression", "stream",
-    "partial_images", "seed", "steps", "guidance", "t5_length", "compat", "progress",
+    "partial_images", "seed", "steps", "guidance", "t5_length", "compat", "progress", "lora",
 })
+MAX_LORAS = 8
+MAX_LORA_SCALE = 16.0
 EDIT_FIELDS = COMMON_FIELDS | {"strength", "image", "image[]", "mask"}
 
 
@@ -79,6 +83,10 @@ class ImageRequest:
     partial_images: int = 0
     progress: bool = True  # fluxmini.progress events in a stream
     init_image: object = None  # PIL image (edits)
+    # [(name, scale)] as sent (names of files in the server's --lora-dir); the app resolves them
+    # into lora_paths [(path, scale)], which the worker applies for this request.
+    loras: list = field(default_factory=list)
+    lora_paths: list = field(default_factory=list)
     edit: bool = False
     generate_kwargs: dict = field(default_factory=dict)
 
@@ -208,10 +216,33 @@ def from_json(body, *, max_size: int, edit: bool = False) -> ImageRequest:
         req.compat = "sd.cpp" if v == "sd.cpp" else None
     if get("strength") is not None:
         req.strength = _real(body["strength"], "strength", 0.0, 1.0)
+    if get("lora") is not None:
+        req.loras = _loras(body["lora"])
     if req.seed is not None and req.seed + req.n - 1 >= 1 << 64:
         raise bad(f"'seed' + n - 1 must stay below 2**64 (seeds seed, seed+1, ... are used), got seed {req.seed}",
                   "seed")
     return req
+
+
+def _loras(value) -> list:
+    """``[{"path_or_name": NAME, "scale": 0.8}, ...]`` (also "name"; scale default 1) -> [(NAME, scale)]."""
+    if not isinstance(value, list):
+        raise bad(f"'lora' must be a list of {{\"path_or_name\": NAME, \"scale\": NUMBER}} objects, got {_show(value)}",
+                  "lora", "invalid_type")
+    if len(value) > MAX_LORAS:
+        raise bad(f"'lora' lists {len(value)} LoRAs; at most {MAX_LORAS} at once", "lora")
+    out = []
+    for item in value:
+        if not isinstance(item, dict) or set(item) - {"path_or_name", "name", "scale"}:
+            raise bad("each 'lora' entry must be an object with 'path_or_name' (a file name in the server's LoRA "
+                      f"folder) and optionally 'scale', got {_show(item)}", "lora", "invalid_type")
+        name = item.get("path_or_name", item.get("name"))
+        if not isinstance(name, str) or not name:
+            raise bad("each 'lora' entry needs 'path_or_name': a file name in the server's LoRA folder", "lora")
+        scale = 1.0 if item.get("scale") is None else _real(item["scale"], "lora scale", -MAX_LORA_SCALE,
+                                                              MAX_LORA_SCALE)
+        out.append((name[:200], scale))
+    return out
 
 
 # multipart fields arrive as text; these are converted to the JSON types before the same checks
@@ -235,6 +266,12 @@ def from_form(fields: dict, *, max_size: int) -> ImageRequest:
                 body[key] = float(value.strip())
             except ValueError:
                 raise bad(f"'{key}' must be a number, got {value[:40]!r}", key, "invalid_type") from None
+        elif key == "lora":
+            try:
+                body[key] = json.loads(value)
+            except ValueError:
+                raise bad("'lora' must be a JSON list of {\"path_or_name\": NAME, \"scale\": NUMBER} objects",
+                          key, "invalid_type") from None
         elif key in ("stream", "progress"):
             v = value.strip().lower()
             if v not in ("true", "false", "1", "0"):

@@ -22,7 +22,7 @@ import traceback
 from collections import deque
 from typing import Callable, Optional
 
-from ..errors import Cancelled, FluxMiniError
+from ..errors import Cancelled, FluxMiniError, FluxMiniValueError
 from .params import ApiError, ImageRequest
 from .preview import preview_image, preview_steps
 
@@ -183,6 +183,11 @@ class Worker:
         try:
             if job.cancelled.is_set():
                 raise Cancelled("the client went away before the job started")
+            set_loras = getattr(self.model, "set_loras", None)
+            if set_loras is not None:  # this request's LoRAs (free when the same as the last request's)
+                set_loras(req.lora_paths)
+            elif req.lora_paths:
+                raise FluxMiniValueError("this model takes no LoRAs")
             cond = pipeline.encode_prompt(self.model, req.prompt, t5_length=req.t5_length, compat=req.compat)
             seed0 = req.seed if req.seed is not None else secrets.randbelow(1 << 32)
             size = (req.width, req.height)

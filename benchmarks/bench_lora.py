@@ -1,0 +1,101 @@
+#!/usr/bin/env python3
+"""Per-step cost of run-time LoRA adapters on a full-size model (a benchmark, not a test).
+
+    python benchmarks/make_random.py -o /tmp/flux-mini-Q4_0.gguf --variant Q4_0
+    python benchmarks/bench_lora.py /tmp/flux-mini-Q4_0.gguf --ranks 16 64 --size 256 --reps 3
+
+Writes random BF16 LoRAs (BFL names) of each rank on every linear layer of the double and single
+blocks (qkv, proj, MLPs, modulations, linear1, linear2: what kohya-style Flux LoRAs cover), then
+times one transformer evaluation without LoRA and with each rank, alternating A/B/C... per round
+so that load from other processes hits all alike; reports medians and the adapters' memory.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import statistics
+import tempfile
+import time
+
+import numpy as np
+
+
+def cpu_name() -> str:
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown CPU"
+
+
+def write_lora(path: str, linears, rank: int, seed: int) -> None:
+    from fluxmini.safetensors_io import write_safetensors
+
+    rng = np.random.default_rng(seed)
+    tensors = {}
+    for name, n_in, n_out in linears:
+        if not name.startswith(("double_blocks.", "single_blocks.")):
+            continue
+        a = rng.standard_normal((rank, n_in), dtype=np.float32) / np.float32(np.sqrt(n_in))
+        b = 0.01 * rng.standard_normal((n_out, rank), dtype=np.float32)
+        tensors[f"diffusion_model.{name}.lora_A.weight"] = a
+        tensors[f"diffusion_model.{name}.lora_B.weight"] = b
+    write_safetensors(path, tensors, dtype="BF16")
+
+
+def main() -> int:
+    from fluxmini.model import FluxMini
+
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("model")
+    ap.add_argument("--ranks", type=int, nargs="+", default=[16, 64])
+    ap.add_argument("--size", type=int, default=256, help="image side in pixels (default 256)")
+    ap.add_argument("--text", type=int, default=64, help="T5 tokens (default 64)")
+    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=None)
+    args = ap.parse_args()
+
+    m = FluxMini.load(args.model, components=["diffusion"], threads=args.threads)
+    linears = m._m.linears("diffusion")
+    tmp = tempfile.mkdtemp(prefix="bench-lora-")
+    loras = {}
+    for r in args.ranks:
+        p = os.path.join(tmp, f"r{r}.safetensors")
+        write_lora(p, linears, r, r)
+        loras[f"rank {r}"] = p
+    cfg = m.config["diffusion"]
+    lat = np.random.default_rng(0).standard_normal((cfg["latent_channels"], args.size // 8, args.size // 8),
+                                                   dtype=np.float32)
+    t5 = np.zeros((args.text, cfg["context_dim"]), np.float32)
+    pooled = np.zeros(cfg["vec_dim"], np.float32)
+    configs = [("no LoRA", None)] + list(loras.items())
+    times = {k: [] for k, _ in configs}
+    sizes = {}
+    for k, p in configs:  # warm-up: build each graph once, read the weights
+        m.set_loras([p] if p else None)
+        sizes[k] = m.lora_bytes()
+        m.transformer(lat, 0.5, 3.5, t5, pooled)
+    for _ in range(args.reps):
+        for k, p in configs:
+            m.set_loras([p] if p else None)
+            m.transformer(lat, 0.5, 3.5, t5, pooled)  # first run after a change rebuilds the graph
+            t0 = time.perf_counter()
+            m.transformer(lat, 0.5, 3.5, t5, pooled)
+            times[k].append(time.perf_counter() - t0)
+    base = statistics.median(times["no LoRA"])
+    print(f"{cpu_name()}, {m.threads} threads, {args.size}x{args.size}, {args.text} text tokens, "
+          f"{os.path.basename(args.model)}; median of {args.reps} alternating rounds")
+    for k, _ in configs:
+        med = statistics.median(times[k])
+        extra = f" ({100 * (med / base - 1):+.1f}%)" if k != "no LoRA" else ""
+        print(f"  {k:>8}: {med:.3f} s/step{extra}  adapters {sizes[k] / 2**20:.1f} MiB  "
+              f"all: {', '.join(f'{t:.3f}' for t in times[k])}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
