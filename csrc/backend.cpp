@@ -261,6 +261,10 @@ struct SigintScope {
     bool installed_ = false;
     explicit SigintScope(std::atomic<bool> *flag) {
         if (getpid() != gettid()) return;  // only the main thread owns SIGINT handling
+        // A process that ignores SIGINT (started with nohup or in a shell's background, where
+        // Python keeps it ignored too) must not be stopped by it during a computation either.
+        struct sigaction current{};
+        if (sigaction(SIGINT, nullptr, &current) != 0 || current.sa_handler == SIG_IGN) return;
         g_sigint_target.store(flag);
         struct sigaction sa{};
         sa.sa_handler = on_sigint;

@@ -703,7 +703,10 @@ def test_cli_ctrl_c_stops_cleanly(tmp_path):
     proc = subprocess.Popen([sys.executable, "-m", "fluxmini.cli", "generate", "-m", model, "-p", "x",
                              "-W", "256", "-H", "256", "--steps", "200", "-t", "2", "-v", "-o",
                              str(tmp_path / "never.png")], stderr=subprocess.PIPE, stdout=subprocess.PIPE,
-                            env=env, text=True)
+                            env=env, text=True,
+                            # as in a terminal: a runner started in a shell's background (CI) passes
+                            # SIGINT ignored, and Python and the engine then rightly keep ignoring it
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         deadline = time.time() + 240
         err = ""
