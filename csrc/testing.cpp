@@ -29,6 +29,28 @@ double process_cpu_seconds() {
 }
 
 // Median wall-clock seconds and median process CPU seconds (all threads) of one compute.
+namespace {
+// The weights of a test or benchmark graph: their context and backend buffer, freed together.
+struct WeightArena {
+    ggml_context *ctx = nullptr;
+    ggml_backend_buffer_t buf = nullptr;
+    explicit WeightArena(size_t n_tensors) {
+        ggml_init_params ip{ggml_tensor_overhead() * n_tensors, nullptr, true};
+        ctx = ggml_init(ip);
+    }
+    void allocate(ggml_backend_buffer_type_t buft, const char *what) {
+        buf = ggml_backend_alloc_ctx_tensors_from_buft(ctx, buft);
+        if (!buf) fail_runtime("out of memory for the %s", what);
+    }
+    ~WeightArena() {
+        if (buf) ggml_backend_buffer_free(buf);
+        ggml_free(ctx);
+    }
+    WeightArena(const WeightArena &) = delete;
+    WeightArena &operator=(const WeightArena &) = delete;
+};
+}  // namespace
+
 BenchTime median_seconds(GraphRunner &runner, int reps) {
     runner.compute();  // warm-up
     std::vector<double> wall, cpu;
@@ -66,17 +88,12 @@ BenchTime bench_mul_mat(const std::string &type_name, int64_t k, int64_t n, int6
     if (k % ggml_blck_size(type)) fail_value("k=%lld is not a multiple of %s's block size", (long long)k, type_name.c_str());
     const EngineOptions options = engine_options_from_env();
     Backend backend("cpu", threads, options.kernels);
-    ggml_init_params ip{ggml_tensor_overhead() * 2, nullptr, true};
-    ggml_context *wctx = ggml_init(ip);
-    ggml_tensor *w = ggml_new_tensor_2d(wctx, type, k, n);
+    WeightArena arena(2);
+    ggml_tensor *w = ggml_new_tensor_2d(arena.ctx, type, k, n);
     const bool own = !ggml_only && backend.own_qmatmul() && qmatmul_shape(w);  // placed and used as the engine does
     const bool repack = !own && backend.can_repack(type, k, n);
-    ggml_backend_buffer_t buf = ggml_backend_alloc_ctx_tensors_from_buft(
-        wctx, repack ? backend.repack_buft() : ggml_backend_get_default_buffer_type(backend.cpu()));
-    if (!buf) {
-        ggml_free(wctx);
-        fail_runtime("out of memory for the benchmark weight");
-    }
+    arena.allocate(repack ? backend.repack_buft() : ggml_backend_get_default_buffer_type(backend.cpu()),
+                   "benchmark weight");
     {
         const std::vector<float> f = random_values(size_t(k * n), 1.0f / std::sqrt(float(k)), 1);
         std::vector<uint8_t> q(ggml_row_size(type, k) * size_t(n));
@@ -85,7 +102,7 @@ BenchTime bench_mul_mat(const std::string &type_name, int64_t k, int64_t n, int6
         ggml_backend_tensor_set(w, q.data(), 0, q.size());
     }
     BenchTime s{};
-    try {
+    {
         GraphRunner runner(backend, options, 16);
         runner.prepare("mm", [&](ggml_context *ctx) {
             ggml_tensor *x = ggml_new_tensor_2d(ctx, GGML_TYPE_F32, k, m);
@@ -99,13 +116,7 @@ BenchTime bench_mul_mat(const std::string &type_name, int64_t k, int64_t n, int6
         });
         runner.set_input_f32("x", random_values(size_t(k * m), 1.0f, 2));
         s = median_seconds(runner, reps);
-    } catch (...) {
-        ggml_backend_buffer_free(buf);
-        ggml_free(wctx);
-        throw;
     }
-    ggml_backend_buffer_free(buf);
-    ggml_free(wctx);
     return s;
 }
 
@@ -142,8 +153,8 @@ std::vector<float> linear_f32(const float *x, int64_t rows, int64_t in, const fl
         if (a.rank < 1) fail_value("linear_f32: adapter rank must be positive");
     const EngineOptions options = engine_options_from_env();
     Backend backend("cpu", threads, options.kernels);
-    ggml_init_params ip{ggml_tensor_overhead() * (2 + 2 * adapters.size()), nullptr, true};
-    ggml_context *wctx = ggml_init(ip);
+    WeightArena arena(2 + 2 * adapters.size());
+    ggml_context *wctx = arena.ctx;
     Linear p;
     std::vector<LowRankAdapter> ads;
     p.w = ggml_new_tensor_2d(wctx, GGML_TYPE_F32, in, out);
@@ -156,13 +167,9 @@ std::vector<float> linear_f32(const float *x, int64_t rows, int64_t in, const fl
         ads.push_back(la);
     }
     p.adapters = &ads;
-    ggml_backend_buffer_t buf = ggml_backend_alloc_ctx_tensors_from_buft(wctx, ggml_backend_get_default_buffer_type(backend.cpu()));
-    if (!buf) {
-        ggml_free(wctx);
-        fail_runtime("out of memory for the test weights");
-    }
+    arena.allocate(ggml_backend_get_default_buffer_type(backend.cpu()), "test weights");
     std::vector<float> y;
-    try {
+    {
         ggml_backend_tensor_set(p.w, w, 0, ggml_nbytes(p.w));
         if (bias) ggml_backend_tensor_set(p.b, bias, 0, ggml_nbytes(p.b));
         for (size_t i = 0; i < adapters.size(); ++i) {
@@ -184,13 +191,7 @@ std::vector<float> linear_f32(const float *x, int64_t rows, int64_t in, const fl
         runner.set_input("x", x, size_t(rows * in) * sizeof(float));
         runner.compute();
         y = runner.get_output("y");
-    } catch (...) {
-        ggml_backend_buffer_free(buf);
-        ggml_free(wctx);
-        throw;
     }
-    ggml_backend_buffer_free(buf);
-    ggml_free(wctx);
     return y;
 }
 
