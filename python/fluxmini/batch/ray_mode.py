@@ -116,10 +116,13 @@ def ray_results(tasks, model, files, backend, address, workers: Optional[int], t
             batch_size=1,
         )
         try:
-            for row in ds.iter_rows():
-                rec = json.loads(str(row["record"]))
-                data = row["png"]
-                yield rec, (bytes(data) if rec.get("status") == "ok" else None)
+            # Block by block without prefetching: iter_rows() holds each row back until the next
+            # block is ready (measured: one whole image late), which delays the driver's write of a
+            # finished image, so a killed driver would lose it, and skews the progress bar.
+            for block in ds.iter_batches(batch_size=None, prefetch_batches=0, batch_format="numpy"):
+                for record, data in zip(block["record"], block["png"]):
+                    rec = json.loads(str(record))
+                    yield rec, (bytes(data) if rec.get("status") == "ok" else None)
         except FluxMiniError:
             raise
         except Exception as e:  # an actor that cannot start (e.g. the model is missing on its node)
