@@ -69,8 +69,49 @@ class _Bytes:
 
 # ------------------------------------------------------------------------- model files
 
+_WEIGHT_BASES: list = []
+
+
+def _weight_bases() -> list:
+    """Valid files to damage: the seeds' tiny GGUF files (every type; gpustack, sd.cpp and bare
+    names; KV pairs of every type; alignment 64), safetensors of every dtype, and two tiny FLUX
+    models (all four components, so the loader's checks after parsing run too)."""
+    if not _WEIGHT_BASES:
+        import make_seeds
+        from fluxmini.inventory import COMPONENTS
+
+        tmp = _scratch(".seed")
+        for t in make_seeds.TYPES + list(make_seeds.K_TYPES):
+            for layout in make_seeds.NAMES:
+                make_seeds.small_gguf(tmp, t, layout, kv=(layout == "gpustack"))
+                _WEIGHT_BASES.append(tmp.read_bytes())
+        make_seeds.small_gguf(tmp, "f32", "bare", kv=True, alignment=64)
+        _WEIGHT_BASES.append(tmp.read_bytes())
+        tmp.unlink()
+        for _, (header, data) in make_seeds.safetensors_seeds():
+            _WEIGHT_BASES.append(struct.pack("<Q", len(header)) + header + data)
+        dims = _tiny_dims(_Bytes(b""))
+        _WEIGHT_BASES.append(_tiny_gguf(dims, COMPONENTS, "q4_0", "gpustack"))
+        _WEIGHT_BASES.append(_tiny_gguf(dims, COMPONENTS, "f16", "sd.cpp"))
+    return _WEIGHT_BASES
+
+
 def one_weights(data: bytes, suffix: str = ".gguf") -> None:
-    """A whole model file (GGUF or safetensors bytes) given as the main file."""
+    """A whole model file given as the main file: the input itself when it starts as a model file
+    does (GGUF magic, or a safetensors header), else one of a few valid files (_weight_bases)
+    with the input's damage: up to 8 overwrites of 1-8 bytes, mostly in the first 4 KiB, and now
+    and then a cut. The second form needs no coverage feedback to reach past the first checks
+    (under the ASan preload atheris has none, and would keep only one input)."""
+    if data[:4] != b"GGUF" and data[8:9] != b"{":
+        b = _Bytes(data)
+        raw = bytearray(b.pick(_weight_bases()))
+        for _ in range(b.int(0, 8)):
+            pos = b.int(0, min(len(raw), 4096) - 1) if b.int(0, 3) else b.int(0, len(raw) - 1)
+            chunk = b.bytes(b.int(1, 8))
+            raw[pos:pos + len(chunk)] = chunk
+        if b.int(0, 7) == 0:
+            del raw[b.int(0, len(raw)):]
+        data = bytes(raw)
     p = _scratch(suffix)
     p.write_bytes(data)
     try:
@@ -95,7 +136,7 @@ def _tiny_dims(b: _Bytes):
                       depth_single=pick([1, 0, 2], [0]), mlp_ratio=pick([1.0, 2.0, 4.0], [0.5, 3.0]),
                       in_channels=pick([64], [4, 16, 68, 1]), context_dim=pick([32, 64], [1, 3]),
                       vec_dim=pick([32, 64], [1, 5]), guidance=b.int(0, 1) == 0),
-        clip=ClipDims(vocab=pick([64, 193], [1, 2]), positions=pick([77, 80], [1, 76]), hidden=pick([64, 128], [96, 32]),
+        clip=ClipDims(vocab=pick([64, 193], [1, 2]), positions=pick([8, 77], [1, 80]), hidden=pick([64, 128], [96, 32]),
                       layers=pick([1, 2], [0]), mlp=pick([64, 32], [1, 3])),
         t5=T5Dims(vocab=pick([64, 8], [1]), d_model=pick([32, 64], [1, 7]), layers=pick([1, 2], [0]),
                   heads=pick([1, 2, 3], [5]), d_kv=pick([16, 8], [1, 3]), d_ff=pick([32, 64], [1, 5]),
@@ -133,8 +174,8 @@ def _forward_all(model) -> None:
 _GGML_TYPES = {"f32": (0, 4, 1), "f16": (1, 2, 1), "q4_0": (2, 18, 32), "q4_1": (3, 20, 32), "q5_0": (6, 22, 32),
                "q5_1": (7, 24, 32), "q8_0": (8, 34, 32), "bf16": (30, 2, 1)}
 _PATTERNS: dict = {}
-_MODELS: dict = {}  # (dims, components, type, layout) -> GGUF bytes (the last _MODELS_KEPT made); "on disk" -> key
-_MODELS_KEPT = 512
+_MODELS: dict = {}  # (dims, components, type, layout) -> GGUF bytes, the last made; "on disk" -> key
+_MODELS_KEPT_BYTES = 256 << 20  # (a model is 1-20 MB; libFuzzer's RSS limit is 4 GiB)
 
 
 def _pattern(type_name: str, nbytes: int) -> memoryview:
@@ -199,9 +240,9 @@ def one_after_load(data: bytes) -> None:
     layout = b.pick(["gpustack", "sd.cpp"])
     key = (repr(dims), comps, big_type, layout)
     if key not in _MODELS:
-        if len(_MODELS) >= _MODELS_KEPT:
-            del _MODELS[next(k for k in _MODELS if k != "on disk")]
         _MODELS[key] = _tiny_gguf(dims, comps, big_type, layout)
+        while sum(len(v) for k, v in _MODELS.items() if k != "on disk") > _MODELS_KEPT_BYTES:
+            del _MODELS[next(k for k in _MODELS if k not in ("on disk", key))]
     base = _MODELS[key]
     edits = []
     for _ in range(b.int(0, 4)):
