@@ -140,6 +140,29 @@ static std::string printable(const std::string &str) {
     return out;
 }
 
+// What the reader keeps is bounded whatever the file holds, so that loading takes at most the file
+// plus a fixed margin (tests/test_corrupt_files.py measures it): at most kMaxEntries tensors and
+// keys (a FLUX.1 file has about 1,500 tensors and a few dozen keys), names and keys of at most
+// kMaxNameBytes (the longest real ones, T5's in the sd.cpp layout, are about 100 bytes), and at
+// most kMaxMetadataBytes of metadata strings (the rest is skipped: nothing needs it).
+constexpr uint64_t kMaxEntries = 1 << 16;
+constexpr size_t kMaxNameBytes = 256;
+constexpr size_t kMaxMetadataBytes = size_t(16) << 20;
+
+static void check_entry_count(uint64_t n, const char *what, const std::string &path) {
+    if (n > kMaxEntries)
+        fail_file("%s: the header has %llu %s; fluxmini reads files of at most %llu (a FLUX.1 file has about "
+                  "1,500 tensors); the file is damaged or not a FLUX.1 model",
+                  path.c_str(), (unsigned long long)n, what, (unsigned long long)kMaxEntries);
+}
+
+static void check_name_length(const std::string &name, const char *what, size_t index, const std::string &path) {
+    if (name.size() > kMaxNameBytes)
+        fail_file("%s: %s #%zu has a name of %zu bytes ('%s'); fluxmini reads names of at most %zu bytes; the file "
+                  "is damaged",
+                  path.c_str(), what, index, name.size(), printable(name).c_str(), kMaxNameBytes);
+}
+
 // Names must be UTF-8 (Python sees them as str) and unique within a file; tensors must not share
 // bytes (each writer lays them out one after the other). index is the tensor's position in the file.
 static void check_names_and_overlaps(const std::vector<TensorRef> &tensors, const std::string &path) {
@@ -262,17 +285,22 @@ void WeightFile::parse_gguf() {
         fail_file("%s: the GGUF header claims %llu tensors and %llu keys, impossible for a %zu-byte file; "
                   "the file is damaged",
                   path.c_str(), (unsigned long long)n_tensors, (unsigned long long)n_kv, fsize);
+    check_entry_count(n_tensors, "tensors", path);
+    check_entry_count(n_kv, "keys", path);
     uint64_t alignment = 32;
+    size_t metadata_bytes = 0;
     std::set<std::string> keys;
     for (uint64_t i = 0; i < n_kv; ++i) {
         std::string key = cur.str();
+        check_name_length(key, "key", size_t(i), path);
         if (!keys.insert(key).second)
             fail_file("%s: the GGUF key '%s' appears twice; the file is damaged", path.c_str(), printable(key).c_str());
         uint32_t type = cur.read<uint32_t>();
         if (type >= kTypeCount) cur.bad("unknown value type %llu", type);
         if (type == kString) {
             std::string value = cur.str();
-            if (valid_utf8(key) && valid_utf8(value)) metadata_[key] = std::move(value);
+            if (valid_utf8(key) && valid_utf8(value) && (metadata_bytes += value.size()) <= kMaxMetadataBytes)
+                metadata_[key] = std::move(value);
         } else if (type == kArray) {
             uint32_t et = cur.read<uint32_t>();
             uint64_t n = cur.read<uint64_t>();
@@ -308,6 +336,7 @@ void WeightFile::parse_gguf() {
     for (uint64_t i = 0; i < n_tensors; ++i) {
         Info in{};
         in.name = cur.str();
+        check_name_length(in.name, "tensor", size_t(i), path);
         if (!valid_utf8(in.name))
             fail_file("%s: tensor #%llu has a name that is not valid UTF-8 ('%s'); the file is damaged",
                       path.c_str(), (unsigned long long)i, printable(in.name).c_str());
@@ -448,6 +477,8 @@ public:
         ++p_;
         std::string s;
         while (p_ < end_ && *p_ != '"') {
+            // as GGUF strings: the copy stays small whatever the header holds (peak memory)
+            if (s.size() > (size_t(1) << 20)) bad("a string of more than 1 MiB; fluxmini reads strings up to 1 MiB");
             if (*p_ == '\\') {
                 ++p_;
                 if (p_ >= end_) bad("unterminated escape");
@@ -538,13 +569,20 @@ void WeightFile::parse_safetensors() {
     if (jp.peek() != '{') fail_file("%s: the safetensors header is not a JSON object", path.c_str());
     const size_t data_start = 8 + size_t(hlen);
     const size_t data_size = fsize - data_start;
+    size_t metadata_bytes = 0, n_entries = 0;
     jp.object([&](const std::string &name) {
+        check_entry_count(++n_entries, "entries or more", path);
+        check_name_length(name, "entry", n_entries - 1, path);
         if (name == "__metadata__") {
             if (jp.peek() != '{') return jp.skip(1);
+            size_t n_keys = 0;
             jp.object([&](const std::string &key) {
+                check_entry_count(++n_keys, "metadata keys or more", path);
+                check_name_length(key, "metadata key", n_keys - 1, path);
                 if (jp.peek() != '"') return jp.skip(2);
                 std::string value = jp.string();
-                if (valid_utf8(key) && valid_utf8(value)) metadata_[key] = std::move(value);
+                if (valid_utf8(key) && valid_utf8(value) && (metadata_bytes += value.size()) <= kMaxMetadataBytes)
+                    metadata_[key] = std::move(value);
             });
             return;
         }

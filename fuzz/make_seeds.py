@@ -138,6 +138,10 @@ def main(out: Path) -> None:
     for i, text in enumerate(["a photo of a cat", "", "\u00e9\u4e2d\U0001F600 \t\n\x00\x1b[0m", "word " * 100,
                               "<|startoftext|> </w> \u200b\ufeff"]):
         (pr / f"p{i}").write_bytes(bytes([0]) + text.encode())
+    sv = out / "server"; sv.mkdir(exist_ok=True)  # the harness builds requests from any bytes
+    for i, raw in enumerate([bytes(64), bytes([1]) * 64, bytes([5]) * 256, bytes(range(256)),
+                             bytes([9, 0, 0]) + b'{"prompt": "a cat", "size": "32x48", "n": 2}']):
+        (sv / f"s{i}").write_bytes(raw)
     imgs = image_seeds()
     for target in ("png_metadata", "init_image"):
         d = out / target; d.mkdir(exist_ok=True)

@@ -323,3 +323,100 @@ def test_memory_is_bounded_by_the_file(tmp_path):
     assert results["many_infos_overlapping"]["cls"] == "FluxMiniFileError"
     assert results["claims"]["cls"] == "FluxMiniFileError"
     assert results["st_many_dims"]["cls"] == "FluxMiniFileError"
+
+
+# Each file loads in its own process after a tiny warm-up load (the engine's one-time setup); the
+# peak resident memory above the memory before it, mapped file pages included, is what loading
+# the file took.
+PEAK_CHILD = textwrap.dedent("""
+    import json, sys
+    import fluxmini
+    def status_kb(key):
+        for line in open("/proc/self/status"):
+            if line.startswith(key + ":"):
+                return int(line.split()[1])
+    def load(path):
+        try:
+            fluxmini.FluxMini.load(path, components=[], threads=1)
+            return "loaded"
+        except fluxmini.FluxMiniError as e:
+            return type(e).__name__ + ": " + str(e)[-160:]
+    load(sys.argv[1])
+    with open("/proc/self/clear_refs", "w") as f:  # resets the peak (VmHWM) to the current RSS (Linux)
+        f.write("5")
+    base = status_kb("VmRSS")
+    result = load(sys.argv[2])
+    print(json.dumps({"growth": (status_kb("VmHWM") - base) * 1024, "result": result}))
+""")
+# The reader keeps at most 65536 tensors or keys, names of at most 256 bytes, strings of at most
+# 1 MiB and 16 MiB of metadata (csrc/weights.cpp); the fixed margin covers that and the
+# interpreter's own noise.
+MARGIN = 96 * 2**20
+
+
+def _name(i: int, length: int) -> bytes:
+    return (b"%08x" % i).ljust(length, b"n")
+
+
+def _peak_files() -> dict:
+    """Files that make the reader keep the most it can per byte, each class at its caps (and one
+    past them)."""
+    n, long = 1 << 16, 256
+    infos = lambda count, length, stride: b"".join(  # noqa: E731
+        tensor_info(_name(i, length), [1], T_F32, i * stride) for i in range(count))
+    st_entries = b",".join(b'"%s":{"dtype":"F32","shape":[1],"data_offsets":[%d,%d]}' % (_name(i, long), 4 * i, 4 * i + 4)
+                           for i in range(n))
+    return {
+        # every tensor kept: the most names and infos the caps allow (the model checks refuse it after)
+        "gguf_max_infos": b"GGUF" + struct.pack("<IQQ", 3, n, 0) + infos(n, long, 32) + bytes(32 * n + 64),
+        "gguf_max_short_infos": b"GGUF" + struct.pack("<IQQ", 3, n, 0) + infos(n, 1, 0) + bytes(64),
+        "gguf_over_count": b"GGUF" + struct.pack("<IQQ", 3, 2 * n, 0) + infos(2 * n, 1, 0) + bytes(64),
+        "gguf_max_keys": gguf(kvs=[gstr(_name(i, long)) + struct.pack("<I", STR) + gstr(b"v" * long) for i in range(n)]),
+        "gguf_long_values": gguf(kvs=[gstr(b"k%d" % i) + struct.pack("<I", STR) + gstr(b"v" * 2**20) for i in range(48)]),
+        "gguf_claims": gguf(n_tensors=2**40, n_kv=2**40, data=bytes(2**20)),
+        "st_max_entries": safetensors(b"{" + st_entries + b"}", data=bytes(4 * n)),
+        "st_max_metadata": safetensors(b'{"__metadata__":{' + b",".join(
+            b'"%s":"%s"' % (_name(i, long), b"v" * long) for i in range(n)) + b"}}"),
+        "st_long_metadata": safetensors(b'{"__metadata__":{' + b",".join(
+            b'"k%d":"%s"' % (i, b"v" * 2**20) for i in range(48)) + b"}}"),
+        "st_claims": safetensors(b"{}", hlen=2**40),
+        # past the caps, at sizes where keeping everything took more than the margin (a reader
+        # without the caps fails here: 1 M infos took 4x their 33 MB, long names and values 2x)
+        "gguf_1M_infos": b"GGUF" + struct.pack("<IQQ", 3, 1 << 20, 0) + infos(1 << 20, 1, 0) + bytes(64),
+        "gguf_long_names": b"GGUF" + struct.pack("<IQQ", 3, 48, 0) + infos(48, 2**20, 0) + bytes(64),
+        "gguf_many_long_values": gguf(kvs=[gstr(b"k%d" % i) + struct.pack("<I", STR) + gstr(b"v" * 2**20)
+                                          for i in range(112)]),
+        "st_huge_name": safetensors(b'{"' + b"n" * (64 << 20) + b'": {}}'),  # a copy of a string as big as the file
+    }
+
+
+def test_peak_memory_is_the_file_plus_a_fixed_margin(tmp_path):
+    # The bound the fuzzers hold the loader to (docs/FUZZING.md): whatever a file holds or claims,
+    # loading it takes at most its own size plus a fixed margin. Before the caps, 1 M minimal
+    # tensor infos (40 MiB) took 320 MiB and names of 1 MiB four times their file.
+    if "asan" in os.environ.get("LD_PRELOAD", ""):
+        import pytest
+
+        pytest.skip("ASan's redzones and quarantine change the process's memory; the bound is the real build's")
+    warm = tmp_path / "warm.bin"
+    warm.write_bytes(GOOD_GGUF)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    results = {}
+    for name, data in _peak_files().items():
+        path = tmp_path / f"{name}.bin"
+        path.write_bytes(data)
+        r = subprocess.run([sys.executable, "-c", PEAK_CHILD, str(warm), str(path)], capture_output=True, text=True,
+                           timeout=300, env=env)
+        assert r.returncode == 0, (name, r.stderr[-3000:])
+        results[name] = (len(data), json.loads(r.stdout.splitlines()[-1]))
+        path.unlink()
+    for name, (size, r) in results.items():
+        assert r["growth"] <= size + MARGIN, (name, size, r)
+    # each past a cap is refused as damage, saying what the cap is
+    for name in ("gguf_over_count", "gguf_1M_infos"):
+        assert "at most 65536" in results[name][1]["result"], results[name]
+    assert "names of at most 256 bytes" in results["gguf_long_names"][1]["result"], results["gguf_long_names"]
+    assert "more than 1 MiB" in results["st_huge_name"][1]["result"], results["st_huge_name"]
+    # ... and files at the caps are read whole (the most the reader keeps is what was measured)
+    for name in ("gguf_max_infos", "gguf_max_keys", "st_max_entries", "st_max_metadata"):
+        assert results[name][1]["result"] == "loaded", (name, results[name])

@@ -220,7 +220,7 @@ def create_app(model, *, model_id: str, api_key: Optional[str] = None, max_queue
     async def read_body(request: Request) -> bytes:
         length = request.headers.get("content-length")
         if length is not None:
-            if not length.isdigit():
+            if not (length.isascii() and length.isdigit()):  # isdigit() alone takes '\u00b2', int() does not
                 raise bad("bad Content-Length header")
             if int(length) > max_body_bytes:
                 raise ApiError(413, f"the request body is {int(length)} bytes; at most {max_body_bytes} are "
@@ -371,12 +371,12 @@ def create_app(model, *, model_id: str, api_key: Optional[str] = None, max_queue
             body = json.loads(raw)
         except (ValueError, UnicodeDecodeError):
             raise bad("the request body is not valid JSON", None, "invalid_json") from None
+        except RecursionError:
+            raise bad("the request body is JSON nested too deeply", None, "invalid_json") from None
         if isinstance(body, dict):
             check_model(body.get("model"))
         req = params.from_json(body, max_size=max_size)
         req.lora_paths = resolve_loras(lora_dir, req.loras)
-        if req.width is None:
-            req.width = req.height = 512
         return await answer(request, req)
 
     @app.post("/v1/images/edits")

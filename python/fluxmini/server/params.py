@@ -46,6 +46,10 @@ class ApiError(Exception):
 
     def __init__(self, status: int, message: str, *, param: Optional[str] = None, code: Optional[str] = None,
                  type: Optional[str] = None, headers: Optional[dict] = None):
+        # a lone surrogate (a JSON "\\ud800" escape in a field name, say) cannot be encoded
+        # as UTF-8: escaped here, so the JSON answer can always be written
+        message = _encodable(message)
+        param = None if param is None else _encodable(param)
         super().__init__(message)
         self.status = status
         self.message = message
@@ -56,6 +60,10 @@ class ApiError(Exception):
 
     def body(self) -> dict:
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+
+def _encodable(text: str) -> str:
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 def bad(message: str, param: Optional[str] = None, code: str = "invalid_value") -> ApiError:
@@ -147,7 +155,8 @@ def parse_size(value, max_size: int):
         return None
     text = _str(value, "size")
     parts = text.lower().split("x")
-    if len(parts) != 2 or not all(p.isdigit() and len(p) <= 6 for p in parts):
+    # ASCII digits only: str.isdigit() also accepts '\u00b2' and the like, which int() refuses
+    if len(parts) != 2 or not all(p.isascii() and p.isdigit() and len(p) <= 6 for p in parts):
         raise bad(f"'size' must look like '512x512' (WIDTHxHEIGHT), got {text[:40]!r}", "size")
     w, h = int(parts[0]), int(parts[1])
     for side in (w, h):
@@ -185,6 +194,8 @@ def from_json(body, *, max_size: int, edit: bool = False) -> ImageRequest:
         req.width, req.height = size
     elif edit:
         req.width = req.height = None  # the input image's size (see app._edit_size)
+    else:  # 512 unless the server's --max-size is smaller
+        req.width = req.height = min(512, max_size)
     if get("response_format") is not None:
         req.response_format = _choice(body["response_format"], "response_format", RESPONSE_FORMATS)
     if get("output_format") is not None:
@@ -269,7 +280,7 @@ def from_form(fields: dict, *, max_size: int) -> ImageRequest:
         elif key == "lora":
             try:
                 body[key] = json.loads(value)
-            except ValueError:
+            except (ValueError, RecursionError):  # RecursionError: nested too deeply
                 raise bad("'lora' must be a JSON list of {\"path_or_name\": NAME, \"scale\": NUMBER} objects",
                           key, "invalid_type") from None
         elif key in ("stream", "progress"):
