@@ -60,7 +60,7 @@ static ggml_backend_dev_t find_device(const std::string &reg_name) {
     return nullptr;
 }
 
-Backend::Backend(const std::string &name_in, int threads, KernelChoice kernels) {
+Backend::Backend(const std::string &name_in, int threads, KernelChoice kernels, bool own_attention) {
     install_ggml_hooks();
     std::string name = name_in;
     for (auto &c : name) c = char(std::tolower(c));
@@ -110,6 +110,7 @@ Backend::Backend(const std::string &name_in, int threads, KernelChoice kernels) 
     }
     const KernelChoice qmatmul = qmatmul_engine_path(kernels);  // checks the choice on any backend
     qmatmul_path_ = is_cpu() ? qmatmul : KernelChoice::Ggml;
+    attention_path_ = is_cpu() && own_attention ? attention_engine_path(kernels) : AttnPath::Ggml;
     set_threads(threads);
 }
 

@@ -4,6 +4,7 @@
 // by one thread at a time. The Python Model object serialises calls with a mutex.
 #pragma once
 
+#include "cpu_attention.h"
 #include "options.h"
 
 #include <ggml-backend.h>
@@ -18,8 +19,9 @@ namespace fm {
 class Backend {
 public:
     // name: "cpu", "cuda", "metal" or "auto"; threads <= 0 means physical cores; kernels: which
-    // CPU kernels the engine's graphs use (EngineOptions::kernels).
-    Backend(const std::string &name, int threads, KernelChoice kernels = KernelChoice::Own);
+    // CPU kernels the engine's graphs use (EngineOptions::kernels); own_attention: false keeps
+    // ggml's flash attention (EngineOptions::own_attention).
+    Backend(const std::string &name, int threads, KernelChoice kernels = KernelChoice::Own, bool own_attention = true);
     ~Backend();
     Backend(const Backend &) = delete;
     Backend &operator=(const Backend &) = delete;
@@ -38,6 +40,9 @@ public:
     // instruction-set paths (KernelChoice::Ggml where none).
     bool own_qmatmul() const { return qmatmul_path_ != KernelChoice::Ggml; }
     KernelChoice qmatmul_path() const { return qmatmul_path_; }
+    // Which path of our fused attention (cpu_attention.h) replaces ggml's flash attention; Ggml
+    // where none (other backends, FLUXMINI_KERNELS=ggml, FLUXMINI_ATTENTION=ggml, no AVX2).
+    AttnPath attention_path() const { return attention_path_; }
 
     // The CPU buffer type that repacks weights for faster matmul, or nullptr.
     ggml_backend_buffer_type_t repack_buft() const { return repack_buft_; }
@@ -54,6 +59,7 @@ private:
     ggml_backend_buffer_type_t repack_buft_ = nullptr;
     int threads_ = 1;
     KernelChoice qmatmul_path_ = KernelChoice::Ggml;
+    AttnPath attention_path_ = AttnPath::Ggml;
 };
 
 // Builds a graph once per "key" (e.g. a resolution), reserves its compute memory once, and runs

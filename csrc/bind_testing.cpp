@@ -1,6 +1,7 @@
 // fluxmini._core.testing: the CPU kernels on their own (tests against numpy references) and the
 // micro-benchmarks (benchmarks/). Kept apart from the model bindings; nothing here is an API.
 #include "common.h"
+#include "cpu_attention.h"
 #include "cpu_conv.h"
 #include "cpu_qmatmul.h"
 #include "options.h"
@@ -52,6 +53,7 @@ template <class Fn> void run_threads(int threads, Fn &&fn) {
 }  // namespace
 
 void bind_testing(py::module_ &m) {
+    using f32_array = py::array_t<float, py::array::c_style | py::array::forcecast>;
     // Micro-benchmarks for benchmarks/bench_flux.py: (wall seconds, process CPU seconds) of one op,
     // medians of reps.
     m.def("bench_mul_mat", [](const std::string &type, int64_t k, int64_t n, int64_t tokens, int threads, int reps,
@@ -61,17 +63,86 @@ void bind_testing(py::module_ &m) {
         return std::make_pair(t.wall, t.cpu);
     }, py::arg("type"), py::arg("k"), py::arg("n"), py::arg("tokens"), py::arg("threads"), py::arg("reps") = 3,
        py::arg("ggml_only") = false);
-    m.def("bench_attention", [](int64_t d, int64_t heads, int64_t tokens, bool flash, int threads, int reps) {
+    // kernels: None (the engine's choice), "ggml" (ggml's flash attention) or a path of ours.
+    m.def("bench_attention", [](int64_t d, int64_t heads, int64_t tokens, bool flash, int threads, int reps,
+                                std::optional<std::string> kernels) {
         py::gil_scoped_release nogil;
-        const fm::BenchTime t = fm::bench_attention(d, heads, tokens, flash, threads, reps);
+        const fm::BenchTime t = fm::bench_attention(d, heads, tokens, flash, threads, reps, kernels.value_or(""));
         return std::make_pair(t.wall, t.cpu);
-    }, py::arg("d"), py::arg("heads"), py::arg("tokens"), py::arg("flash"), py::arg("threads"), py::arg("reps") = 3);
+    }, py::arg("d"), py::arg("heads"), py::arg("tokens"), py::arg("flash"), py::arg("threads"), py::arg("reps") = 3,
+       py::arg("kernels") = py::none());
+    // The fused attention kernel on its own, for tests against numpy: q [Lq, H, d], k and v
+    // [Lk, H, d] (any strides with d contiguous: views of a fused qkv work), mask None, [Lq, Lk] or
+    // [H', Lq, Lk] (H % H' == 0) added to the scaled scores -> [Lq, H, d]; the work split over
+    // `threads` threads as the graph op splits it, on path `kernels` (default: the fastest here).
+    m.def("attention", [](py::array_t<float, py::array::forcecast> q, py::array_t<float, py::array::forcecast> k,
+                          py::array_t<float, py::array::forcecast> v, std::optional<f32_array> mask, float scale,
+                          int threads, std::optional<std::string> kernels) {
+        fm::AttnPath path = fm::AttnPath::Portable;
+        for (fm::AttnPath p : {fm::AttnPath::Avx512, fm::AttnPath::Avx2})
+            if (fm::attention_path_supported(p)) { path = p; break; }
+        if (kernels && (!fm::parse_attention_path(kernels->c_str(), &path) || path == fm::AttnPath::Ggml ||
+                        !fm::attention_path_supported(path)))
+            fm::fail_value("attention: kernels '%s' is not a path this CPU runs (avx512, avx2, portable)", kernels->c_str());
+        auto rows_ok = [](const py::array &a) {
+            return a.ndim() == 3 && a.strides(2) == sizeof(float) && a.strides(0) % sizeof(float) == 0 &&
+                   a.strides(1) % sizeof(float) == 0 && a.strides(0) >= 0 && a.strides(1) >= 0;
+        };
+        if (!rows_ok(q) || !rows_ok(k) || !rows_ok(v) || k.shape(1) != q.shape(1) || v.shape(1) != q.shape(1) ||
+            k.shape(2) != q.shape(2) || v.shape(2) != q.shape(2) || v.shape(0) != k.shape(0) || threads < 1 ||
+            q.shape(0) < 1 || k.shape(0) < 1 || q.shape(1) < 1 || q.shape(2) < 1)
+            fm::fail_value("attention takes q [Lq, H, d], k and v [Lk, H, d] with d contiguous, threads >= 1");
+        const int64_t lq = q.shape(0), heads = q.shape(1), d = q.shape(2), lk = k.shape(0);
+        fm::AttnArgs a{};
+        const int64_t f = sizeof(float);
+        a.q = q.data(), a.k = k.data(), a.v = v.data();
+        a.q_row = q.strides(0) / f, a.q_head = q.strides(1) / f;
+        a.k_row = k.strides(0) / f, a.k_head = k.strides(1) / f;
+        a.v_row = v.strides(0) / f, a.v_head = v.strides(1) / f;
+        if (mask) {
+            const int64_t hm = mask->ndim() == 3 ? mask->shape(0) : 1;
+            if ((mask->ndim() != 2 && mask->ndim() != 3) || mask->shape(mask->ndim() - 2) != lq ||
+                mask->shape(mask->ndim() - 1) != lk || hm < 1 || heads % hm)
+                fm::fail_value("mask must be [Lq, Lk] or [H', Lq, Lk] with H a multiple of H'");
+            a.mask = mask->data(), a.mask_row = lk, a.mask_head = lq * lk, a.mask_heads = hm;
+        }
+        a.d = d, a.heads = heads, a.lq = lq, a.lk = lk, a.scale = scale;
+        f32_array out({lq, heads, d});
+        a.out = out.mutable_data();
+        {
+            py::gil_scoped_release nogil;
+            run_threads(threads, [&](int t) { fm::attention_f32(path, a, t, threads); });
+        }
+        return out;
+    }, py::arg("q"), py::arg("k"), py::arg("v"), py::arg("mask") = py::none(), py::arg("scale") = 1.0f,
+       py::arg("threads") = 1, py::arg("kernels") = py::none());
+    // The fused attention's paths this CPU runs, fastest first (always ending in "portable"), and
+    // the one a model loaded now would use ("ggml": ggml's flash attention).
+    m.def("attention_paths", [] {
+        std::vector<std::string> out;
+        for (fm::AttnPath p : {fm::AttnPath::Avx512, fm::AttnPath::Avx2, fm::AttnPath::Portable})
+            if (fm::attention_path_supported(p)) out.push_back(fm::attention_path_name(p));
+        return out;
+    });
+    m.def("attention_engine_path", [] {
+        const fm::EngineOptions o = fm::engine_options_from_env();
+        fm::qmatmul_engine_path(o.kernels);  // a forced path this CPU lacks is an error, as at load
+        return std::string(fm::attention_path_name(o.own_attention ? fm::attention_engine_path(o.kernels) : fm::AttnPath::Ggml));
+    });
     // The CPU convolution kernel on its own, for tests against a numpy reference: x [Cin, H, W],
     // kernel [Cout, Cin, k, k] (torch's layout), bias [Cout] or None -> [Cout, OH, OW]; the
-    // output pixels are split over `threads` threads as the graph op splits them.
-    using f32_array = py::array_t<float, py::array::c_style | py::array::forcecast>;
+    // output pixels are split over `threads` threads as the graph op splits them; on path
+    // `kernels` (default: the engine's).
     m.def("conv2d_f32", [](f32_array x, f32_array kernel, std::optional<f32_array> bias, int stride, int pad,
-                           int threads) {
+                           int threads, std::optional<std::string> kernels) {
+        fm::ConvPath path = fm::conv_engine_path();
+        if (kernels) {
+            bool found = false;
+            for (fm::ConvPath p : {fm::ConvPath::Avx512, fm::ConvPath::Avx2, fm::ConvPath::Portable})
+                if (*kernels == fm::conv_path_name(p)) path = p, found = true;
+            if (!found || !fm::conv_path_supported(path))
+                fm::fail_value("conv2d_f32: kernels '%s' is not a path this CPU runs (avx512, avx2, portable)", kernels->c_str());
+        }
         if (x.ndim() != 3 || kernel.ndim() != 4 || kernel.shape(1) != x.shape(0) || kernel.shape(2) != kernel.shape(3))
             fm::fail_value("conv2d_f32 takes x [Cin, H, W] and kernel [Cout, Cin, k, k]");
         const int64_t cin = x.shape(0), h = x.shape(1), w = x.shape(2), cout = kernel.shape(0), k = kernel.shape(2);
@@ -86,13 +157,22 @@ void bind_testing(py::module_ &m) {
             py::gil_scoped_release nogil;
             std::vector<std::thread> pool;
             for (int t = 1; t < threads; ++t)
-                pool.emplace_back([&, t] { fm::conv2d_f32(kp, xp, bp, op, w, h, cin, cout, k, stride, pad, t, threads); });
-            fm::conv2d_f32(kp, xp, bp, op, w, h, cin, cout, k, stride, pad, 0, threads);
+                pool.emplace_back([&, t] { fm::conv2d_f32(kp, xp, bp, op, w, h, cin, cout, k, stride, pad, t, threads, path); });
+            fm::conv2d_f32(kp, xp, bp, op, w, h, cin, cout, k, stride, pad, 0, threads, path);
             for (auto &th : pool) th.join();
         }
         return out;
-    }, py::arg("x"), py::arg("kernel"), py::arg("bias"), py::arg("stride") = 1, py::arg("pad") = 0, py::arg("threads") = 1);
+    }, py::arg("x"), py::arg("kernel"), py::arg("bias"), py::arg("stride") = 1, py::arg("pad") = 0, py::arg("threads") = 1,
+       py::arg("kernels") = py::none());
     m.def("cpu_conv2d_available", &fm::cpu_conv2d_available);
+    // The convolution's paths this CPU runs, fastest first, and the engine's (kernels: default).
+    m.def("conv_paths", [] {
+        std::vector<std::string> out;
+        for (fm::ConvPath p : {fm::ConvPath::Avx512, fm::ConvPath::Avx2, fm::ConvPath::Portable})
+            if (fm::conv_path_supported(p)) out.push_back(fm::conv_path_name(p));
+        return out;
+    });
+    m.def("conv_engine_path", [] { return std::string(fm::conv_path_name(fm::conv_engine_path())); });
     // The quantized matmul kernel on its own, for tests: w = ggml Q4_0, Q4_1 or Q8_0 rows as bytes
     // [n, row bytes], x [rows, k] -> [rows, n]; quantization of x and the product split over
     // `threads` threads, on instruction-set path `kernels` (default: the fastest this CPU runs).

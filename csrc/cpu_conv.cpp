@@ -23,18 +23,40 @@
 namespace fm {
 
 namespace {
-constexpr int kRows = 6;         // output channels per register tile
-constexpr int kCols = 16;        // output columns per register tile (two 8-float registers)
+constexpr int kRows = 6;         // output channels per register tile (AVX2: 12 ymm accumulators)
+constexpr int kRowsZmm = 16;     // output channels per register tile (AVX-512: 16 zmm accumulators)
+constexpr int kCols = 16;        // output columns per register tile (two 8-float registers, one zmm)
 constexpr int64_t kKc = 256;     // k per block: kRows·kKc weights (6 KiB) stay in L1
 constexpr int64_t kChunk = 24;   // panels packed together: 24·16·kKc floats (384 KiB) in L2
 }  // namespace
 
 #ifdef FM_CONV_X86
 
-bool cpu_conv2d_available() {
-    static const bool ok = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && kernel_choice() != KernelChoice::Portable;
-    return ok;
+bool conv_path_supported(ConvPath path) {
+    switch (path) {
+    case ConvPath::Portable: return true;
+    case ConvPath::Avx2: return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+    case ConvPath::Avx512: return conv_path_supported(ConvPath::Avx2) && __builtin_cpu_supports("avx512f");
+    }
+    return false;
 }
+
+ConvPath conv_engine_path() {
+    static const ConvPath path = [] {
+        switch (kernel_choice()) {
+        case KernelChoice::Portable: return ConvPath::Portable;
+        case KernelChoice::Avx2:
+        case KernelChoice::AvxVnni: return conv_path_supported(ConvPath::Avx2) ? ConvPath::Avx2 : ConvPath::Portable;
+        default:
+            for (ConvPath p : {ConvPath::Avx512, ConvPath::Avx2})
+                if (conv_path_supported(p)) return p;
+            return ConvPath::Portable;
+        }
+    }();
+    return path;
+}
+
+bool cpu_conv2d_available() { return conv_engine_path() != ConvPath::Portable; }
 
 namespace {
 
@@ -64,6 +86,27 @@ __attribute__((target("avx2,fma"))) void tile_kernel(const float *xp, const floa
 #define FM_STORE(r) _mm256_storeu_ps(c + r * ldc, a##r##0); _mm256_storeu_ps(c + r * ldc + 8, a##r##1);
     FM_STORE(0) FM_STORE(1) FM_STORE(2) FM_STORE(3) FM_STORE(4) FM_STORE(5)
 #undef FM_STORE
+}
+
+// AVX-512: 16 x 16 tile, one zmm per channel row: c[r·ldc + j] (+)= Σ_k wt[k·16 + r] · xp[k·16 + j].
+// The weights come k-major (wt: 16 channels per k), so every broadcast is one pointer plus a
+// constant. The products and their order are the AVX2 tile's: the same bits.
+__attribute__((target("avx2,fma,avx512f"))) void tile_kernel_zmm(const float *xp, const float *wt, int64_t kc,
+                                                                 float *c, int64_t ldc, bool init, const float *bias) {
+#define FM_EACH16(M) M(0) M(1) M(2) M(3) M(4) M(5) M(6) M(7) M(8) M(9) M(10) M(11) M(12) M(13) M(14) M(15)
+#define FM_DECL(r) __m512 a##r = init ? _mm512_set1_ps(bias ? bias[r] : 0.0f) : _mm512_loadu_ps(c + r * ldc);
+    FM_EACH16(FM_DECL)
+#undef FM_DECL
+    for (int64_t k = 0; k < kc; ++k, wt += kRowsZmm) {
+        const __m512 x = _mm512_load_ps(xp + k * kCols);
+#define FM_STEP(r) a##r = _mm512_fmadd_ps(_mm512_set1_ps(wt[r]), x, a##r);
+        FM_EACH16(FM_STEP)
+#undef FM_STEP
+    }
+#define FM_STORE(r) _mm512_storeu_ps(c + r * ldc, a##r);
+    FM_EACH16(FM_STORE)
+#undef FM_STORE
+#undef FM_EACH16
 }
 
 // The im2col matrix of a convolution, never stored: panels are 16 output pixels of one output
@@ -104,9 +147,11 @@ struct ConvPanels {
 };
 
 // out[c·ldo + first(q) + j] = bias[c] + Σ_k w[c·K + k] · panel_q[k][j]: this thread's panels.
-template <class Panels>
+// kZmm: the AVX-512 tile (16 channels), the weights first rearranged k-major per 16 channels.
+template <bool kZmm, class Panels>
 void gemm_driver(const Panels &src, const float *w, const float *bias, float *out, int64_t ldo, int64_t C, int64_t K,
                  int ith, int nth) {
+    constexpr int R = kZmm ? kRowsZmm : kRows;
     const int64_t panels = src.count();
     const int64_t pa = panels * ith / nth, pb = panels * (ith + 1) / nth;
     if (pa >= pb) return;
@@ -115,10 +160,22 @@ void gemm_driver(const Panels &src, const float *w, const float *bias, float *ou
     thread_local std::vector<float> buf;
     const size_t need = size_t(kChunk * kCols * kc_max) + 16;
     if (buf.size() < need) buf.resize(need);
-    float *packed = reinterpret_cast<float *>((reinterpret_cast<uintptr_t>(buf.data()) + 31) & ~uintptr_t(31));
-    alignas(32) float tmp[kRows * kCols];
-    std::vector<float> wpad(size_t(kRows * kc_max));
-    float bpad[kRows];
+    float *packed = reinterpret_cast<float *>((reinterpret_cast<uintptr_t>(buf.data()) + 63) & ~uintptr_t(63));
+    alignas(64) float tmp[R * kCols];
+    std::vector<float> wpad(kZmm ? 0 : size_t(R * kc_max));
+    float bpad[R];
+    // kZmm: wt[(c / 16)·K·16 + k·16 + c % 16] = w[c·K + k], channels past C zero; bias padded too.
+    std::vector<float> wt, bt;
+    if (kZmm) {
+        const int64_t cpad = (C + R - 1) / R * R;
+        wt.assign(size_t(cpad * K), 0.0f);
+        for (int64_t c = 0; c < C; ++c)
+            for (int64_t k = 0; k < K; ++k) wt[size_t((c / R) * K * R + k * R + c % R)] = w[c * K + k];
+        if (bias) {
+            bt.assign(size_t(cpad), 0.0f);
+            std::copy(bias, bias + C, bt.begin());
+        }
+    }
 
     for (int64_t q0 = pa; q0 < pb; q0 += kChunk) {
         const int64_t q1 = std::min(pb, q0 + kChunk);
@@ -126,30 +183,34 @@ void gemm_driver(const Panels &src, const float *w, const float *bias, float *ou
             const int64_t k0 = kb * kc_max, kc = std::min(kc_max, K - k0);
             for (int64_t q = q0; q < q1; ++q) src.pack(q, k0, kc, packed + (q - q0) * kCols * kc);
             const bool init = kb == 0;
-            for (int64_t c0 = 0; c0 < C; c0 += kRows) {
-                const int rows = int(std::min<int64_t>(kRows, C - c0));
-                const float *wr = w + c0 * K + k0;
+            for (int64_t c0 = 0; c0 < C; c0 += R) {
+                const int rows = int(std::min<int64_t>(R, C - c0));
+                const float *wr = kZmm ? wt.data() + c0 * K + k0 * R : w + c0 * K + k0;
                 int64_t ldw = K;
-                const float *br = bias ? bias + c0 : nullptr;
-                if (rows < kRows) {  // the last channels: weights and bias padded with zero rows
+                const float *br = kZmm ? (bias ? bt.data() + c0 : nullptr) : bias ? bias + c0 : nullptr;
+                if (!kZmm && rows < R) {  // the last channels: weights and bias padded with zero rows
                     std::fill(wpad.begin(), wpad.end(), 0.0f);
                     for (int r = 0; r < rows; ++r) std::memcpy(&wpad[size_t(r * kc)], wr + r * K, size_t(kc) * sizeof(float));
-                    std::fill(bpad, bpad + kRows, 0.0f);
+                    std::fill(bpad, bpad + R, 0.0f);
                     if (br) std::memcpy(bpad, br, size_t(rows) * sizeof(float));
                     wr = wpad.data();
                     ldw = kc;
                     br = br ? bpad : nullptr;
                 }
+                auto tile = [&](const float *xp, float *c, int64_t ldc) {
+                    if constexpr (kZmm) tile_kernel_zmm(xp, wr, kc, c, ldc, init, br);
+                    else tile_kernel(xp, wr, ldw, kc, c, ldc, init, br);
+                };
                 for (int64_t q = q0; q < q1; ++q) {
                     const int64_t n = src.width(q);
                     float *c = out + c0 * ldo + src.first(q);
                     const float *xp = packed + (q - q0) * kCols * kc;
-                    if (n == kCols && rows == kRows) {
-                        tile_kernel(xp, wr, ldw, kc, c, ldo, init, br);
+                    if (n == kCols && rows == R) {
+                        tile(xp, c, ldo);
                     } else {  // a partial tile goes through a full one
                         if (!init)
                             for (int r = 0; r < rows; ++r) std::memcpy(tmp + r * kCols, c + r * ldo, size_t(n) * sizeof(float));
-                        tile_kernel(xp, wr, ldw, kc, tmp, kCols, init, br);
+                        tile(xp, tmp, kCols);
                         for (int r = 0; r < rows; ++r) std::memcpy(c + r * ldo, tmp + r * kCols, size_t(n) * sizeof(float));
                     }
                 }
@@ -158,20 +219,27 @@ void gemm_driver(const Panels &src, const float *w, const float *bias, float *ou
     }
 }
 
-void conv2d_avx2(const float *kernel, const float *x, const float *bias, float *out, int64_t W, int64_t H, int64_t Cin,
+template <bool kZmm>
+void conv2d_simd(const float *kernel, const float *x, const float *bias, float *out, int64_t W, int64_t H, int64_t Cin,
                  int64_t Cout, int64_t k, int64_t stride, int64_t pad, int ith, int nth) {
     const int64_t OW = (W + 2 * pad - k) / stride + 1, OH = (H + 2 * pad - k) / stride + 1;
-    gemm_driver(ConvPanels{x, W, H, Cin, k, stride, pad, OW, OH}, kernel, bias, out, OW * OH, Cout, k * k * Cin, ith,
-                nth);
+    gemm_driver<kZmm>(ConvPanels{x, W, H, Cin, k, stride, pad, OW, OH}, kernel, bias, out, OW * OH, Cout, k * k * Cin,
+                      ith, nth);
 }
 
 }  // namespace
 
 #else
 
+bool conv_path_supported(ConvPath path) { return path == ConvPath::Portable; }
+ConvPath conv_engine_path() { return ConvPath::Portable; }
 bool cpu_conv2d_available() { return false; }
 
 #endif
+
+const char *conv_path_name(ConvPath path) {
+    return path == ConvPath::Avx512 ? "avx512" : path == ConvPath::Avx2 ? "avx2" : "portable";
+}
 
 namespace {
 // Plain C++ (CPUs without AVX2; tests): the same sums, one output at a time.
@@ -192,10 +260,12 @@ void conv2d_portable(const float *kernel, const float *x, const float *bias, flo
 }  // namespace
 
 void conv2d_f32(const float *kernel, const float *x, const float *bias, float *out, int64_t W, int64_t H, int64_t Cin,
-                int64_t Cout, int64_t k, int64_t stride, int64_t pad, int ith, int nth) {
+                int64_t Cout, int64_t k, int64_t stride, int64_t pad, int ith, int nth, ConvPath path) {
 #ifdef FM_CONV_X86
-    if (cpu_conv2d_available())
-        return conv2d_avx2(kernel, x, bias, out, W, H, Cin, Cout, k, stride, pad, ith, nth);
+    if (path == ConvPath::Avx512 && conv_path_supported(path))
+        return conv2d_simd<true>(kernel, x, bias, out, W, H, Cin, Cout, k, stride, pad, ith, nth);
+    if (path == ConvPath::Avx2 && conv_path_supported(path))
+        return conv2d_simd<false>(kernel, x, bias, out, W, H, Cin, Cout, k, stride, pad, ith, nth);
 #endif
     conv2d_portable(kernel, x, bias, out, W, H, Cin, Cout, k, stride, pad, ith, nth);
 }
@@ -218,7 +288,7 @@ void conv_node(ggml_tensor *dst, int ith, int nth, void *userdata) {
     }
     conv2d_f32(kernel, static_cast<const float *>(x->data), b ? static_cast<const float *>(b->data) : nullptr,
                static_cast<float *>(dst->data), x->ne[0], x->ne[1], x->ne[2], kw->ne[3], kw->ne[0], stride, pad, ith,
-               nth);
+               nth, conv_engine_path());
 }
 
 }  // namespace

@@ -11,16 +11,26 @@
 
 namespace fm {
 
-// Whether this CPU runs the fast kernel (x86-64 with AVX2 and FMA); elsewhere callers keep ggml's
-// convolution.
+// The kernel's instruction-set paths: AVX-512 (a 16-channel x 16-pixel tile of zmm registers),
+// AVX2 (6 x 16, ymm), plain C++. The two vector paths give the same bits.
+enum class ConvPath { Portable, Avx2, Avx512 };
+bool conv_path_supported(ConvPath path);
+const char *conv_path_name(ConvPath path);  // "portable", "avx2", "avx512"
+// The process's path (kernel_choice(): FLUXMINI_KERNELS=portable forces plain C++, avx2 / avxvnni
+// the AVX2 path; otherwise the fastest this CPU runs).
+ConvPath conv_engine_path();
+
+// Whether the engine uses a vector path (x86-64 with AVX2 and FMA, not forced portable);
+// elsewhere callers keep ggml's convolution.
 bool cpu_conv2d_available();
 
 // out [OW, OH, Cout] = conv(x [W, H, Cin], kernel [k, k, Cin, Cout]) + bias, one thread's share
 // (output pixels split over nth threads): im2col + GEMM, with the patch matrix packed straight
 // from x (no k²·Cin x OW·OH matrix in memory, no im2col pass). Every output sums its k²·Cin
-// products in one fixed order, so results do not depend on the thread count.
+// products in one fixed order, so results do not depend on the thread count. A path this CPU lacks
+// runs the plain C++ code.
 void conv2d_f32(const float *kernel, const float *x, const float *bias, float *out, int64_t W, int64_t H, int64_t Cin,
-                int64_t Cout, int64_t k, int64_t stride, int64_t pad, int ith, int nth);
+                int64_t Cout, int64_t k, int64_t stride, int64_t pad, int ith, int nth, ConvPath path);
 
 // ggml graph node computing conv2d_f32 on the CPU backend: x [W, H, Cin, 1] F32 contiguous,
 // kernel [k, k, Cin, Cout] F32 or F16 (widened to F32 exactly, per call) contiguous, bias [Cout]

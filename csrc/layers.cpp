@@ -7,7 +7,8 @@
 
 namespace fm {
 
-Ops::Ops(ggml_context *c, const Backend &backend) : ctx(c), qmatmul_path(backend.qmatmul_path()) {}
+Ops::Ops(ggml_context *c, const Backend &backend)
+    : ctx(c), qmatmul_path(backend.qmatmul_path()), attn_path(backend.attention_path()) {}
 
 ggml_tensor *linear(const Ops &o, ggml_tensor *x, const Linear &p) {
     ggml_tensor *w = p.w, *b = p.b;
@@ -90,6 +91,13 @@ ggml_tensor *attention(const Ops &o, ggml_tensor *q, ggml_tensor *k, ggml_tensor
                        float scale) {
     ggml_context *ctx = o.ctx;
     const int64_t d = q->ne[0], heads = q->ne[1], lq = q->ne[2];
+    if (o.flash_attn && o.attn_path != AttnPath::Ggml) {
+        // Our fused kernel: F32 Q, K, V read in place (views included), no score matrix.
+        auto rows = [&](ggml_tensor *t) { return t->nb[0] == sizeof(float) ? t : ggml_cont(ctx, t); };
+        q = rows(q), k = rows(k), v = rows(v);
+        if (attention_op_supports(q, k, v, mask))
+            return ggml_reshape_2d(ctx, attention_op(ctx, q, k, v, mask, scale, o.attn_path), d * heads, lq);
+    }
     // [d, H, L] -> [d, L, H]
     q = ggml_permute(ctx, q, 0, 2, 1, 3);
     k = ggml_permute(ctx, k, 0, 2, 1, 3);

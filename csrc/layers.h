@@ -6,6 +6,7 @@
 #pragma once
 
 #include "common.h"
+#include "cpu_attention.h"
 
 #include <ggml.h>
 
@@ -32,6 +33,9 @@ struct Ops {
     // Q4_0 / Q4_1 / Q8_0 weights of linear() go through our CPU kernel on this path
     // (Backend::qmatmul_path(); cpu_qmatmul.h), unless Ggml.
     KernelChoice qmatmul_path = KernelChoice::Ggml;
+    // attention() with flash_attn runs our fused CPU kernel on this path (Backend::attention_path();
+    // cpu_attention.h) instead of ggml's flash attention, unless Ggml.
+    AttnPath attn_path = AttnPath::Ggml;
 };
 
 // A low-rank adapter (LoRA) of a linear layer: y[row0 : row0 + rows] += scale · up(down(x)),

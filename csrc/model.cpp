@@ -1,6 +1,7 @@
 #include "model.h"
 
 #include "common.h"
+#include "cpu_conv.h"
 #include "cpu_qmatmul.h"
 
 #include <algorithm>
@@ -30,7 +31,7 @@ Model::Model(const ModelParams &params) : options_(params.options) {
     install_ggml_hooks();
     GgmlAbortGuard guard;
     weights_ = std::make_unique<WeightSet>(params.path, params.clip_l, params.t5xxl, params.vae);
-    backend_ = std::make_unique<Backend>(params.backend, params.threads, options_.kernels);
+    backend_ = std::make_unique<Backend>(params.backend, params.threads, options_.kernels, options_.own_attention);
     for (Component c : kComponents)
         if (!weights_->component(c).empty())
             nets_[size_t(c)] = make_network(c, *backend_, weights_->component(c), options_);
@@ -65,8 +66,11 @@ std::string Model::kernels() const {
     std::string s = backend_->own_qmatmul() ? std::string("Q4_0/Q4_1/Q8_0 matmul: fluxmini (") +
                                                   qmatmul_path_description(backend_->qmatmul_path()) + ")"
                                             : std::string("matmul: ggml");
+    const AttnPath attn = backend_->attention_path();
+    s += attn == AttnPath::Ggml ? "; attention: ggml" : strfmt("; attention: fluxmini (%s)", attention_path_description(attn));
     if (const auto *vae = static_cast<const VaeNet *>(nets_[size_t(Component::Vae)].get()))
-        s += vae->own_conv() ? "; VAE convolution: fluxmini (AVX2)" : "; VAE convolution: ggml";
+        s += vae->own_conv() ? strfmt("; VAE convolution: fluxmini (%s)", conv_engine_path() == ConvPath::Avx512 ? "AVX-512" : "AVX2")
+                             : std::string("; VAE convolution: ggml");
     return s;
 }
 

@@ -49,6 +49,11 @@ EngineOptions engine_options_from_env(EngineOptions o) {
     if (const char *e = env("FLUXMINI_VAE_BUDGET_MB")) o.vae_budget_mb = size_t(std::strtoull(e, nullptr, 10));
     if (const char *e = env("FLUXMINI_VAE_BAND_KB"))
         if (size_t kb = size_t(std::strtoull(e, nullptr, 10))) o.vae_band_bytes = kb << 10;
+    if (const char *e = env("FLUXMINI_ATTENTION")) {
+        if (!std::strcmp(e, "ggml")) o.own_attention = false;
+        else if (!std::strcmp(e, "auto")) o.own_attention = true;
+        else fail_value("FLUXMINI_ATTENTION='%s' is not a choice; use auto or ggml", e);
+    }
     if (const char *e = env("FLUXMINI_PROFILE")) o.profile = std::strcmp(e, "0") != 0;
     return o;
 }

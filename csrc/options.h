@@ -22,6 +22,8 @@ struct EngineOptions {
     size_t vae_band_bytes = size_t(64) << 20;  // FLUXMINI_VAE_BAND_KB: patches per band of ggml's conv
     bool profile = false;                      // FLUXMINI_PROFILE=1: time per ggml op on stderr
     bool flash_attn = true;                    // Flux attention through ggml_flash_attn_ext
+    bool own_attention = true;                 // FLUXMINI_ATTENTION=ggml: ggml's flash attention instead of
+                                               // fluxmini's fused CPU kernel (cpu_attention.h)
     int verbosity = 0;                         // engine log lines on stderr (0 quiet, 1 info, 2 ggml's too)
 };
 

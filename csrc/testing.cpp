@@ -120,14 +120,19 @@ BenchTime bench_mul_mat(const std::string &type_name, int64_t k, int64_t n, int6
     return s;
 }
 
-BenchTime bench_attention(int64_t d, int64_t heads, int64_t l, bool flash, int threads, int reps) {
+BenchTime bench_attention(int64_t d, int64_t heads, int64_t l, bool flash, int threads, int reps,
+                          const std::string &kernels) {
     if (d < 1 || heads < 1 || l < 1 || d * heads * l > (int64_t(1) << 28)) fail_value("bench_attention sizes out of range");
     const EngineOptions options = engine_options_from_env();
-    Backend backend("cpu", threads, options.kernels);
+    Backend backend("cpu", threads, options.kernels, options.own_attention);
+    AttnPath path = backend.attention_path();
+    if (!kernels.empty() && (!parse_attention_path(kernels.c_str(), &path) || !attention_path_supported(path)))
+        fail_value("bench_attention: kernels '%s' is not ggml or an attention path this CPU runs", kernels.c_str());
     GraphRunner runner(backend, options, 32);
     runner.prepare("fa", [&](ggml_context *ctx) {
         Ops o{ctx};
         o.flash_attn = flash;
+        o.attn_path = path;
         o.flash_kv_f32 = backend.is_cpu();  // as FluxNet::forward chooses
         auto in = [&](const char *name) {
             ggml_tensor *t = ggml_new_tensor_3d(ctx, GGML_TYPE_F32, d, heads, l);

@@ -12,14 +12,18 @@ namespace fm {
 // processes on a shared machine) of one F32-activation matmul of a [k -> n] weight of `type`
 // (placed as the model's weights are, repacked where ggml has a kernel) over m tokens, and of one
 // attention of `heads` heads of d over l tokens as the Flux graph computes it on the CPU (flash:
-// F32 K/V; else the explicit F32 softmax). CPU backend, `threads` threads.
+// our fused kernel where the engine would use it, else ggml's flash attention with F32 K/V;
+// not flash: the explicit F32 softmax). CPU backend, `threads` threads.
 struct BenchTime {
     double wall = 0, cpu = 0;
 };
 // ggml_only: ggml's matmul even where the engine would use its own kernel (cpu_qmatmul.h).
 BenchTime bench_mul_mat(const std::string &type, int64_t k, int64_t n, int64_t m, int threads, int reps,
                         bool ggml_only = false);
-BenchTime bench_attention(int64_t d, int64_t heads, int64_t l, bool flash, int threads, int reps);
+// kernels: "" (the engine's choice under FLUXMINI_KERNELS / FLUXMINI_ATTENTION), "ggml" (ggml's
+// flash attention), or a path of our kernel ("avx512", "avx2", "portable").
+BenchTime bench_attention(int64_t d, int64_t heads, int64_t l, bool flash, int threads, int reps,
+                          const std::string &kernels = "");
 
 // linear() (layers.h) on its own, for tests: F32 x [rows, in] (row-major), W [out, in], bias
 // [out] or null, adapters of ranks r_i (down [r_i, in], up [out, r_i], scale) -> [rows, out].

@@ -280,9 +280,9 @@ struct VaeNet::Impl {
 
     // ------------------------------------------------------------------ graph pieces
     // Activations are F32 everywhere: the VAE has no table-based activation, and its attention
-    // always takes the explicit F32 softmax (chunked, so memory stays bounded) — F16 K/V in flash
-    // attention would cost ~5e-4 relative error for no useful speed (attention is ~2% of the
-    // decoder's work). Conv kernels run in the type ParamKind::Conv gives them: F32 when stored
+    // takes our fused F32 kernel on the CPU (cpu_attention.h), else the explicit F32 softmax
+    // (chunked, so memory stays bounded) — F16 K/V in ggml's flash attention would cost ~5e-4
+    // relative error for no useful speed (attention is ~2% of the decoder's work). Conv kernels run in the type ParamKind::Conv gives them: F32 when stored
     // F32 (gpustack's quantized files and F32 files: exact), F16 otherwise.
     Ops ops(ggml_context *ctx) const {
         Ops o{ctx, backend};
@@ -373,7 +373,18 @@ struct VaeNet::Impl {
         };
         ggml_tensor *q = proj(a.q, t), *k = proj(a.k, t), *v = proj(a.v, t);  // [C, L] each
         const float scale = 1.0f / std::sqrt(float(C));
-        // Explicit F32 softmax in query chunks, so that no score block exceeds 4 Mi floats
+        auto finish = [&](ggml_tensor *out) {  // out [C, L]: projection, residual
+            out = proj(a.proj, out);
+            out = ggml_reshape_4d(ctx, ggml_cont(ctx, ggml_transpose(ctx, out)), W, H, C, 1);
+            return ggml_add(ctx, x, out);
+        };
+        if (o.attn_path != AttnPath::Ggml) {  // our fused CPU kernel (cpu_attention.h): no score block at all
+            Ops fused = o;
+            fused.flash_attn = true;
+            auto one_head = [&](ggml_tensor *t3) { return ggml_reshape_3d(ctx, t3, C, 1, L); };
+            return finish(attention(fused, one_head(q), one_head(k), one_head(v), nullptr, scale));
+        }
+        // Else explicit F32 softmax in query chunks, so that no score block exceeds 4 Mi floats
         // (16 MiB): an untiled 128×128 latent would otherwise need one 1 GiB matrix. Chunks are
         // computed one after the other, so their score blocks share memory.
         const int64_t chunk = std::max<int64_t>(1, std::min<int64_t>(L, (int64_t(4) << 20) / L));
@@ -393,10 +404,7 @@ struct VaeNet::Impl {
             if (parts.size() % 2) next.push_back(parts.back());
             parts.swap(next);
         }
-        ggml_tensor *out = parts[0];
-        out = proj(a.proj, out);                                                      // [C, L]
-        out = ggml_reshape_4d(ctx, ggml_cont(ctx, ggml_transpose(ctx, out)), W, H, C, 1);
-        return ggml_add(ctx, x, out);
+        return finish(parts[0]);
     }
 
     ggml_cgraph *build_decoder(ggml_context *ctx, int64_t w, int64_t h) const {

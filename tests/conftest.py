@@ -48,6 +48,12 @@ def pytest_report_header(config):
     lines.append(f"fluxmini quantized matmul: paths on this CPU {', '.join(have)}; engine default {default}; "
                  f"forced and tested: {', '.join(have)}, ggml"
                  + (f"; not tested (CPU lacks): {', '.join(lacking)}" if lacking else ""))
-    lines.append(f"fluxmini VAE convolution: {'fluxmini (AVX2)' if _core.testing.cpu_conv2d_available() else 'ggml'}"
-                 " by default; forced and tested: portable (plain C++), ggml")
+    try:
+        attn_default = _core.testing.attention_engine_path()
+    except Exception as e:
+        attn_default = f"none ({e})"
+    lines.append(f"fluxmini fused attention: paths on this CPU {', '.join(_core.testing.attention_paths())}; "
+                 f"engine default {attn_default}; each forced and tested (test_cpu_attention.py)")
+    lines.append(f"fluxmini VAE convolution: {'fluxmini (' + _core.testing.conv_engine_path() + ')' if _core.testing.cpu_conv2d_available() else 'ggml'}"
+                 f" by default; forced and tested: {', '.join(_core.testing.conv_paths())}, ggml")
     return lines

@@ -2,9 +2,11 @@
 
 The kernel is a blocked F32 GEMM over an im2col matrix it packs from the image panel by panel
 (16 output pixels of one row), so the cases cover: widths that are and are not multiples of 16
-(partial panels), output channels that are not multiples of the 6-row register tile, stride 2,
-1x1 kernels, padding larger than the image, and K = k²·Cin large enough for several k blocks
-whose length is not a multiple of 8.
+(partial panels), output channels that are not multiples of the register tile's rows (6 on the
+AVX2 path, 16 on the AVX-512 path), stride 2, 1x1 kernels, padding larger than the image, and
+K = k²·Cin large enough for several k blocks whose length is not a multiple of 8. Every path this
+CPU runs (avx512, avx2, portable) is forced in turn; the two vector paths multiply and add the
+same products in the same order, so they must agree bit for bit.
 
 Tolerance: float32 summation of K products in blocks. Its error is bounded by about
 K·2^-24·Σ|x·w| and in practice near √K·2^-24·Σ|x·w|; we require |got − ref| ≤ 2e-6·Σ|x·w| + 1e-30,
@@ -13,6 +15,8 @@ index, a missing panel or a stale accumulator gives errors of the order of Σ|x�
 """
 
 from __future__ import annotations
+
+import os
 
 import numpy as np
 import pytest
@@ -53,29 +57,71 @@ CASES = [  # (Cin, H, W, Cout, k, stride, pad)
 ]
 
 
+PATHS = ["avx512", "avx2", "portable"]
+
+
+def require(path: str):
+    if path not in _core.testing.conv_paths():
+        pytest.skip(f"this CPU lacks the {path} path (its paths: {', '.join(_core.testing.conv_paths())})")
+
+
+@pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("case", CASES, ids=lambda c: "x".join(map(str, c)))
-def test_matches_float64_reference(case):
+def test_matches_float64_reference(case, path):
+    require(path)
     cin, h, w, cout, k, s, p = case
     rng = np.random.default_rng(sum(case))
     x = rng.standard_normal((cin, h, w)).astype(np.float32)
     kern = rng.standard_normal((cout, cin, k, k)).astype(np.float32)
     bias = rng.standard_normal(cout).astype(np.float32)
     ref, mag = conv_ref(x, kern, bias, s, p)
-    got = _core.testing.conv2d_f32(x, kern, bias, stride=s, pad=p, threads=2)
+    got = _core.testing.conv2d_f32(x, kern, bias, stride=s, pad=p, threads=2, kernels=path)
     assert got.shape == ref.shape and got.dtype == np.float32
     assert np.all(np.abs(got - ref) <= 2e-6 * mag + 1e-30), float(np.max(np.abs(got - ref) / mag))
 
 
-def test_without_bias_and_thread_counts_give_identical_results():
+@pytest.mark.parametrize("path", PATHS)
+def test_without_bias_and_thread_counts_give_identical_results(path):
     """Each output sums its products in one order whatever the split of pixels over threads."""
+    require(path)
     rng = np.random.default_rng(7)
     x = rng.standard_normal((24, 11, 45)).astype(np.float32)
     kern = rng.standard_normal((20, 24, 3, 3)).astype(np.float32)
-    one = _core.testing.conv2d_f32(x, kern, None, stride=1, pad=1, threads=1)
+    one = _core.testing.conv2d_f32(x, kern, None, stride=1, pad=1, threads=1, kernels=path)
     for t in (2, 3, 5):
-        np.testing.assert_array_equal(_core.testing.conv2d_f32(x, kern, None, stride=1, pad=1, threads=t), one)
+        np.testing.assert_array_equal(_core.testing.conv2d_f32(x, kern, None, stride=1, pad=1, threads=t,
+                                                               kernels=path), one)
     ref, mag = conv_ref(x, kern, None, 1, 1)
     assert np.all(np.abs(one - ref) <= 2e-6 * mag)
+
+
+def test_vector_paths_agree_bit_for_bit():
+    have = [p for p in _core.testing.conv_paths() if p != "portable"]
+    if len(have) < 2:
+        pytest.skip(f"one vector path on this CPU ({have})")
+    rng = np.random.default_rng(8)
+    for cin, h, w, cout, k, s, p in [(16, 12, 40, 37, 3, 1, 1), (300, 6, 20, 5, 3, 2, 1), (8, 5, 17, 16, 1, 1, 0)]:
+        x = rng.standard_normal((cin, h, w)).astype(np.float32)
+        kern = rng.standard_normal((cout, cin, k, k)).astype(np.float32)
+        bias = rng.standard_normal(cout).astype(np.float32)
+        outs = [_core.testing.conv2d_f32(x, kern, bias, stride=s, pad=p, threads=2, kernels=q) for q in have]
+        np.testing.assert_array_equal(outs[0], outs[1])
+
+
+def test_paths_match_the_cpu_flags_and_the_engine_choice():
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = set(next(line for line in f if line.startswith("flags")).split(":", 1)[1].split())
+    except (OSError, StopIteration):
+        pytest.skip("no /proc/cpuinfo flags (not Linux)")
+    expect = ["portable"]
+    if {"avx2", "fma"} <= flags:
+        expect.insert(0, "avx2")
+        if "avx512f" in flags:
+            expect.insert(0, "avx512")
+    assert _core.testing.conv_paths() == expect
+    if not os.environ.get("FLUXMINI_KERNELS"):
+        assert _core.testing.conv_engine_path() == expect[0]
 
 
 def test_bad_arguments_raise():
@@ -88,3 +134,5 @@ def test_bad_arguments_raise():
         _core.testing.conv2d_f32(x, np.zeros((2, 3, 3, 3), np.float32), np.zeros(3, np.float32))  # bias size
     with pytest.raises(FluxMiniValueError):
         _core.testing.conv2d_f32(x, np.zeros((2, 3, 9, 9), np.float32), None)  # kernel larger than the padded image
+    with pytest.raises(FluxMiniValueError):
+        _core.testing.conv2d_f32(x, np.zeros((2, 3, 3, 3), np.float32), None, kernels="avx1024")
