@@ -136,13 +136,15 @@ def rss_file_mb() -> float:
 def generation(model, args, low_memory: bool) -> dict:
     from fluxmini import pipeline
 
+    path = model.paths["t5xxl"] or model.paths["model"]
+    spans = page_span(ranges(model, "t5xxl"))
+    before = {"t5_pages_mapped_here_before": mapped_present(path, spans),
+              "t5_pages_in_page_cache_before": cached_pages(path, spans)}
     t_cpu = time.process_time()
     res = pipeline.run(model, PROMPT, width=args.size, height=args.size, steps=args.steps, seed=1,
                        t5_length=args.t5_length, progress=False, low_memory=low_memory)
     t = res.timings
-    path = model.paths["t5xxl"] or model.paths["model"]
-    spans = page_span(ranges(model, "t5xxl"))
-    return {"text_encoding_s": round(t.get("text_encoding", -1), 3), "load_s": round(t["load"], 3),
+    return {**before, "text_encoding_s": round(t.get("text_encoding", -1), 3), "load_s": round(t["load"], 3),
             "steps_s": round(sum(t["steps"]), 3), "vae_s": round(t["vae_decode"], 3), "total_s": round(t["total"], 3),
             "cpu_s": round(time.process_time() - t_cpu, 1),
             "t5_loaded": "t5xxl" in model.loaded_components(),
