@@ -95,6 +95,22 @@ void bind_model(py::module_ &m) {
                  return out;
              })
         .def_property_readonly("ignored_tensors", &Model::ignored_tensors)
+        .def("tensor_table",
+             [](Model &self, const std::string &component) {
+                 // Reads no tensor data: what the files say (the embedding cache's fingerprint).
+                 const ComponentWeights &w = self.component_weights(component_arg(component));
+                 py::list out;
+                 for (auto &kv : w.tensors) {
+                     const TensorRef &t = *kv.second;
+                     py::list ne;
+                     for (int i = 0; i < t.n_dims; ++i) ne.append(t.ne[i]);
+                     out.append(py::make_tuple(kv.first, t.file_name, ggml_type_name(t.type), ne, t.file->path(),
+                                               size_t(t.data - t.file->data()), t.nbytes));
+                 }
+                 return out;
+             },
+             py::arg("component"),
+             "[(bare name, name in the file, type, ne (ggml order), file path, byte offset in the file, bytes)]")
         .def_property_readonly("backend", &Model::backend_name)
         .def_property_readonly("backend_description", &Model::backend_description)
         .def_property_readonly("kernels", &Model::kernels)

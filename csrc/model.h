@@ -84,6 +84,8 @@ public:
     VaeNet &vae() { return static_cast<VaeNet &>(net(Component::Vae)); }
     // Frees a component's weights and compute memory and drops its file pages from memory.
     void release(Component c);
+    // A component's tensors as found in the files (the embedding cache fingerprints them).
+    const ComponentWeights &component_weights(Component c) const { return weights_->component(c); }
 
 private:
     [[noreturn]] void missing(Component c) const;

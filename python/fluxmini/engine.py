@@ -54,6 +54,15 @@ class Engine(abc.ABC):
         """The LoRA adapters applied now, [(path, scale)] (written into image metadata)."""
         return []
 
+    # ------------------------------------------------------------------ prompt-embedding cache
+    #: a :class:`fluxmini.embedding_cache.EmbeddingCache` that encode_prompt uses, or None
+    embedding_cache = None
+
+    def text_identity(self):
+        """Bytes that identify everything the text encoders' outputs depend on besides the token
+        ids (weights, text-encoder LoRAs, kernels), or None: the embedding cache is then not used."""
+        return None
+
     # ------------------------------------------------------------------ description
     @property
     def name(self) -> str:

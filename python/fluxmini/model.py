@@ -101,11 +101,21 @@ class FluxMini(Engine):
         self._loras: list = []
         self._lora_key: tuple = ()
         self._lora_lock = threading.Lock()
+        # The prompt-embedding cache (memory only until load() is given a cache_dir), the
+        # fingerprint of the text encoders' weights (computed on first use) and that of the
+        # text-encoder LoRAs applied now (b"" for none).
+        from .embedding_cache import EmbeddingCache
+
+        self.embedding_cache = EmbeddingCache()
+        self._text_weights_fp: Optional[bytes] = None
+        self._text_lora_fp = b""
 
     @classmethod
     def load(cls, path, *, clip_l=None, t5xxl=None, vae=None, backend: str = "cpu",
              threads: Optional[int] = None, components: Optional[Iterable[str]] = None,
-             flash_attn: bool = True, verbose: int = 0, loras=None, lora_strict: bool = True) -> "FluxMini":
+             flash_attn: bool = True, verbose: int = 0, loras=None, lora_strict: bool = True,
+             cache_dir=None, cache_max_bytes: Optional[int] = None,
+             cache_memory_bytes: Optional[int] = None) -> "FluxMini":
         """Open a model.
 
         path: a FLUX.1-mini GGUF (gpustack's single file, sd.cpp names, or diffusion-only).
@@ -114,6 +124,10 @@ class FluxMini(Engine):
         components: the components that must be present (default: all four).
         loras: LoRA adapters to apply at run time, e.g. ``[("style.safetensors", 0.8)]`` (see
         :meth:`set_loras`); lora_strict: refuse a LoRA with keys that match no layer.
+        cache_dir: a folder that keeps prompt embeddings between processes (default: none; they
+        are always kept in memory for the model's life, see :mod:`fluxmini.embedding_cache`);
+        cache_max_bytes: that folder's bound (default 1 GiB, least recently used entries go
+        first); cache_memory_bytes: the memory level's bound (default 128 MiB, 0 turns it off).
         """
         if not isinstance(backend, str):
             raise FluxMiniValueError("backend must be a string: cpu, cuda, metal or auto")
@@ -126,6 +140,9 @@ class FluxMini(Engine):
                  "t5xxl": _path_arg(t5xxl, "t5xxl"), "vae": _path_arg(vae, "vae")}
         if not paths["model"]:
             raise FluxMiniValueError("no model file given: pass the path of a FLUX.1-mini GGUF file")
+        from .embedding_cache import EmbeddingCache
+
+        cache = EmbeddingCache(cache_dir, max_bytes=cache_max_bytes, memory_bytes=cache_memory_bytes)
         core = _core()
         m = core.Model(paths["model"], paths["clip_l"], paths["t5xxl"], paths["vae"], backend,
                        threads or 0, comps, bool(flash_attn), int(verbose))
@@ -136,6 +153,7 @@ class FluxMini(Engine):
                           "been checked against the reference yet (see README, 'GPU builds'); CPU and CUDA are checked",
                           RuntimeWarning, stacklevel=2)
         model = cls(m, paths)
+        model.embedding_cache = cache
         if loras:
             model.set_loras(loras, strict=lora_strict)
         return model
@@ -319,12 +337,36 @@ class FluxMini(Engine):
                 self._m.set_adapters(comp, per_comp.get(comp, []))
             self._loras = items
             self._lora_key = key
+            self._text_lora_fp = _adapters_fingerprint(per_comp, ("clip_l", "t5xxl"))
             return report
 
     def lora_bytes(self) -> int:
         """Memory the applied LoRAs' factors take in the engine."""
         return sum(self._m.adapter_bytes(c["name"]) for c in self._m.info()
                    if c["present"] and c["name"] != "vae")
+
+    # ------------------------------------------------------------------ prompt-embedding cache
+    def text_identity(self) -> bytes:
+        """What CLIP-L's and T5's outputs depend on besides the token ids: the fingerprint of their
+        weights (read once, see :func:`fluxmini.embedding_cache.weights_fingerprint`), the
+        text-encoder LoRAs applied now, the backend and kernels, and fluxmini's version."""
+        import hashlib
+
+        from .embedding_cache import weights_fingerprint
+
+        if self._text_weights_fp is None:
+            present = {c["name"] for c in self._m.info() if c["present"]}
+            rows = [(f"{c}:{name}", t, ne, path, off, n) for c in ("clip_l", "t5xxl") if c in present
+                    for name, _file_name, t, ne, path, off, n in self._m.tensor_table(c)]
+            self._text_weights_fp = weights_fingerprint(rows)
+        h = hashlib.sha256(self._text_weights_fp)
+        for part in (self._text_lora_fp, self._m.backend.encode(), self._m.kernels.encode(), _version().encode()):
+            h.update(len(part).to_bytes(8, "little") + part)
+        return h.digest()
+
+    def loaded_components(self) -> list:
+        """The components whose weights are in memory now (see :meth:`load_weights`, :meth:`release`)."""
+        return [c["name"] for c in self._m.info() if c["present"] and self._m.weight_bytes(c["name"]) > 0]
 
     # ------------------------------------------------------------------ memory
     def load_weights(self, component: str) -> None:
@@ -380,6 +422,23 @@ class FluxMini(Engine):
             calls = list(self._calls)
         for token in calls:
             token.cancel()
+
+
+def _adapters_fingerprint(per_comp: dict, components) -> bytes:
+    """SHA-256 of the adapters the engine was given for some components (b"" when none): the
+    exact factors and scales, so the embedding cache tells apart any two text-encoder LoRA sets."""
+    import hashlib
+
+    items = [(c, a) for c in components for a in per_comp.get(c, [])]
+    if not items:
+        return b""
+    h = hashlib.sha256()
+    for comp, (target, row0, on_output, scale, dtype, down, up) in items:
+        h.update(repr((comp, target, int(row0), bool(on_output), float(scale), dtype)).encode())
+        for arr in (down, up):
+            a = np.ascontiguousarray(arr)
+            h.update(repr((a.dtype.str, a.shape)).encode() + a.tobytes())
+    return h.digest()
 
 
 def _check_component(component) -> None:

@@ -63,6 +63,7 @@ __all__ = [
     "run",
     "run_batch",
     "encode_prompt",
+    "cached_prompt",
     "Conditioning",
     "Result",
     "LATENT_CHANNELS",
@@ -86,13 +87,16 @@ _F32_SHIFT = np.float32(VAE_SHIFT)
 
 @dataclass
 class Conditioning:
-    """Encoded prompt: T5 hidden states ``[t5_length, d]`` and the CLIP pooled vector ``[d]``."""
+    """Encoded prompt: T5 hidden states ``[t5_length, d]`` and the CLIP pooled vector ``[d]``
+    (read-only arrays when the model has an embedding cache, which shares them: copy to change)."""
 
     prompt: str
     t5_length: int
     t5: np.ndarray
     pooled: np.ndarray
-    seconds: float = 0.0
+    seconds: float = 0.0  #: text encoding (compute alone; 0 when the embedding cache had the prompt)
+    load_seconds: float = 0.0  #: reading the text encoders' weights for this call
+    cached: Optional[str] = None  #: "memory" or "disk" when the embedding cache had it, else None
 
 
 @dataclass
@@ -149,7 +153,47 @@ def encode_prompt(model, prompt: str = "", *, t5_length=None, compat=None, low_m
 
     t5_length: T5 ids (None: 512, or 255 with ``compat="sd.cpp"``). low_memory: release the
     text encoders' weights afterwards.
+
+    The one place prompts are encoded: the model's embedding cache (:mod:`fluxmini.embedding_cache`)
+    is checked first, and a prompt found there is not encoded at all, nor are the text encoders'
+    weights read (``seconds`` and ``load_seconds`` 0, ``cached`` says where it was found).
     """
+    t0 = time.perf_counter()
+    model, n, clip_ids, t5_ids, cache, key, hit = _lookup(model, prompt, t5_length, compat)
+    if hit is not None:
+        if low_memory:  # weights an earlier call left loaded
+            model.release("clip_l")
+            model.release("t5xxl")
+        if verbose:
+            print(f"fluxmini: text encoding: cached ({hit.cached}, {time.perf_counter() - t0:.3f} s to look up)",
+                  file=sys.stderr, flush=True)
+        return hit
+    load_seconds = _load(model, "clip_l", "t5xxl")
+    t0 = time.perf_counter()
+    pooled = np.asarray(_native(model, model.encode_clip, clip_ids), dtype=np.float32)
+    t5 = np.asarray(_native(model, model.encode_t5, t5_ids), dtype=np.float32)
+    dt = time.perf_counter() - t0
+    if low_memory:
+        model.release("clip_l")
+        model.release("t5xxl")
+    if cache is not None:
+        t5, pooled = cache.put(key, t5, pooled)
+    if verbose:
+        print(f"fluxmini: text encoding (CLIP-L + T5, {n} tokens): {dt:.3f} s"
+              + (f" (weights loaded: {load_seconds:.3f} s)" if load_seconds >= 0.05 else ""),
+              file=sys.stderr, flush=True)
+    return Conditioning(prompt=prompt, t5_length=n, t5=t5, pooled=pooled, seconds=dt, load_seconds=load_seconds)
+
+
+def cached_prompt(model, prompt: str = "", *, t5_length=None, compat=None) -> Optional[Conditioning]:
+    """The prompt's conditioning if the model's embedding cache has it, else None (nothing is
+    encoded or loaded either way). Arguments as :func:`encode_prompt`."""
+    return _lookup(model, prompt, t5_length, compat)[-1]
+
+
+def _lookup(model, prompt, t5_length, compat):
+    """Arguments checked, the token ids, the model's embedding cache and this prompt's key there
+    ((None, None) where the model has no cache), and the cached Conditioning or None."""
     from .tokenizers import tokenize_clip, tokenize_t5
 
     model = _engine(model)
@@ -157,18 +201,21 @@ def encode_prompt(model, prompt: str = "", *, t5_length=None, compat=None, low_m
     if not isinstance(prompt, str):
         raise FluxMiniValueError(f"prompt must be a string, got {type(prompt).__name__}")
     n = t5_length_arg(t5_length, compat)
-    t0 = time.perf_counter()
     clip_ids = tokenize_clip(prompt)
     t5_ids = tokenize_t5(prompt, n)
-    pooled = np.asarray(_native(model, model.encode_clip, clip_ids), dtype=np.float32)
-    t5 = np.asarray(_native(model, model.encode_t5, t5_ids), dtype=np.float32)
-    if low_memory:
-        model.release("clip_l")
-        model.release("t5xxl")
-    dt = time.perf_counter() - t0
-    if verbose:
-        print(f"fluxmini: text encoding (CLIP-L + T5, {n} tokens): {dt:.3f} s", file=sys.stderr, flush=True)
-    return Conditioning(prompt=prompt, t5_length=n, t5=t5, pooled=pooled, seconds=dt)
+    cache = getattr(model, "embedding_cache", None)
+    identity = model.text_identity() if cache is not None else None
+    if identity is None:
+        return model, n, clip_ids, t5_ids, None, None, None
+    from .embedding_cache import entry_key
+
+    key = entry_key(identity, compat, clip_ids, t5_ids)
+    found = cache.get(key)
+    hit = None
+    if found is not None:
+        where, t5, pooled = found
+        hit = Conditioning(prompt=prompt, t5_length=n, t5=t5, pooled=pooled, seconds=0.0, cached=where)
+    return model, n, clip_ids, t5_ids, cache, key, hit
 
 
 def _prepare_init(init_image, width, height):
@@ -295,13 +342,18 @@ def _stages(model: Engine, st: _Settings, starts: list, conditioning: Optional[C
         first["vae_encode"] = time.perf_counter() - t0
         rep.log(f"VAE encode ({st.width}x{st.height}): {first['vae_encode']:.3f} s")
 
-    # ---- text
+    # ---- text (the embedding cache may have it: then no text encoder is loaded)
     if conditioning is None:
-        first["load"] += load("CLIP-L + T5", "clip_l", "t5xxl")
         conditioning = encode_prompt(model, st.prompt, t5_length=st.t5_length, compat=st.compat,
                                      low_memory=low_memory, verbose=False)
+        first["load"] += conditioning.load_seconds
+        if conditioning.load_seconds >= 0.05:
+            rep.log(f"CLIP-L + T5 weights loaded: {conditioning.load_seconds:.3f} s")
         first["text_encoding"] = conditioning.seconds
-        rep.log(f"text encoding (CLIP-L + T5, {st.t5_length} tokens): {conditioning.seconds:.3f} s")
+        if conditioning.cached:
+            rep.log(f"text encoding: cached ({conditioning.cached})")
+        else:
+            rep.log(f"text encoding (CLIP-L + T5, {st.t5_length} tokens): {conditioning.seconds:.3f} s")
     elif low_memory:
         model.release("clip_l")
         model.release("t5xxl")

@@ -28,7 +28,7 @@ __all__ = ["run", "parse_jobs", "RESULTS_FILE"]
 
 def run(jobs, out_dir, *, model, ray=None, workers: Optional[int] = None, threads: Optional[int] = None,
         defaults: Optional[dict] = None, clip_l=None, t5xxl=None, vae=None, backend: str = "cpu",
-        low_memory: Optional[bool] = None, progress: bool = True) -> Iterator[dict]:
+        low_memory: Optional[bool] = None, progress: bool = True, cache_dir=None) -> Iterator[dict]:
     """Generate every image of ``jobs`` into ``out_dir``; yields one record per image or bad job.
 
     The work happens while the iterator is consumed (``for rec in run(...)``, ``list(run(...))``).
@@ -50,6 +50,8 @@ def run(jobs, out_dir, *, model, ray=None, workers: Optional[int] = None, thread
             actor receives one job at a time).
         progress: a progress bar over images on stderr (tqdm when installed) with images/hour
             and the ETA.
+        cache_dir: a folder for the prompt-embedding cache, shared by runs and workers (in Ray
+            mode a path on every node; a shared disk is safe), as ``FluxMini.load``'s.
 
     Records (dicts, also appended to results.jsonl): ``key`` (output stem, or the job index for
     a bad job), ``status`` ("ok", "error", or "skipped" for an image already complete; skipped
@@ -75,14 +77,14 @@ def run(jobs, out_dir, *, model, ray=None, workers: Optional[int] = None, thread
     store = Store(out_dir)
     return _run(parsed, store, model=model, ray=ray, workers=workers, threads=threads,
                 files={"clip_l": clip_l, "t5xxl": t5xxl, "vae": vae}, backend=backend,
-                low_memory=low_memory, progress=progress)
+                low_memory=low_memory, progress=progress, cache_dir=cache_dir)
 
 
 def _base_record(job: Job) -> dict:
     return {"index": job.index, "line": job.line, "job": job.params if job.params is not None else job.raw}
 
 
-def _run(parsed, store: Store, *, model, ray, workers, threads, files, backend, low_memory, progress):
+def _run(parsed, store: Store, *, model, ray, workers, threads, files, backend, low_memory, progress, cache_dir):
     by_index = {j.index: j for j in parsed}
     tasks, skipped = [], []
     n_images = 0
@@ -113,11 +115,11 @@ def _run(parsed, store: Store, *, model, ray, workers, threads, files, backend, 
     bar = _Progress(n_images, len(skipped), enabled=progress)
     try:
         if ray is None:
-            results = _local_results(tasks, model, files, backend, threads, low_memory)
+            results = _local_results(tasks, model, files, backend, threads, low_memory, cache_dir)
         else:
             from .ray_mode import ray_results
 
-            results = ray_results(tasks, model, files, backend, ray, workers, threads, low_memory)
+            results = ray_results(tasks, model, files, backend, ray, workers, threads, low_memory, cache_dir)
         for rec, data in results:
             job = by_index[rec["index"]]
             key = rec["key"]
@@ -134,11 +136,11 @@ def _run(parsed, store: Store, *, model, ray, workers, threads, files, backend, 
         bar.close()
 
 
-def _local_results(tasks, model, files, backend, threads, low_memory):
+def _local_results(tasks, model, files, backend, threads, low_memory, cache_dir):
     from .worker import Generator
 
     gen = Generator(model, backend=backend, threads=threads,
-                    low_memory=True if low_memory is None else low_memory, **files)
+                    low_memory=True if low_memory is None else low_memory, cache_dir=cache_dir, **files)
     yield from gen.process(tasks)
 
 

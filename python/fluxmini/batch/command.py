@@ -14,7 +14,8 @@ def _cmd_batch(args) -> int:
     ok = failed = skipped = 0
     for rec in run(args.jobs, args.output, model=args.model, ray=args.ray, workers=args.workers,
                    threads=args.threads, defaults=defaults, clip_l=args.clip_l, t5xxl=args.t5xxl, vae=args.vae,
-                   backend=args.backend, low_memory=args.low_memory, progress=not args.quiet):
+                   backend=args.backend, low_memory=args.low_memory, progress=not args.quiet,
+                   cache_dir=args.cache_dir):
         status = rec["status"]
         if status == "ok":
             ok += 1
@@ -30,6 +31,7 @@ def _cmd_batch(args) -> int:
 
 def add_parser(subparsers) -> None:
     """Register ``fluxmini batch`` on an argparse subparsers object."""
+    from ..cli.common import add_cache_dir  # here: the cli package imports this module
     b = subparsers.add_parser(
         "batch", help="generate every job of a JOBS.jsonl file, locally or on a Ray cluster (resumable)",
         description="Each line of JOBS.jsonl is a JSON job: a prompt plus any of seed, width, height, steps, "
@@ -65,5 +67,6 @@ def add_parser(subparsers) -> None:
                           "(default locally)")
     mem.add_argument("--keep-weights", dest="low_memory", action="store_const", const=False,
                      help="keep every component loaded (default with --ray)")
+    add_cache_dir(b)
     b.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     b.set_defaults(func=_cmd_batch)

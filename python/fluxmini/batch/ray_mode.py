@@ -32,11 +32,12 @@ def import_ray():
 class RayGenerator:
     """A Ray Data actor: one model per actor, rows of JSON tasks in, (record, PNG) rows out."""
 
-    def __init__(self, model, files, backend, threads, low_memory):
+    def __init__(self, model, files, backend, threads, low_memory, cache_dir=None):
         from .worker import Generator
 
         # threads explicit: Ray's CPU count is a logical reservation, not a limit on the engine
-        self.gen = Generator(model, backend=backend, threads=threads, low_memory=low_memory, **files)
+        self.gen = Generator(model, backend=backend, threads=threads, low_memory=low_memory, cache_dir=cache_dir,
+                             **files)
 
     def __call__(self, batch):
         for text in batch["task"]:
@@ -86,7 +87,7 @@ def _check_nodes(ray, nodes, paths: dict, threads: int) -> None:
 
 
 def ray_results(tasks, model, files, backend, address, workers: Optional[int], threads: Optional[int],
-                low_memory) -> Iterator[Tuple[dict, Optional[bytes]]]:
+                low_memory, cache_dir=None) -> Iterator[Tuple[dict, Optional[bytes]]]:
     ray = import_ray()
     started = _init(ray, address)
     try:
@@ -110,7 +111,7 @@ def ray_results(tasks, model, files, backend, address, workers: Optional[int], t
         ds = ray.data.from_items(items, override_num_blocks=len(items))
         ds = ds.map_batches(
             RayGenerator,
-            fn_constructor_args=(model, files, backend, threads, bool(low_memory)),
+            fn_constructor_args=(model, files, backend, threads, bool(low_memory), cache_dir),
             compute=ray.data.ActorPoolStrategy(size=workers),
             num_cpus=threads,
             batch_size=1,

@@ -1,5 +1,9 @@
 """The generating side of a batch: a model loaded once, prompts encoded once, PNG bytes out.
 
+"Encoded once" is the model's prompt-embedding cache (:mod:`fluxmini.embedding_cache`, through
+:func:`fluxmini.pipeline.encode_prompt`): in memory for the worker's life, and across runs and
+workers with ``cache_dir``.
+
 Local mode runs one :class:`Generator` in the calling process; Ray mode one per actor. Both
 produce the same bytes for a job: :func:`fluxmini.pipeline.run` with the prompt's conditioning
 and :func:`fluxmini.imageio.save_png`'s encoding, as ``fluxmini generate`` writes a file.
@@ -7,7 +11,8 @@ and :func:`fluxmini.imageio.save_png`'s encoding, as ``fluxmini generate`` write
 Memory order (``low_memory``): the prompts of a group of tasks are encoded together while only
 the text encoders are loaded; those are released before the transformer and VAE are loaded for
 the group's images, which stay loaded until the next group needs the text encoders again. The
-peak is the larger of (CLIP-L + T5) and (transformer + VAE) instead of their sum.
+peak is the larger of (CLIP-L + T5) and (transformer + VAE) instead of their sum. A group whose
+prompts are all cached loads no text encoder.
 """
 
 from __future__ import annotations
@@ -21,7 +26,7 @@ from typing import Iterator, List, Optional, Tuple
 
 from ..errors import FluxMiniError, FluxMiniFileError
 
-#: distinct prompts encoded together (and kept) per group: ~8 MB each for T5-XXL at 512 tokens
+#: distinct prompts encoded together (and held) per group: ~8 MB each for T5-XXL at 512 tokens
 TEXT_GROUP = 16
 
 
@@ -63,17 +68,17 @@ class Generator:
     """
 
     def __init__(self, model: str, *, clip_l=None, t5xxl=None, vae=None, backend: str = "cpu",
-                 threads: Optional[int] = None, low_memory: bool = True):
+                 threads: Optional[int] = None, low_memory: bool = True, cache_dir=None):
         from ..model import FluxMini
         from ..hub import resolve_model
 
         check_model_files({"model": model, "clip_l": clip_l, "t5xxl": t5xxl, "vae": vae})
         path = resolve_model(model)
         t0 = time.perf_counter()
-        self.model = FluxMini.load(path, clip_l=clip_l, t5xxl=t5xxl, vae=vae, backend=backend, threads=threads)
+        self.model = FluxMini.load(path, clip_l=clip_l, t5xxl=t5xxl, vae=vae, backend=backend, threads=threads,
+                                   cache_dir=cache_dir)
         self.load_seconds = time.perf_counter() - t0
         self.low_memory = bool(low_memory)
-        self.conds: "OrderedDict[Tuple, object]" = OrderedDict()
 
     def process(self, tasks: List[dict]) -> Iterator[Tuple[dict, Optional[bytes]]]:
         """Generate every pending image of ``tasks``, grouped by prompt (first appearance order)."""
@@ -92,10 +97,21 @@ class Generator:
                         text_seconds = 0.0  # reported with the first image that used it
 
     def _encode(self, keys: List[Tuple]) -> dict:
-        from ..pipeline import encode_prompt
+        """{key: (Conditioning or the FluxMiniError it raised, seconds of text encoding)}; cached
+        prompts take 0 s and load nothing."""
+        from ..pipeline import cached_prompt, encode_prompt
 
-        missing = [k for k in keys if k not in self.conds]
-        out = {}
+        out, missing = {}, []
+        for k in keys:
+            prompt, t5_length, compat = k
+            try:
+                cond = cached_prompt(self.model, prompt, t5_length=t5_length, compat=compat)
+            except FluxMiniError as e:
+                cond = e
+            if cond is None:
+                missing.append(k)
+            else:
+                out[k] = (cond, 0.0)
         if missing and self.low_memory:
             # the text encoders are about to load: free the transformer and VAE first
             self.model.release("diffusion")
@@ -107,16 +123,10 @@ class Generator:
                 cond = encode_prompt(self.model, prompt, t5_length=t5_length, compat=compat)
             except FluxMiniError as e:
                 cond = e
-            self.conds[k] = (cond, time.perf_counter() - t0)
+            out[k] = (cond, time.perf_counter() - t0)
         if missing and self.low_memory:
             self.model.release("clip_l")
             self.model.release("t5xxl")
-        for k in keys:
-            self.conds.move_to_end(k)
-            cond, seconds = self.conds[k]
-            out[k] = (cond, seconds if k in missing else 0.0)
-        while len(self.conds) > TEXT_GROUP:
-            self.conds.popitem(last=False)
         return out
 
     def _one(self, task: dict, seed: int, cond, text_seconds: float) -> Tuple[dict, Optional[bytes]]:

@@ -16,7 +16,7 @@ from ..imageio import save_png
 from ..model import FluxMini
 from ..pipeline import encode_prompt, run_batch
 from ..pipeline import run as run_one
-from .common import add_component_files
+from .common import add_cache_dir, add_component_files
 
 
 def output_paths(output: str, count: int) -> list:
@@ -49,7 +49,7 @@ def run(args) -> int:
     path = resolve_model(args.model)
     t0 = time.perf_counter()
     model = FluxMini.load(path, clip_l=args.clip_l, t5xxl=args.t5xxl, vae=args.vae, backend=args.backend,
-                          threads=args.threads, verbose=1 if args.verbose else 0)
+                          threads=args.threads, verbose=1 if args.verbose else 0, cache_dir=args.cache_dir)
     if args.lora:
         from ..lora import parse_lora_arg
 
@@ -131,6 +131,7 @@ def add_parser(subparsers) -> None:
                         "FluxKits/XLabs, kohya, diffusers/PEFT or BFL/ComfyUI keys, safetensors or GGUF")
     g.add_argument("--lora-nonstrict", action="store_true",
                    help="apply the matching part of a LoRA whose other tensors match no layer (listed on stderr)")
+    add_cache_dir(g)
     g.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     g.add_argument("-v", "--verbose", action="store_true", help="per-stage timings and peak memory on stderr")
     g.set_defaults(func=run)

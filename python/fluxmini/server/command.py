@@ -58,7 +58,7 @@ def _cmd_serve(args) -> int:
     api_key = args.api_key if args.api_key is not None else os.environ.get("FLUXMINI_API_KEY") or None
     path = resolve_model(args.model)
     model = FluxMini.load(path, clip_l=args.clip_l, t5xxl=args.t5xxl, vae=args.vae, backend=args.backend,
-                          threads=args.threads)
+                          threads=args.threads, cache_dir=args.cache_dir)
     alias = args.alias or os.path.splitext(os.path.basename(path))[0]
     app = create_app(model, model_id=alias, api_key=api_key, max_queue=args.max_queue, max_size=args.max_size,
                      max_body_bytes=int(args.max_body_mb * (1 << 20)), cors_origins=args.cors_origin or (),
@@ -76,6 +76,7 @@ def _cmd_serve(args) -> int:
 
 def add_parser(subparsers) -> None:
     """Register ``fluxmini serve``."""
+    from ..cli.common import add_cache_dir  # here: the cli package imports this module
     s = subparsers.add_parser(
         "serve", help="serve the OpenAI Images API and a web page (needs the [server] extra)",
         description="An OpenAI-compatible image server: POST /v1/images/generations and /v1/images/edits "
@@ -105,6 +106,7 @@ def add_parser(subparsers) -> None:
     s.add_argument("--lora-dir", default=None, metavar="DIR",
                    help="offer the LoRA files (.safetensors, .gguf) in DIR: requests name them in 'lora' "
                         "([{\"path_or_name\": \"style\", \"scale\": 0.8}]); no other path is ever read")
+    add_cache_dir(s)
     s.add_argument("--log-level", default="warning", choices=["critical", "error", "warning", "info", "debug"],
                    help="uvicorn's log level (default warning; info logs each request)")
     s.set_defaults(func=_cmd_serve)
