@@ -239,7 +239,8 @@ def stage_report(model, d: str, png_sd: str, args) -> list:
     pooled_sd = read_dump(d, "pooled").reshape(-1)
     t5 = model.encode_t5(tokenize_t5(args.prompt, t5_sd.shape[0]))
     pooled = model.encode_clip(tokenize_clip(args.prompt))
-    # bars: well above what activation rounding gives (docs/MODEL.md §4.7), far below a wrong input
+    # Provisional bars, not yet calibrated on a measured run: a wrong input (another token count, a
+    # missing shift) gives errors of order 1; two correct engines differ by activation rounding only.
     rows.append(("CLIP pooled", "max rel. error", rel(pooled, pooled_sd), rel(pooled, pooled_sd) < 1e-2))
     rows.append((f"T5 states ({t5_sd.shape[0]} tokens)", "max rel. error", rel(t5, t5_sd), rel(t5, t5_sd) < 1e-2))
     noise_sd = read_dump(d, "noise")

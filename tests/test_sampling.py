@@ -122,8 +122,7 @@ def test_sdcpp_schedule_against_float64_formula():
 # them (docs/MODEL.md §4.4): upstream stable-diffusion.cpp (stable-diffusion-cpp-python 0.4.7,
 # denoiser.hpp: float grid, flux_time_shift = expf(mu) / (expf(mu) + powf(1.0f / t - 1.0f, 1.0f)),
 # all float) and llama-box's fork ([FORK-86]: the same grid, std::exp(float) and the rest in double,
-# stored as float). They differ in 4 of the 20 values, by one float32 ulp. The upstream list was
-# also read back from the running stable-diffusion-cpp-python 0.4.7 (its sigmas for 20 steps).
+# stored as float). They differ in 4 of the 20 values, by one float32 ulp.
 SDCPP_20 = ["0x1p+0", "0x1.f72888p-1", "0x1.eda1dp-1", "0x1.e356aap-1", "0x1.d82e6p-1", "0x1.cc0be4p-1",
             "0x1.beccccp-1", "0x1.b04826p-1", "0x1.a04caap-1", "0x1.8e9ea6p-1", "0x1.7af4fep-1",
             "0x1.64f538p-1", "0x1.4c2df6p-1", "0x1.300f56p-1", "0x1.0fdfdp-1", "0x1.d5580ep-2",
