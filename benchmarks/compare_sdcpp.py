@@ -2,6 +2,7 @@
 """fluxmini vs stable-diffusion.cpp (its Python binding), side by side on the same files.
 
     python benchmarks/compare_sdcpp.py --sizes 256 512 --steps 2 --rounds 2
+    python benchmarks/compare_sdcpp.py --images --sizes 256 512 --image-steps 1 4 20
 
 Both engines run the same full-size random-weight FLUX.1-mini (made by our converter; split
 files, which is what stable-diffusion.cpp's binding takes for Flux), with the same threads,
@@ -14,12 +15,25 @@ Also the matmul bound: FLOPs per step over ggml's measured GEMM throughput for t
 
 stable-diffusion-cpp-python is installed into its own venv (--sd-venv) on first use; it
 compiles stable-diffusion.cpp (several minutes on 2 cores).
+
+--images: the same picture? For each size and step count, both engines generate from the same
+seed, prompt and settings (fluxmini with --compat, sd.cpp's defaults: Euler, its discrete
+schedule, cfg 1, guidance 3.5) and the PNGs are compared: PSNR over the bytes (peak 255), the
+largest byte difference and the share of bytes that differ (docs/MODEL.md §4.7). With
+--sd-lib, sd.cpp runs that build of the binding's library instead (STABLE_DIFFUSION_CPP_LIB)
+with SD_DUMP_DIR set: a debug build that writes its intermediates there as NAME.bin (int64
+ndim, int64 dims in ggml order, float32 data) — t5, pooled, sigmas, noise, stepN_x / stepN_v
+(the state and the model output of step N), latent, vae_in, decoded01 (the VAE output mapped
+to [0, 1]) — gets each stage compared with fluxmini's from sd.cpp's own inputs, and the stages
+that differ printed. No such build ships with anything; one is a few dozen lines added to
+stable-diffusion.cpp's generate_image, sample and decode_first_stage.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import re
 import statistics
@@ -44,7 +58,8 @@ sd = StableDiffusion(diffusion_model_path=a["diffusion"], clip_l_path=a["clip_l"
 t_load = time.perf_counter() - t0
 t1 = time.perf_counter()
 imgs = sd.generate_image(prompt=a["prompt"], width=a["size"], height=a["size"], cfg_scale=1.0,
-                         guidance=3.5, sample_method="euler", sample_steps=a["steps"], seed=1)
+                         guidance=a.get("guidance", 3.5), sample_method="euler", sample_steps=a["steps"],
+                         seed=a.get("seed", 1))
 t_gen = time.perf_counter() - t1
 imgs[0].save(a["out"])
 hwm = 0
@@ -154,6 +169,163 @@ def gemm_throughput(weight_type: str, threads: int, tokens: int, ggml_only: bool
     return 2.0 * 3072 * 12288 * tokens / wall
 
 
+# --------------------------------------------------------------------------- --images
+
+
+def run_sd_image(py: str, paths: dict, size: int, steps: int, args, out: str, dump_dir: str = None) -> None:
+    """sd.cpp's picture for these settings, written to ``out`` (and its intermediates to dump_dir)."""
+    a = dict(paths, size=size, steps=steps, threads=args.threads, prompt=args.prompt, seed=args.seed,
+             guidance=args.guidance, out=out)
+    env = dict(os.environ)
+    if dump_dir:
+        env.update(STABLE_DIFFUSION_CPP_LIB=args.sd_lib, SD_DUMP_DIR=dump_dir)
+    r = subprocess.run([py, "-c", SD_RUNNER, json.dumps(a)], capture_output=True, text=True, env=env)
+    if r.returncode != 0 or "RESULT" not in r.stdout:
+        raise RuntimeError(f"stable-diffusion.cpp run failed (rc {r.returncode}):\n{(r.stdout + r.stderr)[-3000:]}")
+
+
+def run_ours_image(paths: dict, size: int, steps: int, args, out: str) -> None:
+    cmd = [sys.executable, "-m", "fluxmini.cli", "generate", "-m", paths["diffusion"], "--clip_l", paths["clip_l"],
+           "--t5xxl", paths["t5xxl"], "--vae", paths["vae"], "-p", args.prompt, "-W", str(size), "-H", str(size),
+           "--steps", str(steps), "-t", str(args.threads), "-s", str(args.seed), "--guidance", str(args.guidance),
+           "--compat", args.compat, "-q", "-o", out]
+    r = subprocess.run(cmd, capture_output=True, text=True)
+    if r.returncode != 0:
+        raise RuntimeError(f"fluxmini run failed (rc {r.returncode}):\n{(r.stdout + r.stderr)[-3000:]}")
+
+
+def image_scores(a_png: str, b_png: str) -> dict:
+    """PSNR over the bytes (peak 255), the largest byte difference, the share of bytes that differ."""
+    import numpy as np
+    from PIL import Image
+
+    with Image.open(a_png) as ia, Image.open(b_png) as ib:
+        a = np.asarray(ia.convert("RGB"), np.float64)
+        b = np.asarray(ib.convert("RGB"), np.float64)
+    mse = float(np.mean((a - b) ** 2))
+    return {"psnr": float("inf") if mse == 0 else 10 * math.log10(255.0 ** 2 / mse),
+            "max_diff": int(np.max(np.abs(a - b))), "differ": float(np.mean(a != b))}
+
+
+def read_dump(d: str, name: str):
+    """One NAME.bin of an sd.cpp debug build (see the module docstring), in numpy (C) order."""
+    import numpy as np
+
+    path = os.path.join(d, name + ".bin")
+    if not os.path.exists(path):
+        return None
+    with open(path, "rb") as f:
+        nd = int(np.frombuffer(f.read(8), np.int64)[0])
+        shape = np.frombuffer(f.read(8 * nd), np.int64).tolist()
+        data = np.frombuffer(f.read(), np.float32)
+    return data.reshape(shape[::-1])
+
+
+def stage_report(model, d: str, png_sd: str, args) -> list:
+    """(stage, measure, value, verdict) rows: each stage of fluxmini from sd.cpp's own inputs."""
+    import numpy as np
+    from PIL import Image
+
+    from fluxmini import sampling
+    from fluxmini.pipeline import VAE_SCALE, VAE_SHIFT
+    from fluxmini.rng import initial_noise
+    from fluxmini.tokenizers import tokenize_clip, tokenize_t5
+
+    def rel(x, y):
+        return float(np.max(np.abs(np.float64(x) - y)) / max(float(np.max(np.abs(y))), 1e-30))
+
+    rows = []
+    t5_sd = read_dump(d, "t5").reshape(-1, 4096)
+    pooled_sd = read_dump(d, "pooled").reshape(-1)
+    t5 = model.encode_t5(tokenize_t5(args.prompt, t5_sd.shape[0]))
+    pooled = model.encode_clip(tokenize_clip(args.prompt))
+    # Provisional bars, not yet calibrated on a measured run: a wrong input (another token count, a
+    # missing shift) gives errors of order 1; two correct engines differ by activation rounding only.
+    rows.append(("CLIP pooled", "max rel. error", rel(pooled, pooled_sd), rel(pooled, pooled_sd) < 1e-2))
+    rows.append((f"T5 states ({t5_sd.shape[0]} tokens)", "max rel. error", rel(t5, t5_sd), rel(t5, t5_sd) < 1e-2))
+    noise_sd = read_dump(d, "noise")
+    c, h, w = noise_sd.shape[-3:]
+    noise_sd = noise_sd.reshape(c, h, w)
+    dn = float(np.max(np.abs(initial_noise(args.seed, c, h, w) - noise_sd)))
+    rows.append(("initial noise", "max abs. difference", dn, dn < 1e-5))
+    sig_sd = read_dump(d, "sigmas")
+    sig = sampling.sigmas(len(sig_sd) - 1, 8 * w, 8 * h, args.compat)
+    rows.append(("sigmas", "values differing", int(np.sum(sig != sig_sd)), bool(np.array_equal(sig, sig_sd))))
+    for i in range(1, len(sig_sd)):
+        x = read_dump(d, f"step{i}_x").reshape(c, h, w)
+        v_sd = read_dump(d, f"step{i}_v").reshape(c, h, w)
+        v = model.transformer(x, float(sig_sd[i - 1]), args.guidance, t5_sd, pooled_sd)
+        e = rel(v, v_sd)
+        rows.append((f"step {i} velocity (sd.cpp's input)", "max rel. error", e, e < 5e-2))
+    lat_sd = read_dump(d, "latent").reshape(c, h, w)
+    vin_sd = read_dump(d, "vae_in").reshape(c, h, w)
+    shift = 0.0 if args.compat == "llama-box" else VAE_SHIFT
+    z = lat_sd / np.float32(VAE_SCALE) + np.float32(shift)
+    rows.append(("VAE input from the latent", "max abs. difference", float(np.max(np.abs(z - vin_sd))),
+                 bool(np.max(np.abs(z - vin_sd)) < 1e-5)))
+    dec_sd = read_dump(d, "decoded01").reshape(3, 8 * h, 8 * w)
+    dec = np.clip((model.vae_decode(vin_sd) + np.float32(1)) * np.float32(0.5), 0, 1)
+    mse = float(np.mean((np.float64(dec) - dec_sd) ** 2))
+    p = float("inf") if mse == 0 else 10 * math.log10(1.0 / mse)
+    rows.append(("VAE decode (sd.cpp's input)", "PSNR dB", p, p >= 50))
+    # the byte conversion of the mode (fluxmini.imageio.to_uint8's last steps) on sd.cpp's own [0, 1] image
+    ours = dec_sd.astype(np.float32) * np.float32(255)
+    if args.compat == "sd.cpp":
+        ours += np.float32(0.5)
+    ours = ours.astype(np.uint8).transpose(1, 2, 0)
+    with Image.open(png_sd) as im:
+        theirs = np.asarray(im.convert("RGB"))
+    nb = int(np.sum(ours != theirs))
+    rows.append(("bytes from sd.cpp's decoded image", "bytes differing", nb, nb == 0))
+    return rows
+
+
+def images_main(args) -> int:
+    sd_py = ensure_sd_venv(args.sd_venv)
+    paths = ensure_model(args.model_dir, args.variant)
+    sys.path.insert(0, os.path.join(ROOT, "python"))
+    model = None
+    results = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for size in args.sizes:
+            for steps in args.image_steps:
+                ours, theirs = os.path.join(tmp, "ours.png"), os.path.join(tmp, "sd.png")
+                t0 = time.perf_counter()
+                run_ours_image(paths, size, steps, args, ours)
+                t1 = time.perf_counter()
+                run_sd_image(sd_py, paths, size, steps, args, theirs)
+                t2 = time.perf_counter()
+                sc = image_scores(ours, theirs)
+                sc.update(size=size, steps=steps, fluxmini_s=t1 - t0, sdcpp_s=t2 - t1)
+                print(f"{size}px {steps} steps: PSNR {sc['psnr']:.1f} dB, max byte difference {sc['max_diff']}, "
+                      f"{100 * sc['differ']:.1f}% of bytes differ (fluxmini {t1 - t0:.0f} s, sd.cpp {t2 - t1:.0f} s)",
+                      flush=True)
+                if args.sd_lib:
+                    dump = os.path.join(tmp, f"dump-{size}-{steps}")
+                    os.makedirs(dump)
+                    run_sd_image(sd_py, paths, size, steps, args, os.path.join(dump, "sd.png"), dump)
+                    same = image_scores(theirs, os.path.join(dump, "sd.png"))["max_diff"] == 0
+                    if model is None:
+                        from fluxmini import FluxMini
+
+                        model = FluxMini.load(paths["diffusion"], clip_l=paths["clip_l"], t5xxl=paths["t5xxl"],
+                                              vae=paths["vae"], threads=args.threads)
+                    sc["stages"] = stage_report(model, dump, os.path.join(dump, "sd.png"), args)
+                    print(f"  the debug build's picture {'equals' if same else 'DIFFERS FROM'} the binding's")
+                    for stage, what, value, ok in sc["stages"]:
+                        print(f"  {stage:<36} {what:<20} {value:>12.4g}  {'same' if ok else 'DIFFERS'}")
+                results.append(sc)
+    print(f"\nmachine: {os.cpu_count()} CPUs, {args.threads} threads, {args.variant}, compat {args.compat}, "
+          f"seed {args.seed}, prompt {args.prompt!r}, guidance {args.guidance}\n")
+    print(f"{'size':>5} {'steps':>5} {'PSNR dB':>8} {'max diff':>8} {'differ':>7}")
+    for sc in results:
+        print(f"{sc['size']:>5} {sc['steps']:>5} {sc['psnr']:>8.1f} {sc['max_diff']:>8} {100 * sc['differ']:>6.1f}%")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=1)
+    return 0
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--sizes", type=int, nargs="+", default=[256, 512])
@@ -166,7 +338,17 @@ def main() -> int:
     p.add_argument("--sd-venv", default="/tmp/sdv")
     p.add_argument("--json", help="write all measurements here")
     p.add_argument("--report", metavar="JSON", help="print the table of measurements saved with --json (no runs)")
+    g = p.add_argument_group("--images: compare the pictures (module docstring)")
+    g.add_argument("--images", action="store_true", help="compare the pictures instead of the speed")
+    g.add_argument("--image-steps", type=int, nargs="+", default=[1, 4, 20])
+    g.add_argument("--compat", default="sd.cpp", choices=["sd.cpp", "llama-box"], help="fluxmini's mode")
+    g.add_argument("--seed", type=int, default=42)
+    g.add_argument("--prompt", default="a lovely cat")
+    g.add_argument("--guidance", type=float, default=3.5)
+    g.add_argument("--sd-lib", help="an sd.cpp debug build of libstable-diffusion.so that writes its stages")
     args = p.parse_args()
+    if args.images:
+        return images_main(args)
 
     if args.report:
         with open(args.report) as f:

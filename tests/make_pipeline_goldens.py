@@ -15,12 +15,14 @@ loop over the Hugging Face models on torch CPU float32, holding the tiny random 
   split the single blocks' fused ``linear1``: the narrow tensors are laid out at FLUX's offsets
   before the call and cut back after it, so the mapping itself is diffusers');
 * VAE: diffusers ``AutoencoderKL`` through diffusers' ``convert_ldm_vae_checkpoint``;
-  decode of ``z / 0.3611 + 0.1159`` (``z / 0.3611`` for compat "sd.cpp"), encode = posterior
-  mean, ``0.3611 * (mean - 0.1159)`` (``0.3611 * mean`` for "sd.cpp");
+  decode of ``z / 0.3611 + 0.1159`` (``z / 0.3611`` for compat "llama-box"), encode = posterior
+  mean, ``0.3611 * (mean - 0.1159)`` (``0.3611 * mean`` for "llama-box");
 * schedule: diffusers ``FlowMatchEulerDiscreteScheduler`` with FLUX.1-dev's configuration and
-  ``calculate_shift`` (as ``FluxPipeline`` sets it up); for compat "sd.cpp" the formula of
-  docs/MODEL.md §4.4 in float64; img2img start as diffusers' ``FluxImg2ImgPipeline.get_timesteps``
-  (sd.cpp: ``t_enc = int(steps * strength)``, docs/MODEL.md §5.3);
+  ``calculate_shift`` (as ``FluxPipeline`` sets it up); for compat "sd.cpp" and "llama-box" the
+  formula of docs/MODEL.md §4.4 in float64; img2img start as diffusers'
+  ``FluxImg2ImgPipeline.get_timesteps`` (sd.cpp: ``t_enc = int(steps * strength)``,
+  docs/MODEL.md §5.3);
+* T5 length when a case gives none: 512, 256 for "sd.cpp", 255 for "llama-box";
 * Euler: ``x += (sigma_next - sigma) * v`` in float32, ``x = sigma * noise + (1 - sigma) * z``
   for img2img.
 
@@ -53,10 +55,14 @@ CASES = {
     "t2i_wide_empty": dict(prompt="", width=80, height=48, steps=3, guidance=2.0, seed=7, t5_length=32),
     "t2i_sdcpp": dict(prompt="a lovely cat", width=64, height=48, steps=4, guidance=3.5, seed=3,
                       compat="sd.cpp"),
+    "t2i_llamabox": dict(prompt="a lovely cat", width=64, height=48, steps=4, guidance=3.5, seed=3,
+                         compat="llama-box"),
     "i2i": dict(prompt="a watercolour of a lighthouse", width=64, height=64, steps=5, guidance=3.5,
                 seed=11, strength=0.6, t5_length=64),
     "i2i_sdcpp": dict(prompt="a watercolour of a lighthouse", width=64, height=64, steps=4, guidance=3.5,
                       seed=12, strength=0.5, compat="sd.cpp"),
+    "i2i_llamabox": dict(prompt="a watercolour of a lighthouse", width=64, height=64, steps=4, guidance=3.5,
+                         seed=12, strength=0.5, compat="llama-box"),
 }
 INIT_SEED = 5
 
@@ -192,7 +198,7 @@ def reference_tokens(prompt: str, t5_length: int):
 
 
 def reference_sigmas(steps: int, width: int, height: int, compat=None) -> np.ndarray:
-    if compat == "sd.cpp":  # docs/MODEL.md §4.4, mu = 1.15 fixed
+    if compat in ("sd.cpp", "llama-box"):  # docs/MODEL.md §4.4, mu = 1.15 fixed
         t = np.linspace(999.0, 0.0, steps) if steps > 1 else np.array([999.0])
         tt = (t + 1.0) / 1000.0
         e = np.exp(1.15)
@@ -209,7 +215,7 @@ def reference_sigmas(steps: int, width: int, height: int, compat=None) -> np.nda
 
 
 def reference_start(steps: int, strength: float, compat=None) -> int:
-    if compat == "sd.cpp":
+    if compat in ("sd.cpp", "llama-box"):
         t_enc = int(steps * strength)
         if t_enc == steps:
             t_enc -= 1
@@ -225,7 +231,7 @@ def reference_generate(models, *, prompt, width, height, steps, guidance, noise,
 
     clip, t5, flux, vae = models
     if t5_length is None:
-        t5_length = 255 if compat == "sd.cpp" else 512
+        t5_length = {"sd.cpp": 256, "llama-box": 255}.get(compat, 512)
     clip_ids, t5_ids = reference_tokens(prompt, t5_length)
     with torch.no_grad():
         pooled = clip(input_ids=torch.from_numpy(clip_ids)[None]).pooler_output
@@ -236,7 +242,7 @@ def reference_generate(models, *, prompt, width, height, steps, guidance, noise,
         if init is not None:
             img = torch.from_numpy(init.astype(np.float32) / 255.0 * 2.0 - 1.0).permute(2, 0, 1)[None]
             mean = vae.encode(img).latent_dist.mode()
-            z0 = mean * VAE_SCALE if compat == "sd.cpp" else (mean - VAE_SHIFT) * VAE_SCALE
+            z0 = mean * VAE_SCALE if compat == "llama-box" else (mean - VAE_SHIFT) * VAE_SCALE
             start = reference_start(steps, strength, compat)
             s0 = float(sig[start])
             x = s0 * x + (1.0 - s0) * z0
@@ -254,7 +260,7 @@ def reference_generate(models, *, prompt, width, height, steps, guidance, noise,
                        return_dict=False)[0]
             v = out.view(1, h // 2, w // 2, c, 2, 2).permute(0, 3, 1, 4, 2, 5).reshape(1, c, h, w)
             x = x + (float(sig[i + 1]) - float(sig[i])) * v
-        z = x / VAE_SCALE if compat == "sd.cpp" else x / VAE_SCALE + VAE_SHIFT
+        z = x / VAE_SCALE if compat == "llama-box" else x / VAE_SCALE + VAE_SHIFT
         decoded = vae.decode(z).sample
     return decoded[0].numpy().astype(np.float32), x[0].numpy().astype(np.float32)
 

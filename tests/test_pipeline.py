@@ -133,17 +133,39 @@ def test_values_handed_between_stages():
     assert res.decoded.shape == (3, 48, 32)
 
 
-def test_compat_sdcpp_schedule_t5_length_and_no_shift():
+def test_compat_sdcpp_schedule_t5_length_shift_and_rounding():
+    # upstream stable-diffusion.cpp (stable-diffusion-cpp-python 0.4.7): T5 chunk of 256
+    # (conditioner.hpp FluxCLIPEmbedder chunk_len), the VAE shift (auto_encoder_kl.hpp
+    # diffusion_to_vae_latents: latents / 0.3611f + 0.1159f), bytes rounded
+    # (preprocessing.hpp: value * 255.0f + 0.5f, truncated)
     m = FakeModel()
-    pipeline.run(m, "a cat", width=64, height=64, steps=4, seed=5, compat="sd.cpp", progress=False)
+    res = pipeline.run(m, "a cat", width=64, height=64, steps=4, seed=5, compat="sd.cpp", progress=False)
     # docs/MODEL.md §4.4 table: sd.cpp N = 4 -> 1.0, 0.8635, 0.61298, 0.00315
+    np.testing.assert_allclose(m.sigmas_seen, [1.0, 0.8635, 0.61298, 0.00315], atol=1e-5)
+    assert m.t5_shape == (256, 8) and len(m.t5_ids) == 256
+    noise = initial_noise(5, 16, 8, 8)
+    np.testing.assert_array_equal(m.decoded_input, noise / np.float32(0.3611) + np.float32(0.1159))
+    v = np.float32(np.tanh(float(np.mean(m.decoded_input))))
+    expected = int((v + np.float32(1)) * np.float32(0.5) * np.float32(255) + np.float32(0.5))
+    assert set(np.asarray(res.image).ravel().tolist()) == {expected}
+    assert res.metadata["compat"] == "sd.cpp" and res.metadata["t5_length"] == 256
+    m = FakeModel()
+    pipeline.run(m, "", width=64, height=64, steps=2, compat="sd.cpp", t5_length=77, progress=False)
+    assert m.t5_shape == (77, 8)
+
+
+def test_compat_llama_box_schedule_t5_length_and_no_shift():
+    # llama-box v0.0.86's fork ([FORK-86]): T5 chunks of 255, no VAE shift, bytes truncated
+    m = FakeModel()
+    res = pipeline.run(m, "a cat", width=64, height=64, steps=4, seed=5, compat="llama-box", progress=False)
     np.testing.assert_allclose(m.sigmas_seen, [1.0, 0.8635, 0.61298, 0.00315], atol=1e-5)
     assert m.t5_shape == (255, 8) and len(m.t5_ids) == 255
     noise = initial_noise(5, 16, 8, 8)
     np.testing.assert_array_equal(m.decoded_input, noise / np.float32(0.3611))
-    m = FakeModel()
-    pipeline.run(m, "", width=64, height=64, steps=2, compat="sd.cpp", t5_length=77, progress=False)
-    assert m.t5_shape == (77, 8)
+    v = np.float32(np.tanh(float(np.mean(m.decoded_input))))
+    expected = int((v + np.float32(1)) * np.float32(0.5) * np.float32(255))
+    assert set(np.asarray(res.image).ravel().tolist()) == {expected}
+    assert res.metadata["compat"] == "llama-box" and res.metadata["t5_length"] == 255
 
 
 def test_euler_update_with_a_known_velocity():
@@ -175,13 +197,15 @@ def test_img2img_start_noising_and_encode_shift():
     np.testing.assert_allclose(res.latent, expected, rtol=1e-6, atol=1e-7)
     assert res.metadata["mode"] == "img2img" and res.metadata["strength"] == 0.6
     assert res.metadata["start_step"] == 2
-    # sd.cpp: t_enc = int(4 * 0.5) = 2 -> start 4 - 2 - 1 = 1; encode without the shift
-    m = FakeModel(enc_mean=mean)
-    res = pipeline.run(m, "x", init_image=init, steps=4, strength=0.5, seed=21, compat="sd.cpp", progress=False)
-    assert m.calls.count("transformer") == 3
-    sig = np.float32(fluxmini.sigmas(4, 48, 32, "sd.cpp")[1])
-    expected = initial_noise(21, 16, 4, 6) * sig + (np.float32(0.3611) * mean) * (np.float32(1) - sig)
-    np.testing.assert_allclose(res.latent, expected, rtol=1e-6, atol=1e-7)
+    # sd.cpp: t_enc = int(4 * 0.5) = 2 -> start 4 - 2 - 1 = 1; encode with the shift (upstream),
+    # without it (llama-box)
+    for compat, z0 in (("sd.cpp", z0), ("llama-box", np.float32(0.3611) * mean)):
+        m = FakeModel(enc_mean=mean)
+        res = pipeline.run(m, "x", init_image=init, steps=4, strength=0.5, seed=21, compat=compat, progress=False)
+        assert m.calls.count("transformer") == 3
+        sig = np.float32(fluxmini.sigmas(4, 48, 32, compat)[1])
+        expected = initial_noise(21, 16, 4, 6) * sig + z0 * (np.float32(1) - sig)
+        np.testing.assert_allclose(res.latent, expected, rtol=1e-6, atol=1e-7)
 
 
 def test_img2img_resizes_and_rejects_odd_sizes(tmp_path):
@@ -326,6 +350,10 @@ def test_pixel_conversions_hand_checked():
     out = to_uint8(np.tile(x, (3, 1, 1)))
     assert out.shape == (1, 9, 3) and out.dtype == np.uint8
     assert out[0, :, 0].tolist() == [0, 255, 127, 254, 255, 0, 0, 63, 191]
+    # rounded (upstream sd.cpp's value * 255.0f + 0.5f, truncated): 127.5->128, 254.87->255,
+    # 63.75->64, 191.25->191
+    out = to_uint8(np.tile(x, (3, 1, 1)), rounded=True)
+    assert out[0, :, 0].tolist() == [0, 255, 128, 255, 255, 0, 0, 64, 191]
     b = np.array([[[0, 255, 128]]], np.uint8)
     a = image_to_array(b)
     assert a.shape == (3, 1, 1) and a.dtype == np.float32
@@ -356,9 +384,10 @@ def test_metadata_round_trip(tmp_path):
     with Image.open(p) as im:
         assert im.size == (32, 16)
         assert fluxmini.read_metadata(im) == back
-    res2 = pipeline.run(FakeModel(), "", width=16, height=16, steps=1, compat="sd.cpp", progress=False)
-    save_png(res2.image, p)
-    assert fluxmini.read_metadata(p)["compat"] == "sd.cpp" and fluxmini.read_metadata(p)["prompt"] == ""
+    for compat in ("sd.cpp", "llama-box"):
+        res2 = pipeline.run(FakeModel(), "", width=16, height=16, steps=1, compat=compat, progress=False)
+        save_png(res2.image, p)
+        assert fluxmini.read_metadata(p)["compat"] == compat and fluxmini.read_metadata(p)["prompt"] == ""
     plain = tmp_path / "plain.png"
     Image.fromarray(np.zeros((4, 4, 3), np.uint8)).save(plain)
     assert fluxmini.read_metadata(plain) == {}
@@ -441,6 +470,9 @@ def test_cli_argument_errors(capsys):
     assert (a.width, a.height, a.seed, a.steps, a.guidance, a.threads, a.compat, a.count) == \
         (256, 128, 7, 8, 2.0, 3, "sd.cpp", 3)
     assert (a.clip_l, a.t5xxl, a.vae, a.init_img, a.strength, a.verbose) == ("c", "t", "v", "in.png", 0.5, True)
+    assert p.parse_args(["generate", "-m", "x.gguf", "--compat", "llama-box"]).compat == "llama-box"
+    with pytest.raises(SystemExit):
+        p.parse_args(["generate", "-m", "x.gguf", "--compat", "sdcpp"])
     assert cli_generate.output_paths("out.png", 3) == ["out.png", "out_1.png", "out_2.png"]
     assert cli_generate.output_paths("dir/x", 2) == ["dir/x", "dir/x_1"]
 
@@ -493,7 +525,7 @@ def test_end_to_end_against_goldens(tiny, goldens, name):
     # latents: flow-matching space values of magnitude ~1-5; 1e-3 is ~100x the measured error
     np.testing.assert_allclose(res.latent, goldens[f"{name}/latent"], rtol=0, atol=1e-3)
     assert res.image.size == (p["width"], p["height"])
-    np.testing.assert_array_equal(np.asarray(res.image), to_uint8(res.decoded))
+    np.testing.assert_array_equal(np.asarray(res.image), to_uint8(res.decoded, rounded=p.get("compat") == "sd.cpp"))
 
 
 def test_missing_vae_shift_is_caught_by_the_bar(tiny, goldens):

@@ -84,7 +84,7 @@ def test_model_md_table(key):
 # ------------------------------------------------------------------ shape of the schedules
 
 
-@pytest.mark.parametrize("compat", [None, "sd.cpp"])
+@pytest.mark.parametrize("compat", [None, "sd.cpp", "llama-box"])
 @pytest.mark.parametrize("steps", [1, 2, 3, 4, 7, 10, 20, 28, 50, 100, 999, 1000])
 def test_schedule_structure(compat, steps):
     for width, height in [(16, 16), (512, 512), (1360, 768), (4096, 4096)]:
@@ -109,12 +109,34 @@ def test_sdcpp_schedule_against_float64_formula():
         k = np.arange(steps)
         t = 999.0 - k * 999.0 / (steps - 1)
         want = np.append(time_shift(1.15, (t + 1.0) / 1000.0), 0.0)
-        got = sigmas(steps, 512, 512, compat="sd.cpp")
-        np.testing.assert_allclose(got, want, rtol=1e-6, atol=3.5e-7)
+        for compat in ("sd.cpp", "llama-box"):
+            got = sigmas(steps, 512, 512, compat=compat)
+            np.testing.assert_allclose(got, want, rtol=1e-6, atol=3.5e-7)
     np.testing.assert_array_equal(sigmas(1, 512, 512, compat="sd.cpp"), [1.0, 0.0])
     # the last nonzero sigma is shift(1.15, 0.001), not small as in the BFL schedule
     assert sigmas(20, 512, 512, compat="sd.cpp")[-2] == pytest.approx(
         math.exp(1.15) / (math.exp(1.15) + 999.0), rel=1e-6)
+
+
+# The 20-step schedules bit for bit, as a g++ 12 / glibc 2.36 build of the C++ expressions computes
+# them (docs/MODEL.md §4.4): upstream stable-diffusion.cpp (stable-diffusion-cpp-python 0.4.7,
+# denoiser.hpp: float grid, flux_time_shift = expf(mu) / (expf(mu) + powf(1.0f / t - 1.0f, 1.0f)),
+# all float) and llama-box's fork ([FORK-86]: the same grid, std::exp(float) and the rest in double,
+# stored as float). They differ in 4 of the 20 values, by one float32 ulp.
+SDCPP_20 = ["0x1p+0", "0x1.f72888p-1", "0x1.eda1dp-1", "0x1.e356aap-1", "0x1.d82e6p-1", "0x1.cc0be4p-1",
+            "0x1.beccccp-1", "0x1.b04826p-1", "0x1.a04caap-1", "0x1.8e9ea6p-1", "0x1.7af4fep-1",
+            "0x1.64f538p-1", "0x1.4c2df6p-1", "0x1.300f56p-1", "0x1.0fdfdp-1", "0x1.d5580ep-2",
+            "0x1.7e5ca4p-2", "0x1.1751ap-2", "0x1.36a0d2p-3", "0x1.9d0f28p-9"]
+LLAMA_BOX_20 = list(SDCPP_20)
+LLAMA_BOX_20[3], LLAMA_BOX_20[5], LLAMA_BOX_20[6], LLAMA_BOX_20[18] = (
+    "0x1.e356acp-1", "0x1.cc0be2p-1", "0x1.becccep-1", "0x1.36a0d4p-3")
+
+
+@pytest.mark.parametrize("compat,hexes", [("sd.cpp", SDCPP_20), ("llama-box", LLAMA_BOX_20)])
+def test_sdcpp_schedules_bit_for_bit(compat, hexes):
+    want = np.array([float.fromhex(h) for h in hexes] + [0.0], np.float32)
+    np.testing.assert_array_equal(sigmas(20, 512, 512, compat), want)
+    assert ulp_distance(sigmas(20, 512, 512, "sd.cpp"), sigmas(20, 512, 512, "llama-box")) == 1
 
 
 def test_sdcpp_mu_fixed():
@@ -284,7 +306,10 @@ def test_img2img_start_sdcpp():
     # docs/MODEL.md §5.3 / sd.cpp img2img(): t_enc = (size_t)(steps * strength) with a float32
     # product, t_enc = steps - 1 if it equals steps, keep sigmas from steps - t_enc - 1 on.
     def start(steps, strength):
-        return img2img_start(sigmas(steps, 512, 512, "sd.cpp"), steps, strength, "sd.cpp")
+        got = img2img_start(sigmas(steps, 512, 512, "sd.cpp"), steps, strength, "sd.cpp")
+        # llama-box's fork computes the same index (upstream skips it at strength 1: start 0 too)
+        assert img2img_start(sigmas(steps, 512, 512, "llama-box"), steps, strength, "llama-box") == got
+        return got
 
     assert start(20, 0.75) == 4  # t_enc 15: 16 steps run
     assert start(20, 1.0) == 0  # t_enc 20 -> 19: all 20 steps from sigma 1
@@ -300,7 +325,7 @@ def test_img2img_start_sdcpp():
             assert start(steps, float(strength)) == steps - t_enc - 1
 
 
-@pytest.mark.parametrize("compat", [None, "sd.cpp"])
+@pytest.mark.parametrize("compat", [None, "sd.cpp", "llama-box"])
 def test_img2img_start_bad_arguments(compat):
     sched = sigmas(10, 512, 512, compat)
     for strength in (-0.01, 1.01, float("nan"), "0.5", None, True):
@@ -353,7 +378,7 @@ def test_euler_is_exact_on_the_straight_flow():
     def model(x, s):
         return (x.astype(np.float64) - d) / s
 
-    for compat in (None, "sd.cpp"):
+    for compat in (None, "sd.cpp", "llama-box"):
         sched = sigmas(10, 512, 512, compat)
         np.testing.assert_allclose(euler_sample(model, n, sched), d, atol=2e-5)
         # img2img: start on the path at the start sigma, reach the same end
@@ -470,6 +495,9 @@ def test_euler_bad_arguments():
         ((20, 512, None), {}),
         ((20, 512, 512), {"compat": "diffusers"}),
         ((20, 512, 512), {"compat": "sdcpp"}),
+        ((20, 512, 512), {"compat": "llama_box"}),
+        ((20, 512, 512), {"compat": ["sd.cpp"]}),
+        ((20, 512, 512), {"compat": np.array(["sd.cpp", "x"])}),
         ((20, 512, 512), {"compat": "sd.cpp", "mu_fixed": float("nan")}),
         ((20, 512, 512), {"compat": "sd.cpp", "mu_fixed": "1.15"}),
     ],

@@ -95,10 +95,10 @@ def test_generate_n2_extra_body_seeds_equal_generate(server, tiny):
 
 def test_compat_and_jpeg(server, tiny):
     r = client(server).images.generate(prompt="a lovely cat", size="64x64", output_format="jpeg",
-                                       output_compression=90, extra_body={"seed": 3, "steps": 2, "compat": "sd.cpp"})
+                                       output_compression=90, extra_body={"seed": 3, "steps": 2, "compat": "llama-box"})
     raw = base64.b64decode(r.data[0].b64_json)
     assert raw[:3] == b"\xff\xd8\xff"  # a JPEG
-    want = tiny.generate("a lovely cat", width=64, height=64, steps=2, seed=3, compat="sd.cpp", progress=False)
+    want = tiny.generate("a lovely cat", width=64, height=64, steps=2, seed=3, compat="llama-box", progress=False)
     buf = io.BytesIO()
     want.save(buf, format="JPEG", quality=90)  # same encoder, same quality: same bytes
     assert raw == buf.getvalue()

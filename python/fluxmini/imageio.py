@@ -64,11 +64,11 @@ def _decoded(path: str, use):
 # --------------------------------------------------------------------------- pixels
 
 
-def to_uint8(x) -> np.ndarray:
+def to_uint8(x, rounded: bool = False) -> np.ndarray:
     """``[3, H, W]`` float image (about [-1, 1]) -> ``[H, W, 3]`` uint8 (docs/MODEL.md §5.4).
 
-    ``(x + 1) / 2``, clamped to [0, 1], times 255, truncated; in float32 like sd.cpp. NaN
-    becomes 0.
+    ``(x + 1) / 2``, clamped to [0, 1], times 255, truncated (``rounded``: plus 0.5 first, as
+    upstream stable-diffusion.cpp does); in float32 like sd.cpp. NaN becomes 0.
     """
     a = np.asarray(x, dtype=np.float32)
     if a.ndim != 3 or a.shape[0] != 3:
@@ -77,12 +77,14 @@ def to_uint8(x) -> np.ndarray:
     v = np.nan_to_num(v, nan=0.0, posinf=1.0, neginf=0.0)
     np.clip(v, np.float32(0.0), np.float32(1.0), out=v)
     v *= np.float32(255.0)
+    if rounded:
+        v += np.float32(0.5)
     return np.ascontiguousarray(v.astype(np.uint8).transpose(1, 2, 0))
 
 
-def array_to_image(x):
+def array_to_image(x, rounded: bool = False):
     """``[3, H, W]`` float image -> an RGB ``PIL.Image.Image`` (see :func:`to_uint8`)."""
-    return _pil().fromarray(to_uint8(x))
+    return _pil().fromarray(to_uint8(x, rounded))
 
 
 def image_to_array(image) -> np.ndarray:
@@ -182,7 +184,7 @@ def read_metadata(source) -> dict:
     """The text metadata of a PNG (path or PIL image) as a dict, with fluxmini's types restored.
 
     Keys fluxmini writes: ``prompt``, ``seed``, ``steps``, ``guidance``, ``width``, ``height``,
-    ``model``, ``compat`` (None or ``"sd.cpp"``), ``sampler``, ``schedule``, ``t5_length``,
+    ``model``, ``compat`` (None, ``"sd.cpp"`` or ``"llama-box"``), ``sampler``, ``schedule``, ``t5_length``,
     ``mode`` (``"txt2img"``/``"img2img"``), ``noise`` (``"seed"`` or ``"custom"``),
     ``fluxmini_version``; for img2img also ``strength``, ``start_step`` and ``init_image``.
     Numbers come back as int/float; other text chunks of the file are returned as strings.

@@ -266,8 +266,8 @@ class FluxMini(Engine):
         any thread; :meth:`interrupt` stops it too.
 
         Keyword arguments (see :func:`fluxmini.pipeline.generate`): width, height (512, multiples
-        of 16, at most 2048), steps=20, guidance=3.5, seed=42 (None: random), compat=None or
-        "sd.cpp", t5_length, noise, init_image, strength=0.75, progress=True, callback,
+        of 16, at most 2048), steps=20, guidance=3.5, seed=42 (None: random), compat=None,
+        "sd.cpp" or "llama-box", t5_length, noise, init_image, strength=0.75, progress=True, callback,
         low_memory=False, verbose=False, vae_tiling. The image's ``info`` holds the generation
         parameters (saved as PNG text by :func:`fluxmini.imageio.save_png`).
 

@@ -15,17 +15,19 @@ img2img encodes the init image first (``z = 0.3611 * (mean - 0.1159)``), starts 
 :func:`fluxmini.sampling.img2img_start` picks for ``strength`` from
 ``sigma * noise + (1 - sigma) * z`` and runs the remaining steps.
 
-``compat="sd.cpp"`` reproduces the stable-diffusion.cpp that llama-box v0.0.86 embeds (the
-thxCode fork based on upstream 9578fdcc, docs/MODEL.md [FORK-86]) — the runtime gpustack's
-FLUX.1-mini GGUFs were made for: its discrete schedule with a fixed mu = 1.15
-(:func:`fluxmini.sampling.sigmas`), T5 sequences of 255 tokens, no VAE shift
-(``z / 0.3611`` to decode, ``0.3611 * mean`` to encode) and its img2img start index. Known
-differences from that program: img2img uses the VAE posterior mean where sd.cpp adds
+``compat="sd.cpp"`` reproduces stable-diffusion.cpp as stable-diffusion-cpp-python 0.4.7 ships
+it (docs/MODEL.md [SDC-047], §4.7): its discrete schedule with a fixed mu = 1.15 evaluated in
+float (:func:`fluxmini.sampling.sigmas`), T5 sequences of 256 tokens, the VAE scale and shift as
+above, and output bytes rounded instead of truncated. ``compat="llama-box"`` reproduces the
+stable-diffusion.cpp that llama-box v0.0.86 embeds (the thxCode fork based on upstream 9578fdcc,
+[FORK-86]) — the runtime gpustack's FLUX.1-mini GGUFs were made for: the same schedule in its
+float/double mix, T5 sequences of 255 tokens, no VAE shift (``z / 0.3611`` to decode,
+``0.3611 * mean`` to encode) and truncated bytes; no running copy of it was available to check
+against, so it follows that source as read. Both take sd.cpp's img2img start index. Known
+differences from both programs: img2img uses the VAE posterior mean where sd.cpp adds
 ``exp(logvar / 2) * noise`` (our VAE encoder returns the mean only); prompts are plain text
 (sd.cpp's ``(word:1.2)`` emphasis syntax and ``<lora:...>`` tags are not parsed); prompts longer
-than 254 T5 tokens are truncated where sd.cpp encodes further 255-token chunks. Upstream
-stable-diffusion.cpp differs from the fork in T5 length (256) and, since 2025-10-23, applies
-the VAE shift; it is not what compat follows.
+than one T5 chunk are truncated where sd.cpp encodes further chunks.
 
 Several images (:func:`run_batch`, ``fluxmini generate -n N``) share the prompt encoding and go
 stage by stage: every image is sampled, then every image is decoded, so each component's weights
@@ -55,8 +57,8 @@ from .engine import Engine
 from .errors import Cancelled, FluxMiniValueError
 from .imageio import array_to_image, image_to_array, load_image
 from .progress import StepReporter, peak_rss_mb
-from .validation import (DEFAULT_SIZE, LATENT_CHANNELS, MAX_SIZE, T5_LENGTH, T5_LENGTH_SDCPP, compat_arg,
-                         image_side, noise_arg, real_arg, seed_or_random, steps_arg, t5_length_arg)
+from .validation import (DEFAULT_SIZE, LATENT_CHANNELS, MAX_SIZE, T5_LENGTH, T5_LENGTH_LLAMA_BOX, T5_LENGTH_SDCPP,
+                         compat_arg, image_side, noise_arg, real_arg, seed_or_random, steps_arg, t5_length_arg)
 
 __all__ = [
     "generate",
@@ -70,6 +72,7 @@ __all__ = [
     "MAX_SIZE",
     "T5_LENGTH",
     "T5_LENGTH_SDCPP",
+    "T5_LENGTH_LLAMA_BOX",
     "VAE_SCALE",
     "VAE_SHIFT",
 ]
@@ -151,7 +154,7 @@ def encode_prompt(model, prompt: str = "", *, t5_length=None, compat=None, low_m
                   verbose: bool = False) -> Conditioning:
     """Tokenize and encode a prompt once (reusable for several seeds with ``run(conditioning=)``).
 
-    t5_length: T5 ids (None: 512, or 255 with ``compat="sd.cpp"``). low_memory: release the
+    t5_length: T5 ids (None: the mode's default, see :func:`generate`). low_memory: release the
     text encoders' weights afterwards.
 
     The one place prompts are encoded: the model's embedding cache (:mod:`fluxmini.embedding_cache`)
@@ -336,7 +339,7 @@ def _stages(model: Engine, st: _Settings, starts: list, conditioning: Optional[C
         mean = np.asarray(_native(model, model.vae_encode, image_to_array(st.init_img), **tiling_kw), np.float32)
         if mean.shape != (LATENT_CHANNELS, h, w):
             raise FluxMiniValueError(f"the VAE encoder returned shape {mean.shape}, expected {(LATENT_CHANNELS, h, w)}")
-        latent0 = _F32_SCALE * mean if st.compat == "sd.cpp" else _F32_SCALE * (mean - _F32_SHIFT)
+        latent0 = _F32_SCALE * mean if st.compat == "llama-box" else _F32_SCALE * (mean - _F32_SHIFT)
         if low_memory:
             model.release("vae")
         first["vae_encode"] = time.perf_counter() - t0
@@ -411,7 +414,7 @@ def _stages(model: Engine, st: _Settings, starts: list, conditioning: Optional[C
     shared += time.perf_counter() - t0
     for k, (seed_used, noise_given, latent, timings) in enumerate(sampled):
         t0 = time.perf_counter()
-        z = latent / _F32_SCALE if st.compat == "sd.cpp" else latent / _F32_SCALE + _F32_SHIFT
+        z = latent / _F32_SCALE if st.compat == "llama-box" else latent / _F32_SCALE + _F32_SHIFT
         decoded = np.asarray(_native(model, model.vae_decode, z, **tiling_kw), np.float32)
         if decoded.shape != (3, st.height, st.width):
             raise FluxMiniValueError(f"the VAE decoder returned shape {decoded.shape}, "
@@ -448,7 +451,7 @@ def _image(model: Engine, st: _Settings, decoded: np.ndarray, seed_used, noise_g
         "model": st.model_name if st.model_name is not None else model.name,
         "compat": st.compat,
         "sampler": "euler",
-        "schedule": "sd.cpp discrete (mu 1.15)" if st.compat == "sd.cpp" else "flux shift (resolution mu)",
+        "schedule": "flux shift (resolution mu)" if st.compat is None else "sd.cpp discrete (mu 1.15)",
         "t5_length": st.t5_length,
         "mode": "img2img" if st.init_img is not None else "txt2img",
         "noise": "custom" if noise_given else "seed",
@@ -462,7 +465,7 @@ def _image(model: Engine, st: _Settings, decoded: np.ndarray, seed_used, noise_g
         meta["start_step"] = st.start
         meta["init_image"] = (os.path.basename(os.fspath(st.init_image))
                               if isinstance(st.init_image, (str, os.PathLike)) else "image")
-    image = array_to_image(decoded)
+    image = array_to_image(decoded, rounded=st.compat == "sd.cpp")
     image.info.update(metadata_text(meta))
     return image, meta
 
@@ -530,10 +533,11 @@ def generate(model, prompt: str = "", *, width=None, height=None, steps=20, guid
             pass per step, no classifier-free guidance.
         seed: the noise seed (0 .. 2**64-1), the same starting noise as stable-diffusion.cpp and
             llama-box for that seed; None picks a random one (written into the metadata).
-        compat: None (reference BFL/diffusers behaviour) or ``"sd.cpp"`` (the llama-box v0.0.86
-            stable-diffusion.cpp fork: discrete schedule, T5 length 255, no VAE shift; see the
-            module docstring).
-        t5_length: T5 tokens (default 512, or 255 with ``compat="sd.cpp"``).
+        compat: None (reference BFL/diffusers behaviour), ``"sd.cpp"`` (stable-diffusion.cpp as
+            stable-diffusion-cpp-python 0.4.7 ships it: discrete schedule, T5 length 256, pixels
+            rounded) or ``"llama-box"`` (the llama-box v0.0.86 stable-diffusion.cpp fork: T5 length
+            255, no VAE shift); see the module docstring.
+        t5_length: T5 tokens (default 512; 256 with ``compat="sd.cpp"``, 255 with "llama-box").
         noise: float32 ``[16, height/8, width/8]`` starting noise instead of the seed's.
         init_image: img2img input (PIL image, path or uint8 ``[H, W, 3]`` array).
         strength: img2img strength in [0, 1] (1 = start from pure noise).

@@ -10,14 +10,14 @@ Two schedules (both ``steps + 1`` values running from 1 down to exactly 0, retur
   (:func:`bfl_mu` of the image token count), then a final 0. Computed in float64 and rounded
   once to float32; diffusers computes the shift in float32, so the two agree to within a few
   float32 ulps (about 2e-7).
-* ``compat="sd.cpp"`` — stable-diffusion.cpp's ``DiscreteSchedule`` with its
-  ``FluxFlowDenoiser`` as in the thxCode/stable-diffusion.cpp fork that llama-box v0.0.86 pins
-  (``docs/MODEL.md`` [FORK-86], based on upstream 9578fdcc): ``mu`` fixed at 1.15 for
+* ``compat="sd.cpp"`` and ``compat="llama-box"`` — stable-diffusion.cpp's discrete schedule
+  with its ``FluxFlowDenoiser`` (``docs/MODEL.md`` §4.4): ``mu`` fixed at 1.15 for
   guidance-distilled models, ``N`` timesteps ``t_k = 999 - k*999/(N-1)`` and
-  ``sigma_k = shift(mu, (t_k + 1)/1000)``, then 0. The float32/float64 mix of that C++ code
-  (float grid, ``std::exp(float)``, the rest of ``flux_time_shift`` in double, result stored
-  as float) is reproduced operation by operation: identical float32 values to a g++/glibc
-  build of those expressions for every N from 1 to 1000.
+  ``sigma_k = shift(mu, (t_k + 1)/1000)``, then 0. Upstream sd.cpp (stable-diffusion-cpp-python
+  0.4.7) evaluates the shift in float; the fork llama-box v0.0.86 pins ([FORK-86]) in a
+  float/double mix (float grid, ``std::exp(float)``, the rest in double, stored as float), so
+  a third of the values differ by one float32 ulp. Both are reproduced operation by operation:
+  identical float32 values to a g++/glibc build of each expression for every N from 1 to 1000.
 
 The Euler loop is the plain flow-matching update ``x <- x + (sigma_{i+1} - sigma_i) * v``
 with ``v = model(x, sigma_i)`` (``docs/MODEL.md`` §4.3): the same numbers for both schedules.
@@ -32,7 +32,7 @@ from typing import Callable, Optional
 import numpy as np
 
 from .errors import Cancelled, FluxMiniValueError
-from .validation import MAX_STEPS, compat_arg, int_arg, steps_arg
+from .validation import COMPAT_MODES, MAX_STEPS, compat_arg, int_arg, steps_arg
 
 __all__ = [
     "time_shift",
@@ -45,8 +45,6 @@ __all__ = [
     "MAX_STEPS",
 ]
 
-#: accepted values of ``compat``
-COMPAT_MODES = (None, "sd.cpp")
 # diffusers FLUX.1-dev scheduler config (calculate_shift defaults)
 _BASE_SEQ_LEN = 256
 _MAX_SEQ_LEN = 4096
@@ -123,8 +121,8 @@ def _bfl_sigmas(steps: int, width: int, height: int) -> np.ndarray:
     return out
 
 
-def _sdcpp_sigmas(steps: int, mu_fixed: float) -> np.ndarray:
-    # DiscreteSchedule::get_sigmas, all in float:
+def _sdcpp_sigmas(steps: int, mu_fixed: float, fork: bool) -> np.ndarray:
+    # DiscreteScheduler::get_sigmas, all in float:
     #   n == 1: { t_to_sigma(999), 0 }
     #   step = (float)999 / (float)(n - 1);  t_i = 999 - step * i
     f32 = np.float32
@@ -135,15 +133,21 @@ def _sdcpp_sigmas(steps: int, mu_fixed: float) -> np.ndarray:
         t = f32(_SDCPP_T_MAX) - step * np.arange(steps, dtype=np.float32)
     # FluxFlowDenoiser::t_to_sigma: t = t + 1; flux_time_shift(shift, 1.0f, t / TIMESTEPS), float
     t = (t + f32(1)) / f32(_SDCPP_TIMESTEPS)
-    # flux_time_shift(float mu, float sigma, float t) in [FORK-86]:
-    #   std::exp(mu) / (std::exp(mu) + std::pow((1.0 / t - 1.0), sigma))
-    # std::exp(float) is float; 1.0 / t - 1.0 and the rest are double; the result is returned
-    # as float. expf is taken as correctly rounded (float64 exp rounded to float32).
-    e = float(f32(math.exp(float(f32(mu_fixed)))))
-    d = 1.0 / t.astype(np.float64) - 1.0
+    # expf is taken as correctly rounded (float64 exp rounded to float32): glibc's expf gives the
+    # same float for mu = 1.15 and 1.0.
+    e = f32(math.exp(float(f32(mu_fixed))))
     out = np.empty(steps + 1, dtype=np.float32)
-    out[:steps] = e / (e + d)
     out[steps] = 0.0
+    if fork:
+        # llama-box's flux_time_shift: std::exp(mu) / (std::exp(mu) + std::pow((1.0 / t - 1.0), sigma)):
+        # std::exp(float) is float; 1.0 / t - 1.0 and the rest are double; the result is stored as float.
+        d = 1.0 / t.astype(np.float64) - 1.0
+        out[:steps] = float(e) / (float(e) + d)
+    else:
+        # upstream: ::expf(mu) / (::expf(mu) + ::powf((1.0f / t - 1.0f), sigma)), all float, and
+        # powf(x, 1.0f) is x exactly.
+        d = f32(1) / t - f32(1)
+        out[:steps] = e / (e + d)
     return out
 
 
@@ -154,8 +158,8 @@ def sigmas(steps, width, height, compat=None, *, mu_fixed: float = 1.15) -> np.n
         steps: number of Euler steps, 1..1000.
         width, height: image size in pixels (positive integers). Only the reference schedule
             depends on them (through the image token count ``(height//16) * (width//16)``).
-        compat: ``None`` for the reference BFL/diffusers schedule, ``"sd.cpp"`` for
-            stable-diffusion.cpp's discrete FLUX schedule (module docstring).
+        compat: ``None`` for the reference BFL/diffusers schedule, ``"sd.cpp"`` or
+            ``"llama-box"`` for stable-diffusion.cpp's discrete FLUX schedule (module docstring).
         mu_fixed: the fixed shift of the ``"sd.cpp"`` schedule: 1.15 for guidance-distilled
             models such as FLUX.1-mini/dev (sd.cpp uses 1.0 for models without guidance
             input). Ignored when ``compat`` is None.
@@ -176,7 +180,7 @@ def sigmas(steps, width, height, compat=None, *, mu_fixed: float = 1.15) -> np.n
     if compat is None:
         return _bfl_sigmas(steps, width, height)
     mu_fixed = _float_arg(mu_fixed, "mu_fixed")
-    return _sdcpp_sigmas(steps, mu_fixed)
+    return _sdcpp_sigmas(steps, mu_fixed, fork=compat == "llama-box")
 
 
 # --------------------------------------------------------------------------- img2img
@@ -193,7 +197,7 @@ def img2img_start(sigmas, steps, strength, compat=None) -> int:
       ``start = int(max(steps - init, 0))``. strength 1 starts at index 0 (pure noise); a
       strength so small that no step is left (``start == steps``) is an error, as in
       diffusers.
-    * ``compat="sd.cpp"`` (stable-diffusion.cpp ``img2img``):
+    * ``compat="sd.cpp"`` or ``"llama-box"`` (stable-diffusion.cpp's img2img, the same in both):
       ``t_enc = (size_t)(steps * strength)`` with the product in float32, ``t_enc`` lowered
       to ``steps - 1`` when it equals ``steps``, ``start = steps - t_enc - 1``. So sd.cpp runs
       ``t_enc + 1`` steps: strength 1 runs all ``steps`` from sigma 1, strength 0 still runs
@@ -204,7 +208,7 @@ def img2img_start(sigmas, steps, strength, compat=None) -> int:
             (only its length is checked: ``steps + 1``).
         steps: the step count the schedule was made for.
         strength: 0 <= strength <= 1.
-        compat: ``None`` or ``"sd.cpp"``.
+        compat: ``None``, ``"sd.cpp"`` or ``"llama-box"``.
 
     Returns:
         ``start``, an int with ``0 <= start <= steps - 1``.

@@ -24,9 +24,14 @@ MAX_SIZE = 2048
 DEFAULT_SIZE = 512
 #: the largest step count accepted (sd.cpp's discrete grid has 1000 timesteps)
 MAX_STEPS = 1000
-#: T5 sequence length of the reference (BFL/diffusers) and of compat="sd.cpp" (llama-box fork)
+#: accepted values of ``compat`` (docs/MODEL.md §10): None, the reference (BFL/diffusers);
+#: "sd.cpp", stable-diffusion.cpp as stable-diffusion-cpp-python 0.4.7 ships it; "llama-box",
+#: the stable-diffusion.cpp fork llama-box v0.0.86 embeds
+COMPAT_MODES = (None, "sd.cpp", "llama-box")
+#: T5 sequence length of the reference (BFL/diffusers), of compat="sd.cpp" and of compat="llama-box"
 T5_LENGTH = 512
-T5_LENGTH_SDCPP = 255
+T5_LENGTH_SDCPP = 256
+T5_LENGTH_LLAMA_BOX = 255
 #: seeds are unsigned 64-bit numbers (stable-diffusion.cpp's Philox key)
 SEED_MAX = (1 << 64) - 1
 
@@ -80,8 +85,8 @@ def steps_arg(steps) -> int:
 
 
 def compat_arg(compat):
-    if compat is not None and compat != "sd.cpp":
-        raise FluxMiniValueError(f"compat must be None or 'sd.cpp', got {compat!r}")
+    if compat is not None and not (isinstance(compat, str) and compat in COMPAT_MODES):
+        raise FluxMiniValueError(f"compat must be None, 'sd.cpp' or 'llama-box', got {compat!r}")
     return compat
 
 
@@ -100,7 +105,7 @@ def image_side(value, name: str) -> int:
 def t5_length_arg(t5_length, compat) -> int:
     """T5 tokens: None gives the default of the compat mode."""
     if t5_length is None:
-        return T5_LENGTH_SDCPP if compat == "sd.cpp" else T5_LENGTH
+        return {"sd.cpp": T5_LENGTH_SDCPP, "llama-box": T5_LENGTH_LLAMA_BOX}.get(compat, T5_LENGTH)
     from .tokenizers import T5_MAX_LENGTH
 
     n = int_arg(t5_length, "t5_length")

@@ -54,8 +54,8 @@ def add_parser(subparsers) -> None:
     b.add_argument("--guidance", type=float, default=None, help="default guidance (3.5)")
     b.add_argument("-s", "--seed", type=int, default=None, help="default seed (42)")
     b.add_argument("--t5-length", "--t5_length", dest="t5_length", type=int, default=None,
-                   help="default T5 tokens (512, or 255 with --compat sd.cpp)")
-    b.add_argument("--compat", choices=["sd.cpp"], default=None, help="default compat mode")
+                   help="default T5 tokens (512; 256 with --compat sd.cpp, 255 with llama-box)")
+    b.add_argument("--compat", choices=["sd.cpp", "llama-box"], default=None, help="default compat mode")
     b.add_argument("-n", "--count", type=int, default=None, help="default images per job (1)")
     b.add_argument("--clip_l", "--clip-l", dest="clip_l", default=None, help="separate CLIP-L file")
     b.add_argument("--t5xxl", default=None, help="separate T5-XXL file")

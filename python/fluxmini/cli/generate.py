@@ -107,11 +107,12 @@ def add_parser(subparsers) -> None:
     g.add_argument("-s", "--seed", type=int, default=42, help="seed (default 42; negative = random)")
     g.add_argument("-t", "--threads", type=int, default=None, help="CPU threads (default: physical cores)")
     g.add_argument("--backend", default="cpu", help="cpu, cuda, metal or auto (default cpu)")
-    g.add_argument("--compat", choices=["sd.cpp"], default=None,
-                   help="reproduce llama-box v0.0.86's stable-diffusion.cpp (discrete mu 1.15 schedule, "
-                        "T5 length 255, no VAE shift) for the same image as there for a seed")
+    g.add_argument("--compat", choices=["sd.cpp", "llama-box"], default=None,
+                   help="the same image as another program for a seed: sd.cpp = stable-diffusion.cpp as "
+                        "stable-diffusion-cpp-python 0.4.7 ships it (discrete mu 1.15 schedule, T5 length 256); "
+                        "llama-box = llama-box v0.0.86's stable-diffusion.cpp fork (T5 length 255, no VAE shift)")
     g.add_argument("--t5-length", "--t5_length", dest="t5_length", type=int, default=None,
-                   help="T5 tokens (default 512, or 255 with --compat sd.cpp)")
+                   help="T5 tokens (default 512; 256 with --compat sd.cpp, 255 with --compat llama-box)")
     g.add_argument("-i", "--init-img", "--init_img", dest="init_img", default=None,
                    help="init image for img2img")
     g.add_argument("--strength", type=float, default=0.75, help="img2img strength (default 0.75)")

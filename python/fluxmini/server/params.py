@@ -222,9 +222,9 @@ def from_json(body, *, max_size: int, edit: bool = False) -> ImageRequest:
         req.t5_length = _int(body["t5_length"], "t5_length", 1, 512)
     if get("compat") is not None:
         v = _str(body["compat"], "compat")
-        if v not in ("sd.cpp", "none", ""):
-            raise bad(f"'compat' must be 'sd.cpp' or null, got {v[:40]!r}", "compat")
-        req.compat = "sd.cpp" if v == "sd.cpp" else None
+        if v not in ("sd.cpp", "llama-box", "none", ""):
+            raise bad(f"'compat' must be 'sd.cpp', 'llama-box' or null, got {v[:40]!r}", "compat")
+        req.compat = v if v in ("sd.cpp", "llama-box") else None
     if get("strength") is not None:
         req.strength = _real(body["strength"], "strength", 0.0, 1.0)
     if get("lora") is not None:
