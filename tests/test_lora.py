@@ -557,6 +557,15 @@ def test_generate_with_lora_and_metadata(tmp_path):
 
     with Image.open(out) as im:
         np.testing.assert_array_equal(np.asarray(im), np.asarray(with_lora))
+    # --lora-mode merge (an F32 model): the same image up to float32 summation order, i.e. at most
+    # one level where a pixel sits at a rounding boundary
+    r = subprocess.run([sys.executable, "-m", "fluxmini.cli", "generate", "-m", model_path, "-p", "a fox", "-o",
+                        str(out), "-W", "32", "-H", "32", "--steps", "2", "-s", "5", "-t", "2", "--t5-length", "16",
+                        "-q", "--lora", f"{p}:0.8", "--lora-mode", "merge"], capture_output=True, text=True, env=env,
+                       timeout=300)
+    assert r.returncode == 0, r.stderr
+    with Image.open(out) as im:
+        assert np.abs(np.asarray(im).astype(int) - np.asarray(with_lora)).max() <= 1
     dev = _dev_lora(tmp_path)
     r = subprocess.run([sys.executable, "-m", "fluxmini.cli", "generate", "-m", model_path, "-o", str(out),
                         "--lora", dev], capture_output=True, text=True, env=env, timeout=300)
