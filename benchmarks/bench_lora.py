@@ -7,7 +7,9 @@
 Writes random BF16 LoRAs (BFL names) of each rank on every linear layer of the double and single
 blocks (qkv, proj, MLPs, modulations, linear1, linear2: what kohya-style Flux LoRAs cover), then
 times one transformer evaluation without LoRA and with each rank, alternating A/B/C... per round
-so that load from other processes hits all alike; reports medians and the adapters' memory.
+so that load from other processes hits all alike; reports medians of wall time and of process
+CPU time (all threads: less sensitive to other processes on a shared machine) and the adapters'
+memory. --mode merge times merged LoRAs instead (F16/F32 models only).
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from __future__ import annotations
 import argparse
 import os
 import platform
+import shutil
 import statistics
 import tempfile
 import time
@@ -57,11 +60,19 @@ def main() -> int:
     ap.add_argument("--text", type=int, default=64, help="T5 tokens (default 64)")
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--mode", choices=("runtime", "merge"), default="runtime")
     args = ap.parse_args()
 
     m = FluxMini.load(args.model, components=["diffusion"], threads=args.threads)
     linears = m._m.linears("diffusion")
     tmp = tempfile.mkdtemp(prefix="bench-lora-")
+    try:
+        return _run(args, m, linears, tmp)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _run(args, m, linears, tmp) -> int:
     loras = {}
     for r in args.ranks:
         p = os.path.join(tmp, f"r{r}.safetensors")
@@ -74,26 +85,29 @@ def main() -> int:
     pooled = np.zeros(cfg["vec_dim"], np.float32)
     configs = [("no LoRA", None)] + list(loras.items())
     times = {k: [] for k, _ in configs}
+    cpu = {k: [] for k, _ in configs}
     sizes = {}
     for k, p in configs:  # warm-up: build each graph once, read the weights
-        m.set_loras([p] if p else None)
+        m.set_loras([p] if p else None, mode=args.mode)
         sizes[k] = m.lora_bytes()
         m.transformer(lat, 0.5, 3.5, t5, pooled)
     for _ in range(args.reps):
         for k, p in configs:
-            m.set_loras([p] if p else None)
+            m.set_loras([p] if p else None, mode=args.mode)
             m.transformer(lat, 0.5, 3.5, t5, pooled)  # first run after a change rebuilds the graph
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             m.transformer(lat, 0.5, 3.5, t5, pooled)
             times[k].append(time.perf_counter() - t0)
-    base = statistics.median(times["no LoRA"])
+            cpu[k].append(time.process_time() - c0)
+    base, base_cpu = statistics.median(times["no LoRA"]), statistics.median(cpu["no LoRA"])
     print(f"{cpu_name()}, {m.threads} threads, {args.size}x{args.size}, {args.text} text tokens, "
-          f"{os.path.basename(args.model)}; median of {args.reps} alternating rounds")
+          f"{os.path.basename(args.model)}, {args.mode}; median of {args.reps} alternating rounds")
     for k, _ in configs:
-        med = statistics.median(times[k])
-        extra = f" ({100 * (med / base - 1):+.1f}%)" if k != "no LoRA" else ""
-        print(f"  {k:>8}: {med:.3f} s/step{extra}  adapters {sizes[k] / 2**20:.1f} MiB  "
-              f"all: {', '.join(f'{t:.3f}' for t in times[k])}")
+        med, med_cpu = statistics.median(times[k]), statistics.median(cpu[k])
+        extra = (f" ({100 * (med / base - 1):+.1f}%)", f" ({100 * (med_cpu / base_cpu - 1):+.1f}%)") \
+            if k != "no LoRA" else ("", "")
+        print(f"  {k:>8}: {med:.3f} s/step{extra[0]}, CPU {med_cpu:.3f} s{extra[1]}  adapters "
+              f"{sizes[k] / 2**20:.1f} MiB  all: {', '.join(f'{t:.3f}' for t in times[k])}")
     return 0
 
 

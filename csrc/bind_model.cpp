@@ -43,6 +43,44 @@ VaeTiling tiling_from(int mode, int tile, int overlap) {
     return t;
 }
 
+// set_adapters' items -> specs; the arrays go into `keep` (alive while the engine copies them).
+std::vector<AdapterSpec> adapter_specs(py::list items, std::vector<py::array> &keep) {
+    std::vector<AdapterSpec> specs;
+    for (py::handle h : items) {
+        auto t = h.cast<py::tuple>();
+        if (t.size() != 7) fail_value("set_adapters: each adapter is a 7-tuple");
+        AdapterSpec a;
+        a.target = t[0].cast<std::string>();
+        a.row0 = t[1].cast<int64_t>();
+        a.on_output = t[2].cast<bool>();
+        a.scale = t[3].cast<float>();
+        const std::string dt = t[4].cast<std::string>();
+        size_t item = 0;
+        if (dt == "f32") a.type = GGML_TYPE_F32, item = 4;
+        else if (dt == "f16") a.type = GGML_TYPE_F16, item = 2;
+        else if (dt == "bf16") a.type = GGML_TYPE_BF16, item = 2;
+        else fail_value("set_adapters: dtype must be f32, f16 or bf16, not %s", dt.c_str());
+        py::array down = t[5].cast<py::array>(), up = t[6].cast<py::array>();
+        for (py::array *arr : {&down, &up})
+            if (arr->ndim() != 2 || size_t(arr->itemsize()) != item ||
+                !(arr->flags() & py::array::c_style))
+                fail_value("set_adapters: the factors of '%s' must be C-contiguous 2-D %s arrays",
+                           a.target.c_str(), dt.c_str());
+        a.rank = down.shape(0);
+        a.in = down.shape(1);
+        a.rows = up.shape(0);
+        if (up.shape(1) != a.rank)
+            fail_value("set_adapters: '%s': up is [%lld, %lld] but down has rank %lld", a.target.c_str(),
+                       (long long)up.shape(0), (long long)up.shape(1), (long long)a.rank);
+        a.down = down.data();
+        a.up = up.data();
+        keep.push_back(down);
+        keep.push_back(up);
+        specs.push_back(std::move(a));
+    }
+    return specs;
+}
+
 }  // namespace
 
 void bind_model(py::module_ &m) {
@@ -237,49 +275,31 @@ void bind_model(py::module_ &m) {
              },
              "[(name, in_features, out_features)] of the component's linear layers (adapter targets)")
         .def("set_adapters",
-             [](Model &self, const std::string &component, py::list items) {
+             [](Model &self, const std::string &component, py::list items, bool merge) {
                  // items: [(target, row0, on_output, scale, dtype "f32"|"f16"|"bf16", down [rank, in],
                  // up [rows, rank])], arrays C-contiguous of that dtype (bf16 as uint16).
                  const Component c = component_arg(component);
                  std::vector<py::array> keep;  // the arrays stay alive while the engine copies them
-                 std::vector<AdapterSpec> specs;
-                 for (py::handle h : items) {
-                     auto t = h.cast<py::tuple>();
-                     if (t.size() != 7) fail_value("set_adapters: each adapter is a 7-tuple");
-                     AdapterSpec a;
-                     a.target = t[0].cast<std::string>();
-                     a.row0 = t[1].cast<int64_t>();
-                     a.on_output = t[2].cast<bool>();
-                     a.scale = t[3].cast<float>();
-                     const std::string dt = t[4].cast<std::string>();
-                     size_t item = 0;
-                     if (dt == "f32") a.type = GGML_TYPE_F32, item = 4;
-                     else if (dt == "f16") a.type = GGML_TYPE_F16, item = 2;
-                     else if (dt == "bf16") a.type = GGML_TYPE_BF16, item = 2;
-                     else fail_value("set_adapters: dtype must be f32, f16 or bf16, not %s", dt.c_str());
-                     py::array down = t[5].cast<py::array>(), up = t[6].cast<py::array>();
-                     for (py::array *arr : {&down, &up})
-                         if (arr->ndim() != 2 || size_t(arr->itemsize()) != item ||
-                             !(arr->flags() & py::array::c_style))
-                             fail_value("set_adapters: the factors of '%s' must be C-contiguous 2-D %s arrays",
-                                        a.target.c_str(), dt.c_str());
-                     a.rank = down.shape(0);
-                     a.in = down.shape(1);
-                     a.rows = up.shape(0);
-                     if (up.shape(1) != a.rank)
-                         fail_value("set_adapters: '%s': up is [%lld, %lld] but down has rank %lld", a.target.c_str(),
-                                    (long long)up.shape(0), (long long)up.shape(1), (long long)a.rank);
-                     a.down = down.data();
-                     a.up = up.data();
-                     keep.push_back(down);
-                     keep.push_back(up);
-                     specs.push_back(std::move(a));
-                 }
+                 std::vector<AdapterSpec> specs = adapter_specs(items, keep);
                  py::gil_scoped_release nogil;
                  Model::Call call(self);
-                 self.net(c).set_adapters(specs);
+                 self.net(c).set_adapters(specs, merge);
              },
-             py::arg("component"), py::arg("adapters"))
+             py::arg("component"), py::arg("adapters"), py::arg("merge") = false)
+        .def("check_adapters",
+             [](Model &self, const std::string &component, py::list items, bool merge) {
+                 const Component c = component_arg(component);
+                 std::vector<py::array> keep;
+                 std::vector<AdapterSpec> specs = adapter_specs(items, keep);
+                 Model::Call call(self);
+                 self.net(c).check_adapters(specs, merge);
+             },
+             "set_adapters' checks alone (nothing changes)", py::arg("component"), py::arg("adapters"),
+             py::arg("merge") = false)
+        .def("merged_bytes",
+             [](Model &self, const std::string &component) -> size_t {
+                 return self.net(component_arg(component)).merged_bytes();
+             })
         .def("adapter_bytes",
              [](Model &self, const std::string &component) -> size_t {
                  return self.net(component_arg(component)).adapter_bytes();

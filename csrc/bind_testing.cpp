@@ -260,29 +260,48 @@ void bind_testing(py::module_ &m) {
     }, py::arg("type"), py::arg("k"), py::arg("n"), py::arg("rows"), py::arg("kernels"), py::arg("threads") = 1,
        py::arg("reps") = 10);
     // linear() as the networks call it, F32 weights: x [rows, in], w [out, in], bias [out] or None,
-    // adapters [(down [rank, in], up [out, rank], scale), ...] -> [rows, out].
-    m.def("linear", [](f32_array x, f32_array w, std::optional<f32_array> bias,
-                       std::vector<std::tuple<f32_array, f32_array, float>> adapters, int threads) {
+    // adapters [(down [rank, in], up [rows, rank], scale[, row0[, on_output]]), ...] -> [rows, out];
+    // factor_type: the adapters' stored type (f32, f16, bf16: values rounded to it); kernels: a
+    // FLUXMINI_KERNELS choice (auto, ggml, portable, avx2, avxvnni, avx512vnni).
+    m.def("linear", [](f32_array x, f32_array w, std::optional<f32_array> bias, py::list adapters, int threads,
+                       const std::string &factor_type, const std::string &kernels) {
         if (x.ndim() != 2 || w.ndim() != 2 || w.shape(1) != x.shape(1))
             fm::fail_value("linear takes x [rows, in] and w [out, in]");
         const int64_t rows = x.shape(0), in = x.shape(1), out = w.shape(0);
         if (bias && (bias->ndim() != 1 || bias->shape(0) != out)) fm::fail_value("bias must be [out]");
         if (threads < 1) fm::fail_value("threads must be positive");
+        const ggml_type type = factor_type == "f32" ? GGML_TYPE_F32 : factor_type == "f16" ? GGML_TYPE_F16
+                               : factor_type == "bf16" ? GGML_TYPE_BF16 : GGML_TYPE_COUNT;
+        if (type == GGML_TYPE_COUNT) fm::fail_value("factor_type must be f32, f16 or bf16");
+        fm::KernelChoice choice;
+        if (!fm::parse_kernel_choice(kernels.c_str(), &choice)) fm::fail_value("unknown kernels '%s'", kernels.c_str());
+        std::vector<f32_array> keep;
         std::vector<fm::AdapterData> ad;
-        for (auto &a : adapters) {
-            const f32_array &down = std::get<0>(a), &up = std::get<1>(a);
-            if (down.ndim() != 2 || up.ndim() != 2 || down.shape(1) != in || up.shape(0) != out || up.shape(1) != down.shape(0))
-                fm::fail_value("an adapter is (down [rank, in], up [out, rank], scale)");
-            ad.push_back({down.data(), up.data(), down.shape(0), std::get<2>(a)});
+        for (py::handle item : adapters) {
+            py::tuple t = py::cast<py::tuple>(item);
+            if (t.size() < 3 || t.size() > 5) fm::fail_value("an adapter is (down, up, scale[, row0[, on_output]])");
+            keep.push_back(py::cast<f32_array>(t[0]));
+            keep.push_back(py::cast<f32_array>(t[1]));
+            const f32_array &down = keep[keep.size() - 2], &up = keep.back();
+            fm::AdapterData a{down.data(), up.data(), 0, py::cast<float>(t[2])};
+            a.row0 = t.size() > 3 ? py::cast<int64_t>(t[3]) : 0;
+            a.on_output = t.size() > 4 && py::cast<bool>(t[4]);
+            a.type = type;
+            if (down.ndim() != 2 || up.ndim() != 2 || down.shape(1) != (a.on_output ? out : in) ||
+                up.shape(1) != down.shape(0) || a.row0 < 0 || a.row0 + up.shape(0) > out)
+                fm::fail_value("an adapter is (down [rank, in], up [rows, rank], scale[, row0[, on_output]])");
+            a.rank = down.shape(0);
+            a.rows = up.shape(0);
+            ad.push_back(a);
         }
         std::vector<float> y;
         {
             py::gil_scoped_release nogil;
-            y = fm::linear_f32(x.data(), rows, in, w.data(), out, bias ? bias->data() : nullptr, ad, threads);
+            y = fm::linear_f32(x.data(), rows, in, w.data(), out, bias ? bias->data() : nullptr, ad, threads, choice);
         }
         f32_array res({rows, out});
         std::copy(y.begin(), y.end(), res.mutable_data());
         return res;
     }, py::arg("x"), py::arg("w"), py::arg("bias") = py::none(), py::arg("adapters") = py::list(),
-       py::arg("threads") = 1);
+       py::arg("threads") = 1, py::arg("factor_type") = "f32", py::arg("kernels") = "auto");
 }

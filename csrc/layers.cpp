@@ -4,6 +4,7 @@
 #include "cpu_qmatmul.h"
 
 #include <cmath>
+#include <cstring>
 
 namespace fm {
 
@@ -22,23 +23,90 @@ ggml_tensor *linear(const Ops &o, ggml_tensor *x, const Linear &p) {
         if (b) y = ggml_add(o.ctx, y, b);
     }
     if (!p.adapters || p.adapters->empty()) return y;
+    // Our CPU kernel for the up-products wherever our matmul kernels run (cpu_lora.h: ggml's
+    // mul_mat would take a dot product of length rank per output); ggml's route elsewhere.
+    const bool own = o.qmatmul_path != KernelChoice::Ggml && lora_path_ok(o.qmatmul_path) && y->type == GGML_TYPE_F32;
     // Input adapters first; output adapters (on_output) then read the adapted output, so two
     // LoRAs stacked on one layer add up whatever their kind.
     for (int pass = 0; pass < 2; ++pass) {
-        ggml_tensor *src = pass == 0 ? x : y;
-        for (const LowRankAdapter &a : *p.adapters) {
-            if (a.on_output != (pass == 1)) continue;
-            ggml_tensor *d = ggml_mul_mat(o.ctx, a.up, ggml_mul_mat(o.ctx, a.down, src));
-            if (a.scale != 1.0f) d = ggml_scale(o.ctx, d, a.scale);
-            if (d->ne[0] == y->ne[0]) {
-                y = ggml_add(o.ctx, y, d);
-            } else {  // a row range of a fused weight: add into that slice of every column
-                const size_t es = ggml_element_size(y);
-                y = ggml_acc(o.ctx, y, d, y->nb[1], y->nb[2], y->nb[3], size_t(a.row0) * es);
+        for (const LoraPack &pk : *p.adapters) {
+            if (pk.on_output != (pass == 1) || pk.merged) continue;
+            ggml_tensor *src = pass == 0 ? x : y;
+            if (own) {  // every adapter's down at once, then the kernel adds each up-product
+                y = lora_up_op(o.ctx, y, ggml_mul_mat(o.ctx, pk.down, src), pk, o.qmatmul_path);
+                continue;
+            }
+            const size_t de = ggml_element_size(pk.down);
+            for (const LoraPack::Part &a : pk.parts) {
+                ggml_tensor *down = ggml_view_2d(o.ctx, pk.down, pk.down->ne[0], a.rank, pk.down->nb[1], size_t(a.k0) * pk.down->nb[1]);
+                ggml_tensor *up_t = ggml_view_2d(o.ctx, pk.up_t, a.rows, a.rank, size_t(a.rows) * de, size_t(a.up_offset) * de);
+                ggml_tensor *up = ggml_cont(o.ctx, ggml_transpose(o.ctx, up_t));  // [rank, rows]
+                ggml_tensor *d = ggml_mul_mat(o.ctx, up, ggml_mul_mat(o.ctx, down, src));
+                if (a.scale != 1.0f) d = ggml_scale(o.ctx, d, a.scale);
+                if (d->ne[0] == y->ne[0]) {
+                    y = ggml_add(o.ctx, y, d);
+                } else {  // a row range of a fused weight: add into that slice of every column
+                    const size_t es = ggml_element_size(y);
+                    y = ggml_acc(o.ctx, y, d, y->nb[1], y->nb[2], y->nb[3], size_t(a.row0) * es);
+                }
             }
         }
     }
     return y;
+}
+
+std::vector<LoraPack> pack_adapters(ggml_context *ctx, const std::vector<AdapterFactors> &adapters,
+                                    std::vector<std::pair<ggml_tensor *, std::vector<uint8_t>>> &uploads) {
+    std::vector<LoraPack> packs;
+    std::vector<std::vector<const AdapterFactors *>> members;
+    std::vector<ggml_type> types;
+    for (const AdapterFactors &a : adapters) {
+        size_t i = 0;
+        while (i < packs.size() && !(packs[i].on_output == a.on_output && types[i] == a.type)) ++i;
+        if (i == packs.size()) {
+            packs.emplace_back();
+            packs.back().on_output = a.on_output;
+            members.emplace_back();
+            types.push_back(a.type);
+        }
+        members[i].push_back(&a);
+    }
+    for (size_t i = 0; i < packs.size(); ++i) {
+        LoraPack &pk = packs[i];
+        const size_t es = ggml_type_size(types[i]);
+        const int64_t in = members[i].front()->in;
+        int64_t r_all = 0, up_all = 0;
+        for (const AdapterFactors *a : members[i]) {
+            if (a->in != in) fail_runtime("internal error: adapters of one layer read different widths");
+            LoraPack::Part part;
+            part.k0 = r_all;
+            part.rank = a->rank;
+            part.row0 = a->row0;
+            part.rows = a->rows;
+            part.up_offset = up_all;
+            part.scale = a->scale;
+            pk.parts.push_back(part);
+            r_all += a->rank;
+            up_all += a->rank * a->rows;
+        }
+        pk.down = ggml_new_tensor_2d(ctx, types[i], in, r_all);
+        pk.up_t = ggml_new_tensor_1d(ctx, types[i], up_all);
+        std::vector<uint8_t> down(size_t(in * r_all) * es), up_t(size_t(up_all) * es);
+        for (size_t m = 0; m < members[i].size(); ++m) {
+            const AdapterFactors &a = *members[i][m];
+            const LoraPack::Part &part = pk.parts[m];
+            std::memcpy(down.data() + size_t(part.k0 * in) * es, a.down, size_t(a.rank * in) * es);
+            // up [rows][rank] -> upᵀ [rank][rows]
+            const uint8_t *u = static_cast<const uint8_t *>(a.up);
+            uint8_t *ut = up_t.data() + size_t(part.up_offset) * es;
+            for (int64_t j = 0; j < a.rows; ++j)
+                for (int64_t k = 0; k < a.rank; ++k)
+                    std::memcpy(ut + size_t(k * a.rows + j) * es, u + size_t(j * a.rank + k) * es, es);
+        }
+        uploads.emplace_back(pk.down, std::move(down));
+        uploads.emplace_back(pk.up_t, std::move(up_t));
+    }
+    return packs;
 }
 
 ggml_tensor *layer_norm(const Ops &o, ggml_tensor *x, const Norm &p, float eps) {

@@ -7,9 +7,12 @@
 
 #include "common.h"
 #include "cpu_attention.h"
+#include "cpu_lora.h"
 
 #include <ggml.h>
 
+#include <cstdint>
+#include <utility>
 #include <vector>
 
 namespace fm {
@@ -38,16 +41,30 @@ struct Ops {
     AttnPath attn_path = AttnPath::Ggml;
 };
 
-// A low-rank adapter (LoRA) of a linear layer: y[row0 : row0 + rows] += scale · up(down(x)),
-// down ne=[in, rank], up ne=[rank, rows] (rows may cover only part of a fused weight, e.g. the q
-// of a fused qkv). With on_output the adapter reads the layer's output instead of its input:
-// y += scale · up(down(y)) (XLabs' single-block proj_lora, a residual after linear2).
-struct LowRankAdapter {
-    ggml_tensor *down = nullptr, *up = nullptr;
-    float scale = 1.0f;
+// One low-rank adapter (LoRA) of a linear layer, as set_adapters() and pack_adapters() take it:
+// y[row0 : row0 + rows] += scale · up(down(x)), factors in their file type (F32, F16 or BF16),
+// row-major as PyTorch stores them: down [rank, in], up [rows, rank] (rows may cover only part of a
+// fused weight, e.g. the q of a fused qkv). With on_output the adapter reads the layer's output
+// instead of its input: y += scale · up(down(y)) (XLabs' single-block proj_lora, a residual
+// after linear2).
+struct AdapterFactors {
     int64_t row0 = 0;
     bool on_output = false;
+    float scale = 1.0f;
+    ggml_type type = GGML_TYPE_F32;
+    int64_t rank = 0, in = 0, rows = 0;
+    const void *down = nullptr, *up = nullptr;
 };
+
+// The adapters of one layer packed for linear() (LoraPack, cpu_lora.h): one pack per (input or
+// output, factor type), in the order of first appearance. Tensors are created in `ctx` (no_alloc);
+// after allocating them, copy each `uploads` entry's bytes into its tensor. The packs' memory is
+// the factors' own size (upᵀ is `up` transposed, nothing added).
+std::vector<LoraPack> pack_adapters(ggml_context *ctx, const std::vector<AdapterFactors> &adapters,
+                                    std::vector<std::pair<ggml_tensor *, std::vector<uint8_t>>> &uploads);
+// Graph nodes linear() may add per adapter (ggml's route, on other backends: views, two
+// products, a transpose copy, a scale, an add).
+constexpr size_t kNodesPerAdapter = 8;
 
 // Everything a linear layer computes with. Networks hold one per layer and pass it to linear()
 // whole, so whatever changes how a linear runs (adapters, weights streamed per layer) is written
@@ -55,9 +72,9 @@ struct LowRankAdapter {
 struct Linear {
     ggml_tensor *w = nullptr;  // ne=[in, out]
     ggml_tensor *b = nullptr;  // [out] or null
-    // The layer's adapters, owned by its Network (set_adapters() changes them in place, so every
-    // copy of the handle sees them); null or empty: none.
-    const std::vector<LowRankAdapter> *adapters = nullptr;
+    // The layer's adapters, packed, owned by its Network (set_adapters() changes them in place,
+    // so every copy of the handle sees them); null or empty: none.
+    const std::vector<LoraPack> *adapters = nullptr;
 };
 
 // The affine parameters of a normalisation (either may be null).

@@ -20,7 +20,7 @@ namespace fm {
 // Inferred hyper-parameters as (name, value) pairs, for info().
 using ConfigItems = std::vector<std::pair<std::string, int64_t>>;
 
-// One low-rank adapter to attach to a linear layer (see LowRankAdapter): factors in their file
+// One low-rank adapter to attach to a linear layer (see AdapterFactors): factors in their file
 // type (F32, F16 or BF16), row-major as stored by PyTorch: down [rank, in_features], up
 // [rows, rank]. The data is copied by set_adapters().
 struct AdapterSpec {
@@ -58,7 +58,14 @@ public:
     // Low-rank adapters (LoRA), applied at run time as extra graph nodes; the base weights stay
     // as they are. Replaces every adapter of this network (an empty list removes them); the
     // factors go into a buffer of their own, in their own type. Checks every target and shape.
-    void set_adapters(const std::vector<AdapterSpec> &adapters);
+    // merge: add the input adapters into copies of their layers' weights instead (F16 / F32 weights
+    // only, else FluxMiniValueError; output adapters stay run-time). The weights of the file are
+    // never written: removing or changing the adapters points the layers at them again (an exact
+    // un-merge), and release() / load() redo the merge from the adapters kept in their buffer.
+    void set_adapters(const std::vector<AdapterSpec> &adapters, bool merge = false);
+    // set_adapters()'s checks alone (targets, shapes, types; with merge, the weights' types).
+    void check_adapters(const std::vector<AdapterSpec> &adapters, bool merge) const;
+    size_t merged_bytes() const { return merge_buf_ ? ggml_backend_buffer_get_size(merge_buf_) : 0; }
     size_t adapter_bytes() const;
     size_t adapter_count() const { return adapter_count_; }
     std::vector<LinearInfo> linears() const;
@@ -89,8 +96,21 @@ protected:
 
 private:
     void free_adapters();
+    void apply_merge();  // merge_ on loaded weights: the merged copies in merge_buf_
+    void undo_merge();   // the layers read the file's weights again
 
-    std::map<std::string, std::vector<LowRankAdapter>> adapters_;  // per linear layer (stable nodes)
+    struct Swapped {  // a weight pointed at its merged copy, and where it pointed before
+        ggml_tensor *tensor;
+        ggml_backend_buffer_t buffer;
+        void *data;
+        void *extra;
+    };
+    std::map<std::string, ggml_tensor *> linear_weights_;
+    bool merge_ = false;
+    ggml_backend_buffer_t merge_buf_ = nullptr;
+    std::vector<Swapped> swapped_;
+
+    std::map<std::string, std::vector<LoraPack>> adapters_;  // per linear layer (stable nodes)
     std::map<std::string, std::pair<int64_t, int64_t>> linear_shapes_;  // name -> (in, out)
     ggml_context *adapter_ctx_ = nullptr;
     ggml_backend_buffer_t adapter_buf_ = nullptr;

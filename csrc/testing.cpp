@@ -152,36 +152,51 @@ BenchTime bench_attention(int64_t d, int64_t heads, int64_t l, bool flash, int t
 }
 
 std::vector<float> linear_f32(const float *x, int64_t rows, int64_t in, const float *w, int64_t out, const float *bias,
-                              const std::vector<AdapterData> &adapters, int threads) {
+                              const std::vector<AdapterData> &adapters, int threads, KernelChoice kernels) {
     if (rows < 1 || in < 1 || out < 1) fail_value("linear_f32: empty sizes");
-    for (const AdapterData &a : adapters)
-        if (a.rank < 1) fail_value("linear_f32: adapter rank must be positive");
+    std::vector<AdapterFactors> factors;
+    std::vector<std::vector<uint8_t>> stored;  // the factors in their test type
+    for (const AdapterData &a : adapters) {
+        AdapterFactors f;
+        f.rank = a.rank;
+        f.rows = a.rows ? a.rows : out;
+        f.row0 = a.row0;
+        f.in = a.on_output ? out : in;
+        f.on_output = a.on_output;
+        f.scale = a.scale;
+        f.type = a.type;
+        if (a.rank < 1 || f.row0 < 0 || f.row0 + f.rows > out) fail_value("linear_f32: bad adapter rank or rows");
+        if (a.type != GGML_TYPE_F32 && a.type != GGML_TYPE_F16 && a.type != GGML_TYPE_BF16)
+            fail_value("linear_f32: adapter type must be F32, F16 or BF16");
+        for (auto [src, n] : {std::pair{a.down, f.rank * f.in}, std::pair{a.up, f.rows * f.rank}}) {
+            stored.emplace_back(size_t(n) * ggml_type_size(a.type));
+            void *dst = stored.back().data();
+            if (a.type == GGML_TYPE_F16) ggml_fp32_to_fp16_row(src, static_cast<ggml_fp16_t *>(dst), n);
+            else if (a.type == GGML_TYPE_BF16) ggml_fp32_to_bf16_row(src, static_cast<ggml_bf16_t *>(dst), n);
+            else std::memcpy(dst, src, size_t(n) * sizeof(float));
+        }
+        f.down = stored[stored.size() - 2].data();
+        f.up = stored.back().data();
+        factors.push_back(f);
+    }
     const EngineOptions options = engine_options_from_env();
-    Backend backend("cpu", threads, options.kernels);
+    Backend backend("cpu", threads, kernels);
     WeightArena arena(2 + 2 * adapters.size());
     ggml_context *wctx = arena.ctx;
     Linear p;
-    std::vector<LowRankAdapter> ads;
     p.w = ggml_new_tensor_2d(wctx, GGML_TYPE_F32, in, out);
     if (bias) p.b = ggml_new_tensor_1d(wctx, GGML_TYPE_F32, out);
-    for (const AdapterData &a : adapters) {
-        LowRankAdapter la;
-        la.down = ggml_new_tensor_2d(wctx, GGML_TYPE_F32, in, a.rank);
-        la.up = ggml_new_tensor_2d(wctx, GGML_TYPE_F32, a.rank, out);
-        la.scale = a.scale;
-        ads.push_back(la);
-    }
-    p.adapters = &ads;
+    std::vector<std::pair<ggml_tensor *, std::vector<uint8_t>>> uploads;
+    const std::vector<LoraPack> packs = pack_adapters(wctx, factors, uploads);
+    p.adapters = &packs;
     arena.allocate(ggml_backend_get_default_buffer_type(backend.cpu()), "test weights");
     std::vector<float> y;
     {
         ggml_backend_tensor_set(p.w, w, 0, ggml_nbytes(p.w));
         if (bias) ggml_backend_tensor_set(p.b, bias, 0, ggml_nbytes(p.b));
-        for (size_t i = 0; i < adapters.size(); ++i) {
-            ggml_backend_tensor_set(ads[i].down, adapters[i].down, 0, ggml_nbytes(ads[i].down));
-            ggml_backend_tensor_set(ads[i].up, adapters[i].up, 0, ggml_nbytes(ads[i].up));
-        }
-        GraphRunner runner(backend, options, 64);
+        for (auto &u : uploads) ggml_backend_tensor_set(u.first, u.second.data(), 0, ggml_nbytes(u.first));
+        const size_t nodes = 16 + kNodesPerAdapter * adapters.size();
+        GraphRunner runner(backend, options, nodes);
         runner.prepare("linear", [&](ggml_context *ctx) {
             ggml_tensor *xt = ggml_new_tensor_2d(ctx, GGML_TYPE_F32, in, rows);
             ggml_set_name(xt, "x");
@@ -189,7 +204,7 @@ std::vector<float> linear_f32(const float *x, int64_t rows, int64_t in, const fl
             ggml_tensor *yt = linear(Ops(ctx, backend), xt, p);
             ggml_set_name(yt, "y");
             ggml_set_output(yt);
-            ggml_cgraph *g = ggml_new_graph_custom(ctx, 64, false);
+            ggml_cgraph *g = ggml_new_graph_custom(ctx, nodes, false);
             ggml_build_forward_expand(g, yt);
             return g;
         });

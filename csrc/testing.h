@@ -2,6 +2,10 @@
 // estimate), exposed as fluxmini._core.testing: not used by the engine.
 #pragma once
 
+#include "common.h"
+
+#include <ggml.h>
+
 #include <cstdint>
 #include <string>
 #include <vector>
@@ -26,13 +30,19 @@ BenchTime bench_attention(int64_t d, int64_t heads, int64_t l, bool flash, int t
                           const std::string &kernels = "");
 
 // linear() (layers.h) on its own, for tests: F32 x [rows, in] (row-major), W [out, in], bias
-// [out] or null, adapters of ranks r_i (down [r_i, in], up [out, r_i], scale) -> [rows, out].
+// [out] or null, adapters of ranks r_i (down [r_i, in or out], up [rows_i, r_i], scale, first row,
+// on_output; F32 values stored in `type`: F32, or rounded to F16 / BF16) -> [rows, out], on the
+// CPU backend with the kernel choice `kernels` (our matmul/LoRA paths, or Ggml).
 struct AdapterData {
     const float *down, *up;
     int64_t rank;
     float scale;
+    int64_t row0 = 0, rows = 0;  // rows 0: every output
+    bool on_output = false;
+    ggml_type type = GGML_TYPE_F32;
 };
 std::vector<float> linear_f32(const float *x, int64_t rows, int64_t in, const float *w, int64_t out, const float *bias,
-                              const std::vector<AdapterData> &adapters, int threads);
+                              const std::vector<AdapterData> &adapters, int threads,
+                              KernelChoice kernels = KernelChoice::Own);
 
 }  // namespace fm

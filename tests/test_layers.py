@@ -49,3 +49,61 @@ def test_linear_bad_shapes():
     with pytest.raises(FluxMiniValueError):
         _core.testing.linear(x, np.zeros((3, 8), np.float32), None,
                              [(np.zeros((2, 8), np.float32), np.zeros((3, 4), np.float32), 1.0)])
+
+
+def _round(a, factor_type):
+    """float32 values rounded to `factor_type` as the engine stores them (round to nearest even)."""
+    a = np.asarray(a, np.float32)
+    if factor_type == "f16":
+        return a.astype(np.float16).astype(np.float32)
+    if factor_type == "bf16":
+        bits = a.view(np.uint32).astype(np.uint64)
+        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16 << 16
+        return bits.astype(np.uint32).view(np.float32)
+    return a
+
+
+@pytest.mark.parametrize("factor_type", ["f32", "f16", "bf16"])
+@pytest.mark.parametrize("kernels", ["portable", "avx2", "avxvnni", "avx512vnni", "ggml"])
+def test_adapter_kernel_paths(factor_type, kernels):
+    """The LoRA up-product kernel (csrc/cpu_lora.cpp) on every path this CPU runs, and ggml's route,
+    against numpy in float64: row ranges of a fused output (with tails that fill no whole vector),
+    token counts that fill no whole tile, a rank above the kernel's chunk of 64, an output adapter
+    (XLabs' proj_lora) after the input ones, F32/F16/BF16 factors. The reference uses the factors
+    rounded to their type, and ggml's rounding of the activation fed to F16/BF16 factors (its
+    mul_mat converts x); ggml's route also rounds the low-rank product h to the factor type, which
+    the reference does not (measured 4.1e-3 of the adapters' change for BF16, 2.4e-4 for F16; bounds
+    2⁻⁷, 2⁻⁹). Ours keeps h in F32: float32 accumulation only (measured ≤ 3e-7 of the change; bound
+    1e-5), except that with F16 factors the output adapter's input (y) is rounded to F16 by ggml,
+    where one float32 ulp of y can flip a rounding (measured 9e-6 on the portable path; bound 1e-4).
+    """
+    if kernels != "ggml" and kernels not in _core.testing.qmatmul_paths():
+        pytest.skip(f"this CPU does not run the {kernels} path (covered on CPUs that do)")
+    rng = np.random.default_rng(11)
+    rows, n_in, n_out = 7, 40, 181
+    x = rng.standard_normal((rows, n_in)).astype(np.float32)
+    w = rng.standard_normal((n_out, n_in)).astype(np.float32) / np.sqrt(n_in)
+    b = rng.standard_normal(n_out).astype(np.float32)
+
+    def pair(rank, n_rows, src=n_in):
+        return (rng.standard_normal((rank, src)).astype(np.float32) / np.sqrt(src),
+                rng.standard_normal((n_rows, rank)).astype(np.float32))
+    ads = [(*pair(5, 61), 0.7, 0), (*pair(3, 47), -1.1, 61), (*pair(70, n_out), 0.3, 0),
+           (*pair(4, n_out, n_out), 0.5, 0, True), (*pair(2, 73), 1.5, 108)]
+    got = _core.testing.linear(x, w, b, ads, threads=3, factor_type=factor_type, kernels=kernels)
+    plain = _core.testing.linear(x, w, b, [], threads=3, factor_type=factor_type, kernels=kernels)
+    act = (lambda a: a) if factor_type == "f32" else (lambda a: _round(a, factor_type))
+    y = x.astype(np.float64) @ w.astype(np.float64).T + b
+    for on_output in (False, True):
+        src = y.copy() if on_output else x.astype(np.float64)
+        for a in ads:
+            if len(a) > 4 and a[4] == on_output or len(a) == 4 and not on_output:
+                down, up, scale, row0 = (_round(a[0], factor_type), _round(a[1], factor_type)) + a[2:4]
+                h = act(src.astype(np.float32)).astype(np.float64) @ down.astype(np.float64).T
+                y[:, row0:row0 + up.shape[0]] += scale * h @ up.astype(np.float64).T
+    change = np.abs(y - plain).max()
+    bound = {"f32": 1e-5, "f16": 1e-4, "bf16": 1e-5}[factor_type] if kernels != "ggml" else \
+        {"f32": 1e-5, "f16": 2.0 ** -9, "bf16": 2.0 ** -7}[factor_type]
+    err = np.abs(got - y).max() / change
+    assert change > 1.0
+    assert err <= bound, f"{kernels}/{factor_type}: error {err:.3g} of the adapters' change"

@@ -557,6 +557,15 @@ def test_generate_with_lora_and_metadata(tmp_path):
 
     with Image.open(out) as im:
         np.testing.assert_array_equal(np.asarray(im), np.asarray(with_lora))
+    # --lora-mode merge (an F32 model): the same image up to float32 summation order, i.e. at most
+    # one level where a pixel sits at a rounding boundary
+    r = subprocess.run([sys.executable, "-m", "fluxmini.cli", "generate", "-m", model_path, "-p", "a fox", "-o",
+                        str(out), "-W", "32", "-H", "32", "--steps", "2", "-s", "5", "-t", "2", "--t5-length", "16",
+                        "-q", "--lora", f"{p}:0.8", "--lora-mode", "merge"], capture_output=True, text=True, env=env,
+                       timeout=300)
+    assert r.returncode == 0, r.stderr
+    with Image.open(out) as im:
+        assert np.abs(np.asarray(im).astype(int) - np.asarray(with_lora)).max() <= 1
     dev = _dev_lora(tmp_path)
     r = subprocess.run([sys.executable, "-m", "fluxmini.cli", "generate", "-m", model_path, "-o", str(out),
                         "--lora", dev], capture_output=True, text=True, env=env, timeout=300)
@@ -666,3 +675,120 @@ def test_text_encoder_lora_equals_merged_weights(tmp_path):
 
 def fluxmini_load(path, components=None):
     return FluxMini.load(str(path), threads=2, components=components)
+
+
+# ----------------------------------------------------------------------------------------------
+# Merge mode (F16/F32 weights)
+
+@pytest.mark.parametrize("name", ["f32", "f16"])
+def test_merge_equals_runtime_and_unmerge_is_exact(tmp_path, name):
+    """mode="merge" adds scale·B·A into copies of the adapted weights: the output equals the
+    run-time adapters' within float32 summation order for F32 weights (bound 1e-5; a different
+    computation moves it by > EFFECT) and within F16 rounding of the merged weights for F16 ones
+    (each merged weight rounded to F16 once, relative 2⁻¹¹; tests/test_flux.py's F16 bound 2e-3).
+    Removing the LoRAs, or changing them, makes the layers read the file's weights again: the
+    base output comes back bit for bit. XLabs' output adapters (proj_lora) stay run-time."""
+    h = dims()[0]
+    single = dims()[3]
+    rng = np.random.default_rng(41)
+    proj = {i: ((rng.standard_normal((RANK, h)) / np.sqrt(h)).astype(np.float32),
+                (0.5 * rng.standard_normal((h, RANK)) / np.sqrt(RANK)).astype(np.float32)) for i in range(single)}
+    p = write(tmp_path / "b.safetensors", bfl_dict(factors(16)))
+    px = write(tmp_path / "x.safetensors", xlabs_dict(factors(17, full=False), proj))
+    m = FluxMini.load(G.model_path(name), components=["diffusion"], threads=2)
+    base = run(m, name)
+    bound = {"f32": 1e-5, "f16": 2e-3}[name]
+    runtimes = []
+    for loras in ([(p, 0.8)], [(p, 0.8), (px, -0.5)]):
+        m.set_loras(loras)
+        runtime = run(m, name)
+        runtimes.append(runtime)
+        runtime_bytes = m.lora_bytes()
+        m.set_loras(loras, mode="merge")
+        merged = run(m, name)
+        assert rel(runtime, base) > EFFECT
+        assert rel(merged, runtime) <= bound, f"{name}: merged vs run-time {rel(merged, runtime):.3g}"
+        assert m.lora_bytes() > runtime_bytes  # the merged copies are counted
+        m.release("diffusion")  # the merge is redone from the adapters when the weights come back
+        np.testing.assert_array_equal(run(m, name), merged)
+        m.set_loras([])
+        np.testing.assert_array_equal(run(m, name), base)
+        assert m.lora_bytes() == 0
+    m.set_loras([(p, 0.8)], mode="merge")
+    m.set_loras([(p, 0.8)])  # merged -> run-time: the file's weights plus the adapters
+    np.testing.assert_array_equal(run(m, name), runtimes[0])
+
+
+def test_merge_refused_on_quantized_weights(tmp_path):
+    p = write(tmp_path / "b.safetensors", bfl_dict(factors(18)))
+    m = engine("q8_0")
+    m.set_loras([(p, 0.5)])
+    before = run(m, "q8_0")
+    with pytest.raises(FluxMiniValueError, match="merging needs F16 or F32 weights"):
+        m.set_loras([(p, 0.8)], mode="merge")
+    assert m.loras == [(p, 0.5)]  # nothing changed
+    np.testing.assert_array_equal(run(m, "q8_0"), before)
+    with pytest.raises(FluxMiniValueError, match="lora_mode"):
+        m.set_loras([(p, 0.8)], mode="fast")
+    with pytest.raises(FluxMiniValueError, match="lora_mode"):
+        FluxMini.load(G.model_path("q8_0"), components=["diffusion"], lora_mode="merged")
+
+
+# ----------------------------------------------------------------------------------------------
+# T5 LoRAs
+
+def test_t5_lora_matches_peft(tmp_path):
+    """T5 LoRAs in the two key forms the reader takes for T5 (kohya ``lora_te3_`` / ``lora_te2_``
+    with .alpha and T5's own module names; diffusers' ``text_encoder_2.*`` PEFT keys, the name of
+    FLUX.1's T5 in diffusers) against transformers' T5EncoderModel with the same factors injected
+    by PEFT (``inject_adapter_in_model``). F32 weights: the bound of the T5 goldens against
+    transformers (tests/test_text_encoders.py: torch's float32 paths differ by up to 2.2e-5 of
+    O(1) outputs; 1e-4 absolute), relative to the output's largest value."""
+    torch = pytest.importorskip("torch")
+    peft = pytest.importorskip("peft")
+    import make_text_goldens as T
+
+    path = str(T.model_path("f32"))
+    m = FluxMini.load(path, components=["t5xxl"], threads=2)
+    d, ff = 64, 96  # tiny_dims().t5
+    rng = np.random.default_rng(19)
+    mods = {"encoder.block.0.layer.0.SelfAttention.q": (d, d), "encoder.block.0.layer.0.SelfAttention.o": (d, d),
+            "encoder.block.1.layer.0.SelfAttention.v": (d, d), "encoder.block.0.layer.1.DenseReluDense.wi_0": (d, ff),
+            "encoder.block.1.layer.1.DenseReluDense.wo": (ff, d)}
+    f = {k: ((rng.standard_normal((RANK, i)) / np.sqrt(i)).astype(np.float32),
+             (0.5 * rng.standard_normal((o, RANK))).astype(np.float32)) for k, (i, o) in mods.items()}
+    alpha, scale = 2.0, 0.7
+    ids = np.random.default_rng(5).integers(0, 1000, 11).astype(np.int32)
+    plain = m.encode_t5(ids)
+
+    def reference(eff_alpha):
+        model = T.t5_reference(path)
+        cfg = peft.LoraConfig(r=RANK, lora_alpha=eff_alpha, target_modules=list(mods), lora_dropout=0.0)
+        model = peft.inject_adapter_in_model(cfg, model)
+        sd = {}
+        for k, (a, b) in f.items():
+            sd[f"{k}.lora_A.weight"] = torch.from_numpy(a)
+            sd[f"{k}.lora_B.weight"] = torch.from_numpy(scale * b)  # the user's multiplier
+        res = peft.set_peft_model_state_dict(model, sd)
+        assert not getattr(res, "unexpected_keys", [])
+        return T.t5_forward(model.eval(), ids)
+
+    want = reference(alpha)
+    assert rel(want, plain) > EFFECT
+    for prefix in ("lora_te3_", "lora_te2_"):
+        sd = {}
+        for k, (a, b) in f.items():
+            u = prefix + k.replace(".", "_")
+            sd[u + ".lora_down.weight"], sd[u + ".lora_up.weight"] = a, b
+            sd[u + ".alpha"] = np.array(alpha, np.float32)
+        m.set_loras([(write(tmp_path / f"{prefix}.safetensors", sd), scale)])
+        err = float(np.abs(m.encode_t5(ids) - want).max() / np.abs(want).max())
+        assert err <= 1e-4, f"{prefix}: relative error {err:.3g} against transformers + PEFT"
+    sd = {}
+    for k, (a, b) in f.items():
+        sd[f"text_encoder_2.{k}.lora_A.weight"], sd[f"text_encoder_2.{k}.lora_B.weight"] = a, b
+    m.set_loras([(write(tmp_path / "peft.safetensors", sd), scale)])  # PEFT without alpha: scale 1 per adapter
+    want1 = reference(RANK)
+    err = float(np.abs(m.encode_t5(ids) - want1).max() / np.abs(want1).max())
+    assert err <= 1e-4, f"text_encoder_2.*: relative error {err:.3g} against transformers + PEFT"
+

@@ -14,11 +14,13 @@ Formats (every key of a file is matched to a layer or reported):
   of ``linear1``; ``proj_lora`` reads the OUTPUT of ``linear2`` and adds to it
   (``out = out + proj_lora(out)``), as FluxKits' ``SingleStreamBlockLoraProcessor`` does.
 - kohya (``lora_unet_double_blocks_0_img_attn_qkv.lora_down.weight`` + ``.alpha``; also
-  ``lora_transformer_*`` with diffusers names, and ``lora_te1_*`` for CLIP-L).
+  ``lora_transformer_*`` with diffusers names, ``lora_te1_*`` for CLIP-L, ``lora_te3_*`` (kohya's
+  Flux prefix) or ``lora_te2_*`` for T5 with T5's module names).
 - diffusers / PEFT (``transformer.transformer_blocks.0.attn.to_q.lora_A.weight``): split
   q/k/v and ``proj_mlp`` land on row ranges of the fused ``qkv`` / ``linear1`` weights, missing
   parts count as zero; alpha from ``.alpha`` tensors, from the safetensors metadata
-  (``lora_adapter_metadata``), or 1.
+  (``lora_adapter_metadata``), or 1. ``text_encoder.*`` is CLIP-L, ``text_encoder_2.*`` T5 (as
+  in diffusers' FluxPipeline).
 - BFL / ComfyUI (``diffusion_model.double_blocks.0.img_attn.qkv.lora_A.weight``, or
   ``lora_down``/``lora_up`` + ``.alpha``).
 
@@ -211,6 +213,7 @@ def _resolve(key: str, layers: ModelLayers):
                            ("transformer.", "diffusers/PEFT", ("diffusers",)),
                            ("text_encoders.clip_l.transformer.", "BFL/ComfyUI", ("te",)),
                            ("text_encoder.", "diffusers/PEFT", ("te",)),
+                           ("text_encoder_2.", "diffusers/PEFT", ("te",)),  # FLUX.1's T5 in diffusers
                            ("", "bare", ("bfl", "diffusers", "te"))):
         if key.startswith(pre):
             rest = key[len(pre):]
@@ -231,7 +234,7 @@ def _why_unmatched(key: str, layers: ModelLayers) -> str:
         if int(m[2]) >= have:
             return (f"block {m[2]} of the {'single' if single else 'double'}-stream blocks; this model has {have} "
                     f"(indices 0-{have - 1})")
-    if key.startswith(("lora_te", "text_encoder")) and "clip_l" not in layers.linears:
+    if key.startswith(("lora_te", "text_encoder")) and not {"clip_l", "t5xxl"} & set(layers.linears):
         return "a text-encoder layer, and this model has no text encoder loaded"
     return "no layer of this model has that name"
 
@@ -303,7 +306,7 @@ def _peft_alphas(meta: dict) -> tuple[Optional[float], dict]:
     alpha = None
     pattern = {}
     for k, v in md.items():
-        base = k.split(".", 1)[-1] if k.startswith(("transformer.", "text_encoder.")) else k
+        base = k.split(".", 1)[-1] if k.startswith(("transformer.", "text_encoder.", "text_encoder_2.")) else k
         if base == "lora_alpha" and isinstance(v, (int, float)):
             alpha = float(v)
         elif base == "alpha_pattern" and isinstance(v, dict):
@@ -365,7 +368,7 @@ def _read_lora(path, layers: ModelLayers, tensors: dict, meta: dict) -> LoraFile
             a = tensors[roles["alpha"]].read(0, 1)
             alpha = float(a[0])
         else:
-            short = key.split(".", 1)[1] if key.startswith(("transformer.", "text_encoder.")) else key
+            short = key.split(".", 1)[1] if key.startswith(("transformer.", "text_encoder.", "text_encoder_2.")) else key
             for pat, val in alpha_pattern.items():
                 if short == pat or short.endswith("." + pat):
                     alpha = val

@@ -109,13 +109,14 @@ class FluxMini(Engine):
         self.embedding_cache = EmbeddingCache()
         self._text_weights_fp: Optional[bytes] = None
         self._text_lora_fp = b""
+        self._lora_mode = "runtime"
 
     @classmethod
     def load(cls, path, *, clip_l=None, t5xxl=None, vae=None, backend: str = "cpu",
              threads: Optional[int] = None, components: Optional[Iterable[str]] = None,
              flash_attn: bool = True, verbose: int = 0, loras=None, lora_strict: bool = True,
              cache_dir=None, cache_max_bytes: Optional[int] = None,
-             cache_memory_bytes: Optional[int] = None) -> "FluxMini":
+             cache_memory_bytes: Optional[int] = None, lora_mode: str = "runtime") -> "FluxMini":
         """Open a model.
 
         path: a FLUX.1-mini GGUF (gpustack's single file, sd.cpp names, or diffusion-only).
@@ -123,7 +124,8 @@ class FluxMini(Engine):
         backend: "cpu", "cuda", "metal" or "auto". threads: CPU threads (default: physical cores).
         components: the components that must be present (default: all four).
         loras: LoRA adapters to apply at run time, e.g. ``[("style.safetensors", 0.8)]`` (see
-        :meth:`set_loras`); lora_strict: refuse a LoRA with keys that match no layer.
+        :meth:`set_loras`); lora_strict: refuse a LoRA with keys that match no layer; lora_mode:
+        how :meth:`set_loras` applies them by default, "runtime" or "merge" (F16/F32 models).
         cache_dir: a folder that keeps prompt embeddings between processes (default: none; they
         are always kept in memory for the model's life, see :mod:`fluxmini.embedding_cache`);
         cache_max_bytes: that folder's bound (default 1 GiB, least recently used entries go
@@ -154,6 +156,7 @@ class FluxMini(Engine):
                           RuntimeWarning, stacklevel=2)
         model = cls(m, paths)
         model.embedding_cache = cache
+        model._lora_mode = _lora_mode_arg(lora_mode)
         if loras:
             model.set_loras(loras, strict=lora_strict)
         return model
@@ -286,7 +289,8 @@ class FluxMini(Engine):
             with self.cancel_scope(cancel):
                 return generate(self, prompt, **kwargs)
         finally:
-            self.set_loras(before, strict=before_key[1] if before_key else True)
+            self.set_loras(before, strict=before_key[1] if before_key else True,
+                           mode=before_key[2] if before_key else None)
 
     # ------------------------------------------------------------------ LoRA
     @property
@@ -294,15 +298,21 @@ class FluxMini(Engine):
         """The LoRAs applied now: [(path, scale)]."""
         return list(self._loras)
 
-    def set_loras(self, loras, *, strict: bool = True) -> list:
-        """Apply LoRA adapters at run time, replacing those applied before (None or [] removes
-        them); the base weights are not touched. Cheap when the set (files and scales) is unchanged.
+    def set_loras(self, loras, *, strict: bool = True, mode: Optional[str] = None) -> list:
+        """Apply LoRA adapters, replacing those applied before (None or [] removes them). Cheap
+        when the set (files, scales, mode) is unchanged.
 
         loras: a path, a (path, scale) pair, or a list of paths / (path, scale) pairs (scale:
         the multiplier, negative allowed; default 1). Formats: FluxKits/XLabs, kohya,
         diffusers/PEFT and BFL/ComfyUI, in safetensors or GGUF (see :mod:`fluxmini.lora`).
         strict: refuse a LoRA with tensors that match no layer of this model (e.g. one made for
         FLUX.1-dev); with strict=False they are skipped and reported in the return value.
+        mode: "runtime" (the default, or the model's ``lora_mode``): extra graph nodes per adapted
+        layer, the base weights untouched. "merge": W + scale·B·A computed once into copies of the
+        adapted weights (F16/F32 weights only: a quantized layer is a FluxMiniValueError), so
+        steps cost what they cost without LoRA; the file's weights are never written, and removing
+        or changing the LoRAs makes the layers read them again (exactly the base model). XLabs'
+        single-block ``proj_lora`` (an adapter on a layer's output) stays run-time.
 
         Returns [(path, [(tensor, reason), ...])]: the unmatched tensors of each LoRA.
         """
@@ -316,7 +326,8 @@ class FluxMini(Engine):
             except OSError as e:
                 raise FluxMiniFileError(f"LoRA file not found: {path} ({e.strerror or e})") from e
             key.append((os.path.realpath(path), st.st_size, st.st_mtime_ns, scale))
-        key = (tuple(key), bool(strict))
+        mode = self._lora_mode if mode is None else _lora_mode_arg(mode)
+        key = (tuple(key), bool(strict), mode) if key else ()
         with self._lora_lock:
             if key == self._lora_key:
                 return []
@@ -333,16 +344,21 @@ class FluxMini(Engine):
                                              "this model; nothing would change")
                 parsed.append((lf, scale))
             per_comp = L.engine_items(parsed)
+            merge = mode == "merge"
+            if merge:  # every component's checks first, so a refusal changes nothing
+                for comp in layers.linears:
+                    self._m.check_adapters(comp, per_comp.get(comp, []), True)
             for comp in layers.linears:
-                self._m.set_adapters(comp, per_comp.get(comp, []))
+                self._m.set_adapters(comp, per_comp.get(comp, []), merge)
             self._loras = items
             self._lora_key = key
             self._text_lora_fp = _adapters_fingerprint(per_comp, ("clip_l", "t5xxl"))
             return report
 
     def lora_bytes(self) -> int:
-        """Memory the applied LoRAs' factors take in the engine."""
-        return sum(self._m.adapter_bytes(c["name"]) for c in self._m.info()
+        """Memory the applied LoRAs take in the engine: their factors, and in merge mode the
+        merged copies of the weights they change."""
+        return sum(self._m.adapter_bytes(c["name"]) + self._m.merged_bytes(c["name"]) for c in self._m.info()
                    if c["present"] and c["name"] != "vae")
 
     # ------------------------------------------------------------------ prompt-embedding cache
@@ -439,6 +455,10 @@ def _adapters_fingerprint(per_comp: dict, components) -> bytes:
             a = np.ascontiguousarray(arr)
             h.update(repr((a.dtype.str, a.shape)).encode() + a.tobytes())
     return h.digest()
+def _lora_mode_arg(mode) -> str:
+    if mode not in ("runtime", "merge"):
+        raise FluxMiniValueError(f'lora_mode must be "runtime" or "merge", got {mode!r}')
+    return mode
 
 
 def _check_component(component) -> None:

@@ -53,7 +53,8 @@ def run(args) -> int:
     if args.lora:
         from ..lora import parse_lora_arg
 
-        report = model.set_loras([parse_lora_arg(x) for x in args.lora], strict=not args.lora_nonstrict)
+        report = model.set_loras([parse_lora_arg(x) for x in args.lora], strict=not args.lora_nonstrict,
+                                 mode=args.lora_mode)
         for lora_path, keys in report:
             print(f"fluxmini: {lora_path}: {len(keys)} tensors match no layer and were skipped: "
                   + ", ".join(k for k, _ in keys[:10]) + (" ..." if len(keys) > 10 else ""), file=sys.stderr)
@@ -130,6 +131,9 @@ def add_parser(subparsers) -> None:
     g.add_argument("--lora", action="append", default=[], metavar="PATH[:SCALE]",
                    help="apply a LoRA at run time with a multiplier (default 1, negative allowed); repeatable. "
                         "FluxKits/XLabs, kohya, diffusers/PEFT or BFL/ComfyUI keys, safetensors or GGUF")
+    g.add_argument("--lora-mode", choices=("runtime", "merge"), default="runtime",
+                   help="runtime (default): adapters as extra graph nodes, base weights untouched; merge: "
+                        "added once into copies of the weights (F16/F32 models only; faster steps)")
     g.add_argument("--lora-nonstrict", action="store_true",
                    help="apply the matching part of a LoRA whose other tensors match no layer (listed on stderr)")
     add_cache_dir(g)

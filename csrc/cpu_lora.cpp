@@ -1,0 +1,267 @@
+// The LoRA up-product kernel (cpu_lora.h): out[n][j] += Σ_k (scale · h[n][k]) · upᵀ[k][j].
+// Register tiles of 4 tokens × 2 vectors of rows, k innermost: each upᵀ vector is loaded (and
+// widened from F16 / BF16) once per 4 tokens, each c = scale·h once per 2 vectors.
+#include "cpu_lora.h"
+
+#include "cpu_qmatmul.h"
+
+#include <algorithm>
+#include <cstring>
+
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#define FM_LORA_X86 1
+#include <immintrin.h>
+#endif
+
+namespace fm {
+
+LoraPack::LoraPack() {
+    for (int i = 0; i < 6; ++i) nodes[i] = {this, KernelChoice(i)};
+}
+LoraPack::LoraPack(const LoraPack &o)
+    : down(o.down), up_t(o.up_t), on_output(o.on_output), merged(o.merged), parts(o.parts) {
+    for (int i = 0; i < 6; ++i) nodes[i] = {this, KernelChoice(i)};
+}
+LoraPack &LoraPack::operator=(const LoraPack &o) {
+    down = o.down;
+    up_t = o.up_t;
+    on_output = o.on_output;
+    merged = o.merged;
+    parts = o.parts;
+    return *this;  // nodes keep pointing at this pack
+}
+
+namespace {
+
+constexpr int kTok = 4;     // tokens per register tile
+constexpr int kChunk = 64;  // ranks per pass over the outputs (the c values of a tile stay on the stack)
+
+// c[t][k] = scale · h[t][k0 + k] for a tile's tokens and one chunk of ranks.
+inline void tile_coefficients(const float *h, int64_t h_stride, float scale, int tokens, int64_t kc, float *c) {
+    for (int t = 0; t < tokens; ++t)
+        for (int64_t k = 0; k < kc; ++k) c[t * kChunk + k] = scale * h[t * h_stride + k];
+}
+
+inline float widen(ggml_type type, const void *p, int64_t i) {
+    switch (type) {
+    case GGML_TYPE_F16: return ggml_fp16_to_fp32(static_cast<const ggml_fp16_t *>(p)[i]);
+    case GGML_TYPE_BF16: {
+        const uint32_t bits = uint32_t(static_cast<const uint16_t *>(p)[i]) << 16;
+        float f;
+        std::memcpy(&f, &bits, 4);
+        return f;
+    }
+    default: return static_cast<const float *>(p)[i];
+    }
+}
+
+// Rows j0 .. j1 of a tile, one element at a time (the portable path, and the vector paths' tails).
+void tile_scalar(ggml_type type, const void *up_t, int64_t rows, const float *c, int tokens, int64_t kc, float *out,
+                 int64_t out_stride, int64_t j0, int64_t j1) {
+    for (int t = 0; t < tokens; ++t)
+        for (int64_t j = j0; j < j1; ++j) {
+            float acc = out[t * out_stride + j];
+            for (int64_t k = 0; k < kc; ++k) acc += c[t * kChunk + k] * widen(type, up_t, k * rows + j);
+            out[t * out_stride + j] = acc;
+        }
+}
+
+#ifdef FM_LORA_X86
+// ---- AVX-512 (16 lanes) ----
+template <ggml_type T>
+__attribute__((target("avx512f"))) inline __m512 load16(const void *p, int64_t i) {
+    if constexpr (T == GGML_TYPE_F32) return _mm512_loadu_ps(static_cast<const float *>(p) + i);
+    if constexpr (T == GGML_TYPE_F16)
+        return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i *>(static_cast<const uint16_t *>(p) + i)));
+    return _mm512_castsi512_ps(_mm512_slli_epi32(
+        _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i *>(static_cast<const uint16_t *>(p) + i))),
+        16));
+}
+
+template <ggml_type T, int NT>
+__attribute__((target("avx512f"))) int64_t tile_avx512(const void *up_t, int64_t rows, const float *c, int64_t kc,
+                                                       float *out, int64_t os, int64_t j0, int64_t j1) {
+    int64_t j = j0;
+    for (; j + 32 <= j1; j += 32) {
+        __m512 a[NT][2];
+        for (int t = 0; t < NT; ++t) {
+            a[t][0] = _mm512_loadu_ps(out + t * os + j);
+            a[t][1] = _mm512_loadu_ps(out + t * os + j + 16);
+        }
+        for (int64_t k = 0; k < kc; ++k) {
+            const __m512 u0 = load16<T>(up_t, k * rows + j), u1 = load16<T>(up_t, k * rows + j + 16);
+            for (int t = 0; t < NT; ++t) {
+                const __m512 ck = _mm512_set1_ps(c[t * kChunk + k]);
+                a[t][0] = _mm512_fmadd_ps(ck, u0, a[t][0]);
+                a[t][1] = _mm512_fmadd_ps(ck, u1, a[t][1]);
+            }
+        }
+        for (int t = 0; t < NT; ++t) {
+            _mm512_storeu_ps(out + t * os + j, a[t][0]);
+            _mm512_storeu_ps(out + t * os + j + 16, a[t][1]);
+        }
+    }
+    for (; j + 16 <= j1; j += 16) {
+        __m512 a[NT];
+        for (int t = 0; t < NT; ++t) a[t] = _mm512_loadu_ps(out + t * os + j);
+        for (int64_t k = 0; k < kc; ++k) {
+            const __m512 u = load16<T>(up_t, k * rows + j);
+            for (int t = 0; t < NT; ++t) a[t] = _mm512_fmadd_ps(_mm512_set1_ps(c[t * kChunk + k]), u, a[t]);
+        }
+        for (int t = 0; t < NT; ++t) _mm512_storeu_ps(out + t * os + j, a[t]);
+    }
+    return j;  // the scalar tail starts here
+}
+
+// ---- AVX2 + FMA + F16C (8 lanes) ----
+template <ggml_type T>
+__attribute__((target("avx2,fma,f16c"))) inline __m256 load8(const void *p, int64_t i) {
+    if constexpr (T == GGML_TYPE_F32) return _mm256_loadu_ps(static_cast<const float *>(p) + i);
+    if constexpr (T == GGML_TYPE_F16)
+        return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i *>(static_cast<const uint16_t *>(p) + i)));
+    return _mm256_castsi256_ps(_mm256_slli_epi32(
+        _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i *>(static_cast<const uint16_t *>(p) + i))),
+        16));
+}
+
+template <ggml_type T, int NT>
+__attribute__((target("avx2,fma,f16c"))) int64_t tile_avx2(const void *up_t, int64_t rows, const float *c, int64_t kc,
+                                                           float *out, int64_t os, int64_t j0, int64_t j1) {
+    int64_t j = j0;
+    for (; j + 16 <= j1; j += 16) {
+        __m256 a[NT][2];
+        for (int t = 0; t < NT; ++t) {
+            a[t][0] = _mm256_loadu_ps(out + t * os + j);
+            a[t][1] = _mm256_loadu_ps(out + t * os + j + 8);
+        }
+        for (int64_t k = 0; k < kc; ++k) {
+            const __m256 u0 = load8<T>(up_t, k * rows + j), u1 = load8<T>(up_t, k * rows + j + 8);
+            for (int t = 0; t < NT; ++t) {
+                const __m256 ck = _mm256_broadcast_ss(c + t * kChunk + k);
+                a[t][0] = _mm256_fmadd_ps(ck, u0, a[t][0]);
+                a[t][1] = _mm256_fmadd_ps(ck, u1, a[t][1]);
+            }
+        }
+        for (int t = 0; t < NT; ++t) {
+            _mm256_storeu_ps(out + t * os + j, a[t][0]);
+            _mm256_storeu_ps(out + t * os + j + 8, a[t][1]);
+        }
+    }
+    for (; j + 8 <= j1; j += 8) {
+        __m256 a[NT];
+        for (int t = 0; t < NT; ++t) a[t] = _mm256_loadu_ps(out + t * os + j);
+        for (int64_t k = 0; k < kc; ++k) {
+            const __m256 u = load8<T>(up_t, k * rows + j);
+            for (int t = 0; t < NT; ++t) a[t] = _mm256_fmadd_ps(_mm256_broadcast_ss(c + t * kChunk + k), u, a[t]);
+        }
+        for (int t = 0; t < NT; ++t) _mm256_storeu_ps(out + t * os + j, a[t]);
+    }
+    return j;
+}
+
+template <int NT>
+int64_t tile_vector(KernelChoice path, ggml_type type, const void *up_t, int64_t rows, const float *c, int64_t kc,
+                    float *out, int64_t os, int64_t j0, int64_t j1) {
+    if (path == KernelChoice::Avx512Vnni) {
+        switch (type) {
+        case GGML_TYPE_F16: return tile_avx512<GGML_TYPE_F16, NT>(up_t, rows, c, kc, out, os, j0, j1);
+        case GGML_TYPE_BF16: return tile_avx512<GGML_TYPE_BF16, NT>(up_t, rows, c, kc, out, os, j0, j1);
+        default: return tile_avx512<GGML_TYPE_F32, NT>(up_t, rows, c, kc, out, os, j0, j1);
+        }
+    }
+    switch (type) {
+    case GGML_TYPE_F16: return tile_avx2<GGML_TYPE_F16, NT>(up_t, rows, c, kc, out, os, j0, j1);
+    case GGML_TYPE_BF16: return tile_avx2<GGML_TYPE_BF16, NT>(up_t, rows, c, kc, out, os, j0, j1);
+    default: return tile_avx2<GGML_TYPE_F32, NT>(up_t, rows, c, kc, out, os, j0, j1);
+    }
+}
+#endif
+
+}  // namespace
+
+bool lora_path_ok(KernelChoice path) {
+    // Avx512Vnni's CPUs have AVX-512 F (all the zmm kernel needs); AvxVnni's and Avx2's have
+    // AVX2, FMA and F16C.
+    return path == KernelChoice::Portable ||
+           ((path == KernelChoice::Avx2 || path == KernelChoice::AvxVnni || path == KernelChoice::Avx512Vnni) &&
+            qmatmul_path_supported(path));
+}
+
+void lora_up_rows(KernelChoice path, ggml_type type, const void *up_t, int64_t rank, int64_t rows, const float *h,
+                  int64_t h_stride, float scale, float *out, int64_t out_stride, int64_t tokens, int64_t j0,
+                  int64_t j1) {
+#ifdef FM_LORA_X86
+    const bool vec = path != KernelChoice::Portable && lora_path_ok(path);
+#else
+    const bool vec = false;
+#endif
+    const size_t es = ggml_type_size(type);
+    float c[kTok * kChunk];
+    for (int64_t n0 = 0; n0 < tokens; n0 += kTok) {
+        const int nt = int(std::min<int64_t>(kTok, tokens - n0));
+        float *o = out + n0 * out_stride;
+        for (int64_t k0 = 0; k0 < rank; k0 += kChunk) {
+            const int64_t kc = std::min<int64_t>(kChunk, rank - k0);
+            tile_coefficients(h + n0 * h_stride + k0, h_stride, scale, nt, kc, c);
+            const void *u = static_cast<const char *>(up_t) + size_t(k0 * rows) * es;
+            int64_t j = j0;
+#ifdef FM_LORA_X86
+            if (vec) {
+                switch (nt) {
+                case 4: j = tile_vector<4>(path, type, u, rows, c, kc, o, out_stride, j0, j1); break;
+                case 3: j = tile_vector<3>(path, type, u, rows, c, kc, o, out_stride, j0, j1); break;
+                case 2: j = tile_vector<2>(path, type, u, rows, c, kc, o, out_stride, j0, j1); break;
+                default: j = tile_vector<1>(path, type, u, rows, c, kc, o, out_stride, j0, j1); break;
+                }
+            }
+#endif
+            tile_scalar(type, u, rows, c, nt, kc, o, out_stride, j, j1);
+        }
+    }
+}
+
+namespace {
+
+void up_node(ggml_tensor *dst, int ith, int nth, void *userdata) {
+    const LoraPack::Node &node = *static_cast<const LoraPack::Node *>(userdata);
+    const ggml_tensor *y = dst->src[0], *h = dst->src[1], *up_t = dst->src[2];
+    const int64_t out_rows = y->ne[0], tokens = ggml_nrows(y), r_all = h->ne[0];
+    // Each thread takes a share of the output rows (whole 32-row tiles) for every token, so even
+    // a one-token product (the modulations) is spread over the threads.
+    const int64_t tiles = (out_rows + 31) / 32;
+    const int64_t j0 = std::min(out_rows, tiles * ith / nth * 32), j1 = std::min(out_rows, tiles * (ith + 1) / nth * 32);
+    if (j0 >= j1) return;
+    const float *ys = static_cast<const float *>(y->data);
+    const float *hs = static_cast<const float *>(h->data);
+    float *ds = static_cast<float *>(dst->data);
+    const size_t es = ggml_type_size(up_t->type);
+    constexpr int64_t kBlock = 8;  // tokens whose outputs stay in cache between the parts
+    for (int64_t n0 = 0; n0 < tokens; n0 += kBlock) {
+        const int64_t nb = std::min(kBlock, tokens - n0);
+        if (ds != ys)
+            for (int64_t n = n0; n < n0 + nb; ++n)
+                std::memcpy(ds + n * out_rows + j0, ys + n * out_rows + j0, size_t(j1 - j0) * sizeof(float));
+        for (const LoraPack::Part &p : node.pack->parts) {
+            const int64_t a = std::max(j0, p.row0), b = std::min(j1, p.row0 + p.rows);
+            if (a >= b) continue;
+            lora_up_rows(node.path, up_t->type, static_cast<const char *>(up_t->data) + size_t(p.up_offset) * es, p.rank,
+                         p.rows, hs + n0 * r_all + p.k0, r_all, p.scale, ds + n0 * out_rows + p.row0, out_rows, nb,
+                         a - p.row0, b - p.row0);
+        }
+    }
+}
+
+}  // namespace
+
+ggml_tensor *lora_up_op(ggml_context *ctx, ggml_tensor *y, ggml_tensor *h, const LoraPack &pack, KernelChoice path) {
+    if (y->type != GGML_TYPE_F32 || h->type != GGML_TYPE_F32 || ggml_nrows(y) != ggml_nrows(h) || !lora_path_ok(path))
+        fail_runtime("internal error: lora_up_op takes F32 y and h with the same tokens, and a path this CPU runs");
+    if (!ggml_is_contiguous(y)) y = ggml_cont(ctx, y);
+    if (!ggml_is_contiguous(h)) h = ggml_cont(ctx, h);
+    ggml_tensor *args[3] = {y, h, pack.up_t};
+    void *userdata = const_cast<LoraPack::Node *>(&pack.nodes[int(path)]);
+    return ggml_custom_4d(ctx, GGML_TYPE_F32, y->ne[0], y->ne[1], y->ne[2], y->ne[3], args, 3, up_node,
+                          GGML_N_TASKS_MAX, userdata);
+}
+
+}  // namespace fm
