@@ -49,6 +49,12 @@ EngineOptions engine_options_from_env(EngineOptions o) {
     if (const char *e = env("FLUXMINI_VAE_BUDGET_MB")) o.vae_budget_mb = size_t(std::strtoull(e, nullptr, 10));
     if (const char *e = env("FLUXMINI_VAE_BAND_KB"))
         if (size_t kb = size_t(std::strtoull(e, nullptr, 10))) o.vae_band_bytes = kb << 10;
+    if (const char *e = env("FLUXMINI_STREAM")) {
+        if (!std::strcmp(e, "0") || !std::strcmp(e, "off")) o.stream = StreamMode::Off;
+        else if (!std::strcmp(e, "1") || !std::strcmp(e, "on")) o.stream = StreamMode::On;
+        else if (!std::strcmp(e, "auto")) o.stream = StreamMode::Auto;
+        else fail_value("FLUXMINI_STREAM='%s' is not a streaming choice; use 0, 1 or auto", e);
+    }
     if (const char *e = env("FLUXMINI_PROFILE")) o.profile = std::strcmp(e, "0") != 0;
     return o;
 }
