@@ -57,7 +57,7 @@ private:
 };
 
 // Marks `t` as the last node of a block while a network builds its graph: with streaming on, the
-// graph runner computes the graph in segments that end at marked nodes (docs/ARCHITECTURE.md §3).
+// graph runner computes the graph in segments that end at marked nodes (docs/ARCHITECTURE.md, "Memory").
 // A mark changes nothing in the computation.
 void mark_segment_end(ggml_tensor *t);
 

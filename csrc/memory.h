@@ -1,7 +1,7 @@
 // The memory policy: how much memory the engine may use (EngineOptions::max_memory_mb, else the
 // process's cgroup limit, v1 or v2, capped by MemAvailable) and what it does to stay under it:
 // stream weights block by block, drop pages from the page cache, release compute buffers, tile
-// the VAE. docs/ARCHITECTURE.md §3 explains the rules.
+// the VAE. docs/ARCHITECTURE.md ("Memory") explains the rules.
 #pragma once
 
 #include "options.h"

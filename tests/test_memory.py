@@ -1,4 +1,4 @@
-"""The memory policy and weight streaming (csrc/memory.*, GraphRunner's segments; docs/ARCHITECTURE.md §3).
+"""The memory policy and weight streaming (csrc/memory.*, GraphRunner's segments; docs/ARCHITECTURE.md, "Memory").
 
 * streaming on (FLUXMINI_STREAM=1) gives the same bits as streaming off, on F32 and Q4_0 models;
 * a forced tiny budget (max_memory) changes what is kept in memory, never the image: the same
