@@ -2,6 +2,7 @@
 
 #include "common.h"
 #include "cpu_qmatmul.h"
+#include "weights.h"
 
 #include <ggml-cpu.h>
 
@@ -15,6 +16,7 @@
 #include <fstream>
 #include <map>
 #include <set>
+#include <unordered_map>
 #include <thread>
 #include <utility>
 
@@ -158,6 +160,80 @@ void GraphRunner::release() {
     ctx_ = nullptr;
     graph_ = nullptr;
     key_.clear();
+    segments_.clear();
+    marks_.clear();
+}
+
+namespace {
+constexpr const char *kSegmentEnd = "fm.segment_end";
+}
+
+void mark_segment_end(ggml_tensor *t) {
+    if (t && t->name[0] == '\0') ggml_set_name(t, kSegmentEnd);
+}
+
+// Splits the graph at its marked nodes and lists, per segment, the in-place weights (tensors whose
+// data lies in a live file mapping) it uses first and last.
+void GraphRunner::plan_segments() {
+    segments_.clear();
+    marks_.clear();
+    if (!stream_.on || !graph_) return;
+    struct Use {
+        size_t first, last;
+        size_t nbytes;
+        bool rows_only;  // read by get_rows only: a few rows of a table, not worth reading ahead
+    };
+    std::unordered_map<const void *, Use> uses;
+    std::vector<const void *> order;
+    size_t seg = 0;
+    const int n = ggml_graph_n_nodes(graph_);
+    for (int i = 0; i < n; ++i) {
+        ggml_tensor *node = ggml_graph_node(graph_, i);
+        for (int k = 0; k < GGML_MAX_SRC; ++k) {
+            const ggml_tensor *src = node->src[k];
+            // In-place weights are the tensors whose data lies in a file mapping.
+            if (!src || !src->data || (src->flags & GGML_TENSOR_FLAG_INPUT) || !MappedFile::containing(src->data))
+                continue;
+            const bool rows = node->op == GGML_OP_GET_ROWS && k == 0;
+            auto it = uses.find(src->data);
+            if (it == uses.end()) {
+                uses.emplace(src->data, Use{seg, seg, ggml_nbytes(src), rows});
+                order.push_back(src->data);
+            } else {
+                it->second.last = seg;
+                it->second.nbytes = std::max(it->second.nbytes, ggml_nbytes(src));
+                it->second.rows_only = it->second.rows_only && rows;
+            }
+        }
+        if (i + 1 < n && std::strcmp(ggml_get_name(node), kSegmentEnd) == 0) {
+            marks_.push_back(node);
+            ++seg;
+        }
+    }
+    segments_.resize(seg + 1);
+    for (const void *d : order) {
+        const Use &u = uses[d];
+        if (!u.rows_only) segments_[u.first].prefetch.push_back({d, u.nbytes});
+        segments_[u.last].drop.push_back({d, u.nbytes});
+    }
+}
+
+void GraphRunner::prefetch_segment(size_t k) const {
+    if (k >= segments_.size()) return;
+    for (auto &r : segments_[k].prefetch)
+        if (const MappedFile *f = MappedFile::containing(r.first)) f->prefetch_range(r.first, r.second);
+}
+
+void GraphRunner::segment_done(size_t k) {
+    if (k >= segments_.size()) return;
+    for (auto &r : segments_[k].drop) {
+        const MappedFile *f = MappedFile::containing(r.first);
+        if (!f) continue;
+        if (stream_.evict) f->evict_range(r.first, r.second);
+        else f->release_range(r.first, r.second);
+        dropped_bytes_ += r.second;
+    }
+    prefetch_segment(k + 2);  // segment k + 1 was read ahead when segment k - 1 ended
 }
 
 void GraphRunner::prepare(const std::string &key, const BuildFn &build) {
@@ -191,6 +267,7 @@ void GraphRunner::prepare(const std::string &key, const BuildFn &build) {
                          "size or VAE tiling",
                          backend_.name().c_str());
         key_ = key;
+        plan_segments();
         if (multi_backend) {
             // Ops the GPU backend lacks run on the CPU, with copies at every split: worth seeing.
             int on_cpu = 0;
@@ -343,16 +420,42 @@ void GraphRunner::compute(const CancelToken *cancel) {
     ggml_backend_cpu_set_abort_callback(backend_.cpu(), abort_requested, &abort);
     const bool profile = options_.profile;
     OpProfiler prof;
-    if (profile) ggml_backend_sched_set_eval_callback(sched_, OpProfiler::eval, &prof);
+    // The scheduler computes the nodes up to each one the callback asks for, then calls it again:
+    // the profiler asks for every node, streaming for the marked ends of segments. Either way the
+    // nodes run in the same order through the same kernels, so the results are the same bits.
+    struct Hooks {
+        GraphRunner *runner;
+        OpProfiler *prof;
+        size_t next_mark = 0;
+        bool is_mark(const ggml_tensor *t) const {
+            return next_mark < runner->marks_.size() && runner->marks_[next_mark] == t;
+        }
+        static bool eval(ggml_tensor *t, bool ask, void *user) {
+            auto *h = static_cast<Hooks *>(user);
+            if (ask) {
+                if (h->prof) OpProfiler::eval(t, true, h->prof);
+                return h->prof || h->is_mark(t);
+            }
+            if (h->prof) OpProfiler::eval(t, false, h->prof);
+            if (h->is_mark(t)) h->runner->segment_done(h->next_mark++);
+            return true;
+        }
+    } hooks{this, profile ? &prof : nullptr};
+    const bool streaming = !segments_.empty();
+    dropped_bytes_ = 0;
+    if (streaming) {
+        prefetch_segment(0);
+        prefetch_segment(1);
+    }
+    if (profile || segments_.size() > 1) ggml_backend_sched_set_eval_callback(sched_, Hooks::eval, &hooks);
     enum ggml_status st;
     {
         SigintScope sig(&abort.sigint);
         st = ggml_backend_sched_graph_compute(sched_, graph_);
     }
-    if (profile) {
-        ggml_backend_sched_set_eval_callback(sched_, nullptr, nullptr);
-        if (st == GGML_STATUS_SUCCESS) prof.print(key_);
-    }
+    ggml_backend_sched_set_eval_callback(sched_, nullptr, nullptr);
+    if (profile && st == GGML_STATUS_SUCCESS) prof.print(key_);
+    if (streaming && st == GGML_STATUS_SUCCESS) segment_done(segments_.size() - 1);
     ggml_backend_cpu_set_abort_callback(backend_.cpu(), nullptr, nullptr);
     if (abort.sigint.load()) throw Error(ErrorKind::Interrupted, "interrupted (Ctrl-C)");
     if (st == GGML_STATUS_ABORTED || (cancel && cancel->cancelled()))

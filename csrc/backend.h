@@ -62,6 +62,20 @@ private:
     AttnPath attention_path_ = AttnPath::Ggml;
 };
 
+// Marks `t` as the last node of a block while a network builds its graph: with streaming on, the
+// graph runner computes the graph in segments that end at marked nodes (docs/ARCHITECTURE.md, "Memory").
+// A mark changes nothing in the computation.
+void mark_segment_end(ggml_tensor *t);
+
+// Weight streaming for weights used in place from a file mapping (memory.h decides): before a
+// segment runs, the pages of the next one's weights are read ahead (MADV_WILLNEED); after it, the
+// pages of every weight no later segment of the graph uses are dropped from the process
+// (MADV_DONTNEED) and, with `evict`, from the page cache too.
+struct StreamSettings {
+    bool on = false;
+    bool evict = false;
+};
+
 // Builds a graph once per "key" (e.g. a resolution), reserves its compute memory once, and runs
 // it as often as asked. Inputs and outputs are found by tensor name.
 class GraphRunner {
@@ -90,8 +104,21 @@ public:
     size_t compute_buffer_bytes() const;
     // The node budget of the graphs built from now on (a network sets it once it knows its size).
     void set_max_nodes(size_t n) { max_nodes_ = n; }
+    void set_streaming(const StreamSettings &s) { stream_ = s; }
+    // Segments of the current graph (1 when nothing is marked or streaming is off), and the bytes
+    // of in-place weights the last compute() dropped (tests, benchmarks).
+    size_t segments() const { return segments_.size(); }
+    size_t dropped_bytes() const { return dropped_bytes_; }
 
 private:
+    struct Segment {
+        std::vector<std::pair<const void *, size_t>> prefetch;  // weights first used in this segment
+        std::vector<std::pair<const void *, size_t>> drop;      // weights last used in this segment
+    };
+    void plan_segments();
+    void segment_done(size_t k);
+    void prefetch_segment(size_t k) const;
+
     Backend &backend_;
     const EngineOptions &options_;
     size_t max_nodes_;
@@ -99,6 +126,10 @@ private:
     ggml_context *ctx_ = nullptr;
     ggml_cgraph *graph_ = nullptr;
     ggml_backend_sched_t sched_ = nullptr;
+    StreamSettings stream_;
+    std::vector<Segment> segments_;
+    std::vector<const ggml_tensor *> marks_;  // the nodes that end segments 0 .. n-2, in graph order
+    size_t dropped_bytes_ = 0;
 };
 
 }  // namespace fm

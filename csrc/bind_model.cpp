@@ -93,7 +93,8 @@ void bind_model(py::module_ &m) {
     py::class_<Model>(m, "Model")
         .def(py::init([](const std::string &path, const std::string &clip_l, const std::string &t5xxl,
                          const std::string &vae, const std::string &backend, int threads,
-                         const std::vector<std::string> &components, bool flash_attn, int verbosity) {
+                         const std::vector<std::string> &components, bool flash_attn, int verbosity,
+                         int64_t max_memory_mb) {
                  ModelParams p = model_default_params();
                  p.path = path;
                  p.clip_l = clip_l;
@@ -107,13 +108,15 @@ void bind_model(py::module_ &m) {
                  p.options = engine_options_from_env();
                  p.options.flash_attn = flash_attn;
                  p.options.verbosity = verbosity;
+                 if (max_memory_mb < 0) fail_value("max_memory must be positive (MiB), got %lld", (long long)max_memory_mb);
+                 p.options.max_memory_mb = size_t(max_memory_mb);
                  py::gil_scoped_release nogil;
                  return new Model(p);
              }),
              py::arg("path"), py::arg("clip_l") = "", py::arg("t5xxl") = "", py::arg("vae") = "",
              py::arg("backend") = "cpu", py::arg("threads") = 0,
              py::arg("components") = std::vector<std::string>{"diffusion", "clip_l", "t5xxl", "vae"},
-             py::arg("flash_attn") = true, py::arg("verbosity") = 0)
+             py::arg("flash_attn") = true, py::arg("verbosity") = 0, py::arg("max_memory_mb") = 0)
         .def("info",
              [](Model &self) {
                  py::list out;
@@ -132,6 +135,54 @@ void bind_model(py::module_ &m) {
                  }
                  return out;
              })
+        .def("memory",
+             [](Model &self) {
+                 const MemoryPolicy &p = self.memory_policy();
+                 const MemoryLimits &l = self.memory_limits();
+                 py::dict d;
+                 d["budget_bytes"] = p.budget_bytes;
+                 d["source"] = p.source;
+                 d["stream"] = p.stream;
+                 d["evict"] = p.evict;
+                 d["release_compute"] = p.release_compute;
+                 d["vae_budget_bytes"] = p.vae_budget_bytes;
+                 d["cgroup_bytes"] = l.cgroup_bytes;
+                 d["cgroup_source"] = l.cgroup_source;
+                 d["available_bytes"] = l.available_bytes;
+                 d["description"] = p.describe();
+                 return d;
+             },
+             "the memory policy (memory.h) and the limits it was made from")
+        .def("placement",
+             [](Model &self, const std::string &component) {
+                 py::list out;
+                 for (const PlacementRow &r : self.placement(component_arg(component))) {
+                     py::dict d;
+                     d["where"] = placement_name(r.where);
+                     d["reason"] = r.reason;
+                     d["count"] = r.count;
+                     d["bytes"] = r.bytes;
+                     out.append(d);
+                 }
+                 return out;
+             },
+             "where each parameter of a component lives and why: [{where, reason, count, bytes}]")
+        .def("stats",
+             [](Model &self, const std::string &component) {
+                 Network &n = self.net(component_arg(component));
+                 py::dict d;
+                 d["segments"] = n.stream_segments();
+                 d["dropped_bytes"] = n.stream_dropped_bytes();
+                 d["compute_bytes"] = n.compute_bytes();
+                 d["loaded"] = n.loaded();
+                 if (component == "vae") {
+                     d["vae_tiles"] = self.vae().last_tiles();
+                     d["vae_tile"] = self.vae().last_tile();
+                     d["vae_compute_bytes"] = self.vae().last_compute_bytes();
+                 }
+                 return d;
+             },
+             "what the component's last computation did (tests, benchmarks)")
         .def_property_readonly("ignored_tensors", &Model::ignored_tensors)
         .def("tensor_table",
              [](Model &self, const std::string &component) {
@@ -181,6 +232,7 @@ void bind_model(py::module_ &m) {
                      py::gil_scoped_release nogil;
                      Model::Call call(self);
                      FluxNet &net = self.flux();
+                     self.begin(Component::Diffusion);
                      const FluxConfig &cfg = net.config();
                      if (c != cfg.in_channels / 4)
                          fail_value("latent has %lld channels; this model needs %lld", (long long)c,
@@ -205,6 +257,7 @@ void bind_model(py::module_ &m) {
                  {
                      py::gil_scoped_release nogil;
                      Model::Call call(self);
+                     self.begin(Component::ClipL);
                      out = self.clip().encode(ids.data(), ids.shape(0), cancel);
                  }
                  const py::ssize_t n = py::ssize_t(out.size());
@@ -220,6 +273,7 @@ void bind_model(py::module_ &m) {
                      py::gil_scoped_release nogil;
                      Model::Call call(self);
                      d = self.t5().config().d_model;
+                     self.begin(Component::T5xxl);
                      out = self.t5().encode(ids.data(), ids.shape(0), cancel);
                  }
                  return to_numpy(std::move(out), {ids.shape(0), py::ssize_t(d)});
@@ -234,6 +288,7 @@ void bind_model(py::module_ &m) {
                      py::gil_scoped_release nogil;
                      Model::Call call(self);
                      VaeNet &vae = self.vae();
+                     self.begin(Component::Vae);
                      if (z.shape(0) != vae.config().z_channels)
                          fail_value("z has %lld channels; this VAE needs %lld", (long long)z.shape(0),
                                     (long long)vae.config().z_channels);
@@ -254,6 +309,7 @@ void bind_model(py::module_ &m) {
                      py::gil_scoped_release nogil;
                      Model::Call call(self);
                      VaeNet &vae = self.vae();
+                     self.begin(Component::Vae);
                      if (image.shape(0) != vae.config().in_channels)
                          fail_value("image has %lld channels; this VAE needs %lld", (long long)image.shape(0),
                                     (long long)vae.config().in_channels);

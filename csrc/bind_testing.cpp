@@ -4,6 +4,7 @@
 #include "cpu_attention.h"
 #include "cpu_conv.h"
 #include "cpu_qmatmul.h"
+#include "memory.h"
 #include "options.h"
 #include "testing.h"
 
@@ -56,6 +57,29 @@ void bind_testing(py::module_ &m) {
     using f32_array = py::array_t<float, py::array::c_style | py::array::forcecast>;
     // Micro-benchmarks for benchmarks/bench_flux.py: (wall seconds, process CPU seconds) of one op,
     // medians of reps.
+    m.def("read_memory_limits", [](const std::string &root) {
+        const fm::MemoryLimits l = fm::read_memory_limits(root);
+        return py::make_tuple(l.cgroup_bytes, l.cgroup_source, l.available_bytes);
+    }, py::arg("root"), "(cgroup limit bytes or 0, its file, MemAvailable bytes) as read under root");
+    m.def("parse_cgroup_limit", &fm::parse_cgroup_limit);
+    m.def("memory_policy", [](uint64_t max_memory_mb, uint64_t cgroup_bytes, uint64_t available_bytes,
+                              uint64_t weight_bytes) {
+        fm::EngineOptions o = fm::engine_default_params();
+        o.max_memory_mb = size_t(max_memory_mb);
+        fm::MemoryLimits l;
+        l.cgroup_bytes = cgroup_bytes;
+        l.cgroup_source = cgroup_bytes ? "cgroup" : "";
+        l.available_bytes = available_bytes;
+        const fm::MemoryPolicy p = fm::memory_policy(o, l, weight_bytes);
+        py::dict d;
+        d["budget_bytes"] = p.budget_bytes;
+        d["source"] = p.source;
+        d["stream"] = p.stream;
+        d["evict"] = p.evict;
+        d["release_compute"] = p.release_compute;
+        d["vae_budget_bytes"] = p.vae_budget_bytes;
+        return d;
+    });
     m.def("bench_mul_mat", [](const std::string &type, int64_t k, int64_t n, int64_t tokens, int threads, int reps,
                               bool ggml_only) {
         py::gil_scoped_release nogil;

@@ -133,6 +133,7 @@ std::vector<float> ClipNet::encode(const int32_t *ids, int64_t n, const CancelTo
     runner_.set_input_f32("mask", mask);
     runner_.compute(cancel);
     std::vector<float> hidden = runner_.get_output("hidden");
+    if (policy_.release_compute) runner_.release();  // CLIP runs once per prompt
     const int64_t h = c.hidden;
     std::vector<float> out(hidden.begin() + pooled * h, hidden.begin() + (pooled + 1) * h);
     for (float v : out)

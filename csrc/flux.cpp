@@ -256,6 +256,8 @@ ggml_cgraph *FluxNet::build(ggml_context *ctx, int64_t l_img, int64_t l_txt, boo
         };
         img = finish(img, a_img, B.img, mi);
         txt = finish(txt, a_txt, B.txt, mt);
+        mark_segment_end(img);  // streaming segments end with each stream of a block
+        mark_segment_end(txt);
     }
 
     ggml_tensor *x = ggml_concat(ctx, txt, img, 1);  // [h, L], text first
@@ -269,6 +271,7 @@ ggml_cgraph *FluxNet::build(ggml_context *ctx, int64_t l_img, int64_t l_txt, boo
         ggml_tensor *mz = ggml_view_2d(ctx, z, mlp, L, z->nb[1], size_t(3 * h) * ggml_element_size(z));
         ggml_tensor *y = linear(o, ggml_concat(ctx, a, gelu_tanh(o, mz), 0), B.lin2);
         x = ggml_add(ctx, x, ggml_mul(ctx, y, chunk(ctx, m, h, 2)));
+        mark_segment_end(x);
     }
 
     ggml_tensor *xi = ggml_view_2d(ctx, x, h, l_img, x->nb[1], size_t(l_txt) * x->nb[1]);

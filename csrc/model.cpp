@@ -35,6 +35,18 @@ Model::Model(const ModelParams &params) : options_(params.options) {
     for (Component c : kComponents)
         if (!weights_->component(c).empty())
             nets_[size_t(c)] = make_network(c, *backend_, weights_->component(c), options_);
+    uint64_t file_bytes = 0;
+    for (auto &f : weights_->files()) file_bytes += f->map().size();
+    limits_ = read_memory_limits();
+    policy_ = fm::memory_policy(options_, limits_, file_bytes);
+    log_info("memory: %s", policy_.describe().c_str());
+    for (Component c : kComponents)
+        if (Network *n = nets_[size_t(c)].get()) {
+            MemoryPolicy p = policy_;
+            // The VAE's weights are small and read again by every tile: they stay mapped.
+            if (c == Component::Vae) p.stream = false;
+            n->set_memory_policy(p);
+        }
     for (Component c : kComponents) {
         const bool wanted = std::find(params.components.begin(), params.components.end(), c) != params.components.end();
         if (wanted && !nets_[size_t(c)]) missing(c);
@@ -76,7 +88,19 @@ std::string Model::kernels() const {
 
 void Model::release(Component c) {
     if (Network *n = nets_.at(size_t(c)).get()) n->release();
-    weights_->release_pages(c);
+    weights_->release_pages(c, policy_.evict);
+}
+
+void Model::begin(Component c) {
+    if (!policy_.release_compute) return;
+    for (Component o : kComponents)
+        if (o != c)
+            if (Network *n = nets_[size_t(o)].get()) n->release_compute();
+}
+
+std::vector<PlacementRow> Model::placement(Component c) const {
+    const Network *n = nets_.at(size_t(c)).get();
+    return n ? n->placement() : std::vector<PlacementRow>{};
 }
 
 std::vector<ComponentInfo> Model::info() const {

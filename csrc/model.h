@@ -9,6 +9,7 @@
 #include "backend.h"
 #include "clip.h"
 #include "flux.h"
+#include "memory.h"
 #include "network.h"
 #include "options.h"
 #include "t5.h"
@@ -82,15 +83,25 @@ public:
     ClipNet &clip() { return static_cast<ClipNet &>(net(Component::ClipL)); }
     T5Net &t5() { return static_cast<T5Net &>(net(Component::T5xxl)); }
     VaeNet &vae() { return static_cast<VaeNet &>(net(Component::Vae)); }
-    // Frees a component's weights and compute memory and drops its file pages from memory.
+    // Frees a component's weights and compute memory and drops its file pages from memory (and,
+    // under a tight memory budget, from the page cache).
     void release(Component c);
     // A component's tensors as found in the files (the embedding cache fingerprints them).
     const ComponentWeights &component_weights(Component c) const { return weights_->component(c); }
+    // Called before a computation of component c: under a tight budget the other networks' compute
+    // buffers are freed first (a stage's buffers are not kept while another stage runs).
+    void begin(Component c);
+    const MemoryPolicy &memory_policy() const { return policy_; }
+    const MemoryLimits &memory_limits() const { return limits_; }
+    // Where each parameter of a component lives and why (empty for an absent component).
+    std::vector<PlacementRow> placement(Component c) const;
 
 private:
     [[noreturn]] void missing(Component c) const;
 
     EngineOptions options_;
+    MemoryLimits limits_;
+    MemoryPolicy policy_;
     std::unique_ptr<Backend> backend_;
     std::unique_ptr<WeightSet> weights_;
     std::array<std::unique_ptr<Network>, kComponents.size()> nets_;

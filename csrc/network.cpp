@@ -25,6 +25,15 @@ void Network::load() {
     if (merge_) apply_merge();
 }
 
+void Network::set_memory_policy(const MemoryPolicy &policy) {
+    policy_ = policy;
+    StreamSettings s;
+    s.on = policy.stream && backend_.is_cpu();  // other backends hold copies, nothing to stream
+    s.evict = policy.evict;
+    runner_.release();  // segments are planned when a graph is built
+    runner_.set_streaming(s);
+}
+
 void Network::release() {
     runner_.release();
     undo_merge();

@@ -5,6 +5,7 @@
 
 #include "backend.h"
 #include "layers.h"
+#include "memory.h"
 #include "options.h"
 #include "params.h"
 #include "weights.h"
@@ -52,6 +53,17 @@ public:
 
     void load();     // materialises the weights (no-op when loaded)
     void release();  // frees the weights and the compute memory (both come back on next use)
+    void release_compute() { runner_.release(); }  // frees the compute memory only
+    size_t compute_bytes() const { return runner_.compute_buffer_bytes(); }
+    // The model's memory policy (memory.h): streaming of this network's in-place weights, and
+    // what the network gives back after each call.
+    void set_memory_policy(const MemoryPolicy &policy);
+    const MemoryPolicy &memory_policy() const { return policy_; }
+    // Where each parameter lives and why (fluxmini info).
+    std::vector<PlacementRow> placement() const { return params_.placement(); }
+    // Graph segments of the last graph and the in-place bytes its last run dropped (tests).
+    size_t stream_segments() const { return runner_.segments(); }
+    size_t stream_dropped_bytes() const { return runner_.dropped_bytes(); }
     bool loaded() const { return params_.bytes() > 0; }
     size_t weight_bytes() const { return params_.bytes(); }
 
@@ -93,6 +105,7 @@ protected:
     const EngineOptions &options_;
     ParamStore params_;
     GraphRunner runner_;
+    MemoryPolicy policy_;
 
 private:
     void free_adapters();

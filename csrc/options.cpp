@@ -54,6 +54,12 @@ EngineOptions engine_options_from_env(EngineOptions o) {
         else if (!std::strcmp(e, "auto")) o.own_attention = true;
         else fail_value("FLUXMINI_ATTENTION='%s' is not a choice; use auto or ggml", e);
     }
+    if (const char *e = env("FLUXMINI_STREAM")) {
+        if (!std::strcmp(e, "0") || !std::strcmp(e, "off")) o.stream = StreamMode::Off;
+        else if (!std::strcmp(e, "1") || !std::strcmp(e, "on")) o.stream = StreamMode::On;
+        else if (!std::strcmp(e, "auto")) o.stream = StreamMode::Auto;
+        else fail_value("FLUXMINI_STREAM='%s' is not a streaming choice; use 0, 1 or auto", e);
+    }
     if (const char *e = env("FLUXMINI_PROFILE")) o.profile = std::strcmp(e, "0") != 0;
     return o;
 }

@@ -5,6 +5,8 @@
 
 #include <ggml-cpu.h>
 
+#include <algorithm>
+#include <cctype>
 #include <cstring>
 #include <map>
 
@@ -68,23 +70,76 @@ ggml_tensor *ParamStore::declare_optional(const std::string &name, ParamKind kin
     return weights_.has(name) ? declare(name, kind, ne) : nullptr;
 }
 
+const char *placement_name(Placement p) {
+    switch (p) {
+        case Placement::InPlace: return "in place";
+        case Placement::Repacked: return "repacked";
+        case Placement::Converted: return "converted";
+        case Placement::Copied: return "copied";
+        case Placement::Device: return "on device";
+    }
+    return "?";
+}
+
+Placement ParamStore::place(const Entry &e, std::string *reason) const {
+    const bool same_type = e.tensor->type == e.src->type;
+    const bool aligned = (reinterpret_cast<uintptr_t>(e.src->data) % 32) == 0;
+    const bool own_kernel = backend_.own_qmatmul() && e.kind == ParamKind::Matmul && qmatmul_shape(e.tensor);
+    std::string type_upper = ggml_type_name(e.src->type);  // "q4_0" -> "Q4_0", as the docs write types
+    for (char &ch : type_upper) ch = char(std::toupper(static_cast<unsigned char>(ch)));
+    const char *src_type = type_upper.c_str();
+    if (!backend_.is_cpu()) {
+        *reason = strfmt("copied to the %s device", backend_.name().c_str());
+        return Placement::Device;
+    }
+    if (e.kind == ParamKind::Matmul && same_type && e.src->n_dims == 2 && !own_kernel &&
+        backend_.can_repack(e.tensor->type, e.tensor->ne[0], e.tensor->ne[1])) {
+        *reason = strfmt("%s matmul weights in ggml's repacked layout (no fluxmini kernel for %s here%s)", src_type,
+                         src_type, backend_.own_qmatmul() ? "" : ", or FLUXMINI_KERNELS=ggml");
+        return Placement::Repacked;
+    }
+    if (!same_type) {
+        if (e.kind == ParamKind::Conv)
+            *reason = strfmt("%s convolution kernels widened to F16 (the convolution takes F16 or F32)", src_type);
+        else
+            *reason = strfmt("%s biases, norms and small tables converted to F32 (computed in F32)", src_type);
+        return Placement::Converted;
+    }
+    if (!aligned) {
+        *reason = strfmt("%s tensors not 32-byte aligned in the file", src_type);
+        return Placement::Copied;
+    }
+    *reason = "used from the file mapping";
+    return Placement::InPlace;
+}
+
+std::vector<PlacementRow> ParamStore::placement() const {
+    std::vector<PlacementRow> rows;
+    std::string reason;
+    for (const Entry &e : entries_) {
+        const Placement where = place(e, &reason);
+        const int64_t bytes = int64_t(where == Placement::InPlace ? e.src->nbytes : ggml_nbytes(e.tensor));
+        auto it = std::find_if(rows.begin(), rows.end(),
+                               [&](const PlacementRow &r) { return r.where == where && r.reason == reason; });
+        if (it == rows.end()) it = rows.insert(rows.end(), PlacementRow{where, reason, 0, 0});
+        it->count += 1;
+        it->bytes += bytes;
+    }
+    return rows;
+}
+
 void ParamStore::materialize() {
     if (materialized_) return;
     GgmlAbortGuard guard;
-    const bool cpu = backend_.is_cpu();
     // Sort each parameter into where it will live.
     std::vector<Entry *> in_place, repack, copied;
+    std::string reason;
     for (auto &e : entries_) {
-        const bool same_type = e.tensor->type == e.src->type;
-        const bool aligned = (reinterpret_cast<uintptr_t>(e.src->data) % 32) == 0;
-        const bool own_kernel = backend_.own_qmatmul() && e.kind == ParamKind::Matmul && qmatmul_shape(e.tensor);
-        if (cpu && e.kind == ParamKind::Matmul && same_type && e.src->n_dims == 2 && !own_kernel &&
-            backend_.can_repack(e.tensor->type, e.tensor->ne[0], e.tensor->ne[1]))
-            repack.push_back(&e);
-        else if (cpu && same_type && aligned)
-            in_place.push_back(&e);
-        else
-            copied.push_back(&e);
+        switch (place(e, &reason)) {
+            case Placement::Repacked: repack.push_back(&e); break;
+            case Placement::InPlace: in_place.push_back(&e); break;
+            default: copied.push_back(&e); break;
+        }
     }
     // In place: one CPU buffer over each file mapping, tensors pointing into it (no copy).
     std::map<const MappedFile *, ggml_backend_buffer_t> file_bufs;

@@ -23,6 +23,17 @@ enum class ParamKind {
     Conv,       // conv kernels: F32 if stored F32 (exact), else F16
 };
 
+// Where a parameter lives once materialised, and why (fluxmini info shows it).
+enum class Placement { InPlace, Repacked, Converted, Copied, Device };
+const char *placement_name(Placement p);
+
+struct PlacementRow {
+    Placement where = Placement::InPlace;
+    std::string reason;
+    int64_t count = 0;
+    int64_t bytes = 0;  // bytes the parameter takes where it lives (anonymous memory unless InPlace)
+};
+
 class ParamStore {
 public:
     ParamStore(Backend &backend, const ComponentWeights &weights);
@@ -37,6 +48,9 @@ public:
     void materialize();
     // Frees every buffer this store owns (weights used in place stay in the file mapping).
     void release();
+    // Where the parameters will live (or live) and why, grouped by (placement, reason); needs no
+    // materialize().
+    std::vector<PlacementRow> placement() const;
 
     // True when every big weight is F32: the network then uses the exact activation path.
     bool all_f32() const { return all_f32_; }
@@ -51,6 +65,7 @@ private:
         const TensorRef *src;
         ParamKind kind;
     };
+    Placement place(const Entry &e, std::string *reason) const;
     Backend &backend_;
     const ComponentWeights &weights_;
     ggml_context *ctx_ = nullptr;

@@ -132,6 +132,7 @@ ggml_cgraph *T5Net::build(ggml_context *ctx, int64_t n) const {
         ggml_tensor *g = gelu_tanh(o, linear(o, y, B.wi0));
         ggml_tensor *u = linear(o, y, B.wi1);
         x = ggml_add(ctx, x, linear(o, ggml_mul(ctx, g, u), B.wo));
+        mark_segment_end(x);  // one streaming segment per block
     }
     x = rms_norm(o, x, P.final_ln, kT5Eps);
     ggml_set_name(x, "hidden");
@@ -168,6 +169,7 @@ std::vector<float> T5Net::encode(const int32_t *ids, int64_t n, const CancelToke
     runner_.set_input_i32("buckets", bucket_indices(n));
     runner_.compute(cancel);
     std::vector<float> out = runner_.get_output("hidden");
+    if (policy_.release_compute) runner_.release();  // T5 runs once per prompt
     for (float v : out)
         if (!std::isfinite(v))
             fail_runtime("the T5 encoder produced non-finite values (an activation outside the F16 range with F16 "

@@ -171,6 +171,7 @@ struct VaeNet::Impl {
     Backend &backend;
     const ComponentWeights &weights;
     const EngineOptions &options;
+    const MemoryPolicy &policy;  // the network's, set by the model (vae_budget_bytes)
     VaeConfig cfg;
     ParamStore &params;
     GraphRunner &runner;
@@ -188,10 +189,12 @@ struct VaeNet::Impl {
     const bool conv_own;
     const size_t band_bytes;
     int last_tiles = 0;
+    int64_t last_tile = 0;  // the tile side the last pass used (0: untiled)
     size_t last_compute = 0;
 
     Impl(VaeNet &net, const ComponentWeights &w)
-        : backend(net.backend_), weights(w), options(net.options_), cfg(VaeConfig::infer(w)), params(net.params_),
+        : backend(net.backend_), weights(w), options(net.options_), policy(net.policy_), cfg(VaeConfig::infer(w)),
+          params(net.params_),
           runner(net.runner_), conv_direct(options.vae_conv == VaeConv::Direct),
           conv_own(options.vae_conv == VaeConv::Own), band_bytes(options.vae_band_bytes) {
         runner.set_max_nodes(kMaxNodes);
@@ -499,8 +502,8 @@ struct VaeNet::Impl {
         const int64_t in_h = lat_h * fin, in_w = lat_w * fin, out_h = lat_h * fout, out_w = lat_w * fout;
 
         if (tiling.mode < -1 || tiling.mode > 1) fail_value("tiling mode must be -1 (auto), 0 (off) or 1 (on)");
-        const int64_t T = tiling.tile;
-        const int64_t O = tiling.overlap >= 0 ? tiling.overlap : std::min<int64_t>(16, T / 4);
+        int64_t T = tiling.tile;
+        int64_t O = tiling.overlap >= 0 ? tiling.overlap : std::min<int64_t>(16, T / 4);
         if (tiling.mode != 0) {
             if (T < kVaeMinTile || T > kVaeMaxLatentSide)
                 fail_value("VAE tile size %lld is out of range; use %lld to %lld latent pixels (default 72)", (long long)T,
@@ -511,14 +514,27 @@ struct VaeNet::Impl {
 
         load();
         bool tiled = tiling.mode == 1;
-        if (tiling.mode == -1 && (lat_h > T || lat_w > T)) {
-            const size_t budget = options.vae_budget_mb;
+        // Automatic: tile when an untiled pass needs more compute memory than the budget (the
+        // memory policy's: EngineOptions::vae_budget_mb, less under a tight memory budget), with
+        // the largest tile (from `tile` down, the overlap following it) whose pass fits. Planning
+        // a graph allocates nothing and takes milliseconds next to the pass.
+        const uint64_t budget = policy.vae_budget_bytes ? policy.vae_budget_bytes : uint64_t(options.vae_budget_mb) << 20;
+        if (tiling.mode == -1) {
             const size_t need = measure(decoder, in_w, in_h);
-            tiled = need > budget * 1048576ull;
-            log_info("VAE %s %lldx%lld: an untiled pass needs %.0f MiB (budget %zu MiB): %s",
-                     decoder ? "decode" : "encode", (long long)out_w, (long long)out_h, need / 1048576.0, budget,
-                     tiled ? "tiled" : "untiled");
+            tiled = need > budget;
+            log_info("VAE %s %lldx%lld: an untiled pass needs %.0f MiB (budget %.0f MiB): %s",
+                     decoder ? "decode" : "encode", (long long)out_w, (long long)out_h, need / 1048576.0,
+                     budget / 1048576.0, tiled ? "tiled" : "untiled");
+            const bool own_overlap = tiling.overlap >= 0;
+            while (tiled && T > kVaeMinTile) {
+                const AxisTiles ty = axis_tiles(lat_h, T, O), tx = axis_tiles(lat_w, T, O);
+                if (measure(decoder, tx.size * fin, ty.size * fin) <= budget) break;
+                T = std::max<int64_t>(kVaeMinTile, T * 3 / 4);
+                if (!own_overlap) O = std::min<int64_t>(16, T / 4);
+                if (O >= T) O = T / 4;
+            }
         }
+        last_tile = tiled ? T : 0;
         const AxisTiles ay = tiled ? axis_tiles(lat_h, T, O) : AxisTiles{lat_h, {0}};
         const AxisTiles ax = tiled ? axis_tiles(lat_w, T, O) : AxisTiles{lat_w, {0}};
         const std::vector<int64_t> &ys = ay.starts, &xs = ax.starts;
@@ -594,6 +610,7 @@ VaeNet::VaeNet(Backend &backend, const ComponentWeights &weights, const EngineOp
 VaeNet::~VaeNet() = default;
 const VaeConfig &VaeNet::config() const { return impl_->cfg; }
 int VaeNet::last_tiles() const { return impl_->last_tiles; }
+int64_t VaeNet::last_tile() const { return impl_->last_tile; }
 size_t VaeNet::last_compute_bytes() const { return impl_->last_compute; }
 bool VaeNet::own_conv() const { return impl_->own_conv(); }
 

@@ -51,6 +51,7 @@ public:
     // What the last decode/encode did (for tests and benchmarks): tiles run (1 = untiled) and the
     // compute buffer of its graph in bytes.
     int last_tiles() const;
+    int64_t last_tile() const;  // the tile side in latent pixels (0: untiled)
     size_t last_compute_bytes() const;
     // Whether F32/F16 convolutions run fluxmini's CPU kernel (cpu_conv.h) rather than ggml's.
     bool own_conv() const;

@@ -11,6 +11,7 @@
 
 #include <algorithm>
 #include <cerrno>
+#include <mutex>
 #include <cstring>
 #include <limits>
 #include <sstream>
@@ -44,6 +45,17 @@ bool is_supported_type(ggml_type t) {
 // ---------------------------------------------------------------------------------------------
 // MappedFile
 
+namespace {
+std::mutex &live_maps_mutex() {
+    static std::mutex m;
+    return m;
+}
+std::vector<const MappedFile *> &live_maps() {
+    static std::vector<const MappedFile *> v;
+    return v;
+}
+}  // namespace
+
 MappedFile::MappedFile(const std::string &path) : path_(path) {
     int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
     if (fd < 0) {
@@ -63,22 +75,64 @@ MappedFile::MappedFile(const std::string &path) : path_(path) {
     }
     void *p = mmap(nullptr, size_, PROT_READ, MAP_SHARED, fd, 0);
     int e = errno;
-    ::close(fd);
-    if (p == MAP_FAILED) fail_file("cannot map %s into memory: %s", path.c_str(), std::strerror(e));
+    if (p == MAP_FAILED) {
+        ::close(fd);
+        fail_file("cannot map %s into memory: %s", path.c_str(), std::strerror(e));
+    }
+    fd_ = fd;
     base_ = static_cast<uint8_t *>(p);
+    std::lock_guard<std::mutex> lock(live_maps_mutex());
+    live_maps().push_back(this);
 }
 
 MappedFile::~MappedFile() {
+    {
+        std::lock_guard<std::mutex> lock(live_maps_mutex());
+        auto &v = live_maps();
+        v.erase(std::remove(v.begin(), v.end(), this), v.end());
+    }
     if (base_) munmap(base_, size_);
+    if (fd_ >= 0) ::close(fd_);
+}
+
+const MappedFile *MappedFile::containing(const void *ptr) {
+    std::lock_guard<std::mutex> lock(live_maps_mutex());
+    for (const MappedFile *m : live_maps())
+        if (m->contains(ptr)) return m;
+    return nullptr;
+}
+
+// The whole pages inside [ptr, ptr + n) of the mapping (never a page shared with a neighbour's
+// bytes, which may still be in use); false when there is none.
+static bool whole_pages(const uint8_t *base, size_t size, const void *ptr, size_t n, uintptr_t *begin, uintptr_t *end) {
+    const uint8_t *p = static_cast<const uint8_t *>(ptr);
+    if (!base || p < base || p + n > base + size || n == 0) return false;
+    const size_t page = size_t(sysconf(_SC_PAGESIZE));
+    *begin = (uintptr_t(p) + page - 1) / page * page;
+    *end = (uintptr_t(p) + n) / page * page;
+    return *end > *begin;
 }
 
 void MappedFile::release_range(const void *ptr, size_t n) const {
+    uintptr_t begin, end;
+    if (whole_pages(base_, size_, ptr, n, &begin, &end))
+        madvise(reinterpret_cast<void *>(begin), end - begin, MADV_DONTNEED);
+}
+
+void MappedFile::evict_range(const void *ptr, size_t n) const {
+    uintptr_t begin, end;
+    if (!whole_pages(base_, size_, ptr, n, &begin, &end)) return;
+    madvise(reinterpret_cast<void *>(begin), end - begin, MADV_DONTNEED);
+    // Only pages no process maps leave the page cache; ours were just unmapped.
+    if (fd_ >= 0) posix_fadvise(fd_, off_t(begin - uintptr_t(base_)), off_t(end - begin), POSIX_FADV_DONTNEED);
+}
+
+void MappedFile::prefetch_range(const void *ptr, size_t n) const {
     const uint8_t *p = static_cast<const uint8_t *>(ptr);
     if (!base_ || p < base_ || p + n > base_ + size_ || n == 0) return;
     const size_t page = size_t(sysconf(_SC_PAGESIZE));
-    uintptr_t begin = (uintptr_t(p) + page - 1) / page * page;  // whole pages inside the range only
-    uintptr_t end = (uintptr_t(p) + n) / page * page;
-    if (end > begin) madvise(reinterpret_cast<void *>(begin), end - begin, MADV_DONTNEED);
+    const uintptr_t begin = uintptr_t(p) / page * page;  // readahead may cover a neighbour's bytes
+    madvise(reinterpret_cast<void *>(begin), uintptr_t(p) + n - begin, MADV_WILLNEED);
 }
 
 std::string TensorRef::shape_str() const {
@@ -887,8 +941,12 @@ void WeightSet::add_file(const std::string &path, int forced) {
 
 std::vector<std::vector<std::string>> name_rules() { return name_table().rules; }
 
-void WeightSet::release_pages(Component c) const {
-    for (auto &kv : comps_[int(c)].tensors) kv.second->file->release_range(kv.second->data, kv.second->nbytes);
+void WeightSet::release_pages(Component c, bool evict) const {
+    for (auto &kv : comps_[int(c)].tensors) {
+        const TensorRef &t = *kv.second;
+        if (evict) t.file->evict_range(t.data, t.nbytes);
+        else t.file->release_range(t.data, t.nbytes);
+    }
 }
 
 }  // namespace fm

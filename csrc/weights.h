@@ -25,13 +25,25 @@ public:
     const uint8_t *data() const { return base_; }
     size_t size() const { return size_; }
     const std::string &path() const { return path_; }
-    // Tell the OS the pages of [ptr, ptr+n) are no longer needed (drops them from our RSS).
+    // Tell the OS the pages of [ptr, ptr+n) are no longer needed (drops them from our RSS; the
+    // page cache keeps them, so the next use is a minor fault).
     void release_range(const void *ptr, size_t n) const;
+    // release_range() and drop the pages from the page cache too (the next use reads the disk).
+    void evict_range(const void *ptr, size_t n) const;
+    // Start reading [ptr, ptr+n) into the page cache now (asynchronous readahead).
+    void prefetch_range(const void *ptr, size_t n) const;
+    bool contains(const void *ptr) const {
+        const uint8_t *p = static_cast<const uint8_t *>(ptr);
+        return base_ && p >= base_ && p < base_ + size_;
+    }
+    // The live mapping that holds `ptr`, or nullptr (weights used in place point into one).
+    static const MappedFile *containing(const void *ptr);
 
 private:
     std::string path_;
     uint8_t *base_ = nullptr;
     size_t size_ = 0;
+    int fd_ = -1;  // kept open for posix_fadvise
 };
 
 // One tensor as stored in a file: ggml order dims (ne[0] fastest), raw bytes in the mapping.
@@ -97,8 +109,9 @@ public:
     ComponentWeights &component(Component c) { return comps_[int(c)]; }
     const std::vector<std::string> &ignored() const { return ignored_; }
     const std::vector<std::unique_ptr<WeightFile>> &files() const { return files_; }
-    // Drop the file pages of a component from memory (after its weights were released).
-    void release_pages(Component c) const;
+    // Drop the file pages of a component from memory (after its weights were released); with
+    // `evict` from the page cache too.
+    void release_pages(Component c, bool evict = false) const;
 
 private:
     void add_file(const std::string &path, int forced /* -1 or Component */);

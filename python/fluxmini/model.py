@@ -116,7 +116,8 @@ class FluxMini(Engine):
              threads: Optional[int] = None, components: Optional[Iterable[str]] = None,
              flash_attn: bool = True, verbose: int = 0, loras=None, lora_strict: bool = True,
              cache_dir=None, cache_max_bytes: Optional[int] = None,
-             cache_memory_bytes: Optional[int] = None, lora_mode: str = "runtime") -> "FluxMini":
+             cache_memory_bytes: Optional[int] = None, lora_mode: str = "runtime",
+             max_memory=None) -> "FluxMini":
         """Open a model.
 
         path: a FLUX.1-mini GGUF (gpustack's single file, sd.cpp names, or diffusion-only).
@@ -130,7 +131,13 @@ class FluxMini(Engine):
         are always kept in memory for the model's life, see :mod:`fluxmini.embedding_cache`);
         cache_max_bytes: that folder's bound (default 1 GiB, least recently used entries go
         first); cache_memory_bytes: the memory level's bound (default 128 MiB, 0 turns it off).
+        max_memory: the memory budget, MiB or a string such as "1.5G" (None: the cgroup limit or
+        the available memory); under a tight budget weights are dropped from memory as soon as
+        they were used, compute buffers are freed between stages and the VAE tiles to fit.
         """
+        from .validation import max_memory_arg
+
+        max_memory_mib = max_memory_arg(max_memory)
         if not isinstance(backend, str):
             raise FluxMiniValueError("backend must be a string: cpu, cuda, metal or auto")
         if threads is not None and (not isinstance(threads, int) or isinstance(threads, bool) or threads < 1):
@@ -147,7 +154,7 @@ class FluxMini(Engine):
         cache = EmbeddingCache(cache_dir, max_bytes=cache_max_bytes, memory_bytes=cache_memory_bytes)
         core = _core()
         m = core.Model(paths["model"], paths["clip_l"], paths["t5xxl"], paths["vae"], backend,
-                       threads or 0, comps, bool(flash_attn), int(verbose))
+                       threads or 0, comps, bool(flash_attn), int(verbose), max_memory_mib)
         if m.backend not in ("cpu", "cuda"):  # CUDA checked on an H100 (benchmarks/gpu_check.sh); Metal never run
             import warnings
 
@@ -163,11 +170,15 @@ class FluxMini(Engine):
 
     # ------------------------------------------------------------------ description
     def info(self) -> dict:
-        """Components found, tensors per type, parameters, bytes and inferred hyper-parameters."""
+        """Components found, tensors per type, parameters, bytes and inferred hyper-parameters;
+        ``memory``: the memory policy; per component ``placement``: where its weights live
+        (in place in the file mapping, or copied into memory, and why)."""
         comps = {c["name"]: c for c in self._m.info()}
+        for name, c in comps.items():
+            c["placement"] = self._m.placement(name) if c["present"] else []
         return {"backend": self._m.backend, "backend_description": self._m.backend_description,
                 "threads": self._m.threads, "kernels": self._m.kernels, "components": comps,
-                "ignored_tensors": list(self._m.ignored_tensors)}
+                "ignored_tensors": list(self._m.ignored_tensors), "memory": self._m.memory()}
 
     def info_table(self) -> str:
         info = self.info()
@@ -190,6 +201,12 @@ class FluxMini(Engine):
                 cfg = ", ".join(f"{k}={v}" for k, v in c["config"].items())
                 lines.append(f"{name}: {cfg}")
                 lines.append(f"  from: {', '.join(c['sources'])}")
+        lines.append(f"memory: {info['memory']['description']}")
+        for name in COMPONENTS:
+            rows = info["components"][name].get("placement") or []
+            for r in rows:
+                lines.append(f"  {name:<10} {r['where']:<9} {r['bytes'] / 2**20:9.1f} MiB {r['count']:>5} tensors: "
+                             f"{r['reason']}")
         if info["ignored_tensors"]:
             ign = info["ignored_tensors"]
             more = f" (+{len(ign) - 5} more)" if len(ign) > 5 else ""

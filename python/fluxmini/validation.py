@@ -126,3 +126,37 @@ def noise_arg(noise, h: int, w: int) -> np.ndarray:
     if not np.all(np.isfinite(a)):
         raise FluxMiniValueError("noise contains NaN or infinite values")
     return a
+
+
+#: the smallest memory budget accepted (MiB): below it not even CLIP-L and a small image fit
+MIN_MAX_MEMORY_MIB = 256
+_MEMORY_UNITS = {"": 1, "m": 1, "mb": 1, "mib": 1, "g": 1024, "gb": 1024, "gib": 1024}
+
+
+def max_memory_arg(value, name: str = "max_memory") -> int:
+    """A memory budget in MiB: an integer (MiB) or a string such as ``"1024"``, ``"1536M"``,
+    ``"1.5G"``, ``"2GiB"`` (M and G are MiB and GiB); None gives 0, the automatic budget."""
+    if value is None:
+        return 0
+    if isinstance(value, str):
+        text = value.strip().lower().replace(" ", "")
+        num = text.rstrip("abcdefghijklmnopqrstuvwxyz")
+        unit = text[len(num):]
+        if unit not in _MEMORY_UNITS or not num:
+            raise FluxMiniValueError(f"{name} must be a size in MiB such as 1024, 1536M or 1.5G, got {value!r}")
+        try:
+            mib = float(num) * _MEMORY_UNITS[unit]
+        except ValueError:
+            raise FluxMiniValueError(f"{name} must be a size in MiB such as 1024, 1536M or 1.5G, "
+                                     f"got {value!r}") from None
+        if not math.isfinite(mib):
+            raise FluxMiniValueError(f"{name} must be a finite size, got {value!r}")
+        mib = int(mib)
+    else:
+        mib = int_arg(value, name)
+    if mib < MIN_MAX_MEMORY_MIB:
+        raise FluxMiniValueError(f"{name} is {mib} MiB; at least {MIN_MAX_MEMORY_MIB} MiB is needed "
+                                 "(leave it unset for the automatic budget)")
+    if mib > (1 << 40):
+        raise FluxMiniValueError(f"{name} is {mib} MiB, more than any machine has")
+    return mib

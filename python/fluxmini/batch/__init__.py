@@ -28,7 +28,8 @@ __all__ = ["run", "parse_jobs", "RESULTS_FILE"]
 
 def run(jobs, out_dir, *, model, ray=None, workers: Optional[int] = None, threads: Optional[int] = None,
         defaults: Optional[dict] = None, clip_l=None, t5xxl=None, vae=None, backend: str = "cpu",
-        low_memory: Optional[bool] = None, progress: bool = True, cache_dir=None) -> Iterator[dict]:
+        low_memory: Optional[bool] = None, progress: bool = True, cache_dir=None,
+        max_memory=None) -> Iterator[dict]:
     """Generate every image of ``jobs`` into ``out_dir``; yields one record per image or bad job.
 
     The work happens while the iterator is consumed (``for rec in run(...)``, ``list(run(...))``).
@@ -52,6 +53,7 @@ def run(jobs, out_dir, *, model, ray=None, workers: Optional[int] = None, thread
             and the ETA.
         cache_dir: a folder for the prompt-embedding cache, shared by runs and workers (in Ray
             mode a path on every node; a shared disk is safe), as ``FluxMini.load``'s.
+        max_memory: each model's memory budget, as ``FluxMini.load``.
 
     Records (dicts, also appended to results.jsonl): ``key`` (output stem, or the job index for
     a bad job), ``status`` ("ok", "error", or "skipped" for an image already complete; skipped
@@ -73,10 +75,14 @@ def run(jobs, out_dir, *, model, ray=None, workers: Optional[int] = None, thread
     if not isinstance(model, (str, os.PathLike)):
         raise FluxMiniValueError(f"model must be a path, got {type(model).__name__}")
     model = os.fspath(model)
+    from ..validation import max_memory_arg
+
+    max_memory = max_memory_arg(max_memory) or None
     parsed = parse_jobs(jobs, defaults)
     store = Store(out_dir)
     return _run(parsed, store, model=model, ray=ray, workers=workers, threads=threads,
-                files={"clip_l": clip_l, "t5xxl": t5xxl, "vae": vae}, backend=backend,
+                # the component files and the budget, passed on to each worker's FluxMini.load
+                files={"clip_l": clip_l, "t5xxl": t5xxl, "vae": vae, "max_memory": max_memory}, backend=backend,
                 low_memory=low_memory, progress=progress, cache_dir=cache_dir)
 
 

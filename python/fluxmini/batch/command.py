@@ -15,7 +15,7 @@ def _cmd_batch(args) -> int:
     for rec in run(args.jobs, args.output, model=args.model, ray=args.ray, workers=args.workers,
                    threads=args.threads, defaults=defaults, clip_l=args.clip_l, t5xxl=args.t5xxl, vae=args.vae,
                    backend=args.backend, low_memory=args.low_memory, progress=not args.quiet,
-                   cache_dir=args.cache_dir):
+                   cache_dir=args.cache_dir, max_memory=args.max_memory):
         status = rec["status"]
         if status == "ok":
             ok += 1
@@ -61,6 +61,9 @@ def add_parser(subparsers) -> None:
     b.add_argument("--t5xxl", default=None, help="separate T5-XXL file")
     b.add_argument("--vae", default=None, help="separate VAE file")
     b.add_argument("--backend", default="cpu", help="cpu, cuda, metal or auto (default cpu)")
+    from ..cli.common import add_max_memory
+
+    add_max_memory(b)
     mem = b.add_mutually_exclusive_group()
     mem.add_argument("--low-memory", dest="low_memory", action="store_const", const=True, default=None,
                      help="keep only the text encoders or the transformer + VAE loaded at a time "

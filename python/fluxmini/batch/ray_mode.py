@@ -103,7 +103,8 @@ def ray_results(tasks, model, files, backend, address, workers: Optional[int], t
         if threads > most:
             raise FluxMiniValueError(f"threads={threads} is more than the CPUs of any Ray node ({most}): "
                                      "no worker could start; lower --threads")
-        _check_nodes(ray, nodes, {"model": model, **files}, threads)
+        paths = {k: v for k, v in files.items() if k != "max_memory"}  # files holds the budget too
+        _check_nodes(ray, nodes, {"model": model, **paths}, threads)
 
         ctx = ray.data.DataContext.get_current()
         ctx.enable_progress_bars = False  # ours counts images

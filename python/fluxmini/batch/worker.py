@@ -68,7 +68,7 @@ class Generator:
     """
 
     def __init__(self, model: str, *, clip_l=None, t5xxl=None, vae=None, backend: str = "cpu",
-                 threads: Optional[int] = None, low_memory: bool = True, cache_dir=None):
+                 threads: Optional[int] = None, low_memory: bool = True, cache_dir=None, max_memory=None):
         from ..model import FluxMini
         from ..hub import resolve_model
 
@@ -76,7 +76,7 @@ class Generator:
         path = resolve_model(model)
         t0 = time.perf_counter()
         self.model = FluxMini.load(path, clip_l=clip_l, t5xxl=t5xxl, vae=vae, backend=backend, threads=threads,
-                                   cache_dir=cache_dir)
+                                   cache_dir=cache_dir, max_memory=max_memory)
         self.load_seconds = time.perf_counter() - t0
         self.low_memory = bool(low_memory)
 

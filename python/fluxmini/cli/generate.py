@@ -16,7 +16,7 @@ from ..imageio import save_png
 from ..model import FluxMini
 from ..pipeline import encode_prompt, run_batch
 from ..pipeline import run as run_one
-from .common import add_cache_dir, add_component_files
+from .common import add_cache_dir, add_component_files, add_max_memory
 
 
 def output_paths(output: str, count: int) -> list:
@@ -49,7 +49,8 @@ def run(args) -> int:
     path = resolve_model(args.model)
     t0 = time.perf_counter()
     model = FluxMini.load(path, clip_l=args.clip_l, t5xxl=args.t5xxl, vae=args.vae, backend=args.backend,
-                          threads=args.threads, verbose=1 if args.verbose else 0, cache_dir=args.cache_dir)
+                          threads=args.threads, verbose=1 if args.verbose else 0, cache_dir=args.cache_dir,
+                          max_memory=args.max_memory)
     if args.lora:
         from ..lora import parse_lora_arg
 
@@ -59,8 +60,9 @@ def run(args) -> int:
             print(f"fluxmini: {lora_path}: {len(keys)} tensors match no layer and were skipped: "
                   + ", ".join(k for k, _ in keys[:10]) + (" ..." if len(keys) > 10 else ""), file=sys.stderr)
     if args.verbose:
-        print(f"fluxmini: loaded {path} ({model.info()['backend']}, {model.threads} threads) in "
-              f"{time.perf_counter() - t0:.3f} s", file=sys.stderr)
+        info = model.info()
+        print(f"fluxmini: loaded {path} ({info['backend']}, {model.threads} threads) in "
+              f"{time.perf_counter() - t0:.3f} s; memory: {info['memory']['description']}", file=sys.stderr)
     low_memory = not args.keep_weights
     noise = None
     if args.noise_file:
@@ -126,6 +128,7 @@ def add_parser(subparsers) -> None:
     g.add_argument("--keep-weights", action="store_true",
                    help="keep every component's weights in memory (default: release the text encoders "
                         "before sampling and the transformer before the VAE, to lower the peak memory)")
+    add_max_memory(g)
     g.add_argument("--noise", dest="noise_file", default=None,
                    help="a .npy float32 [16, H/8, W/8] starting noise instead of the seed's")
     g.add_argument("--lora", action="append", default=[], metavar="PATH[:SCALE]",

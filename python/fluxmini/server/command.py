@@ -58,7 +58,7 @@ def _cmd_serve(args) -> int:
     api_key = args.api_key if args.api_key is not None else os.environ.get("FLUXMINI_API_KEY") or None
     path = resolve_model(args.model)
     model = FluxMini.load(path, clip_l=args.clip_l, t5xxl=args.t5xxl, vae=args.vae, backend=args.backend,
-                          threads=args.threads, cache_dir=args.cache_dir)
+                          threads=args.threads, cache_dir=args.cache_dir, max_memory=args.max_memory)
     alias = args.alias or os.path.splitext(os.path.basename(path))[0]
     app = create_app(model, model_id=alias, api_key=api_key, max_queue=args.max_queue, max_size=args.max_size,
                      max_body_bytes=int(args.max_body_mb * (1 << 20)), cors_origins=args.cors_origin or (),
@@ -76,7 +76,7 @@ def _cmd_serve(args) -> int:
 
 def add_parser(subparsers) -> None:
     """Register ``fluxmini serve``."""
-    from ..cli.common import add_cache_dir  # here: the cli package imports this module
+    from ..cli.common import add_cache_dir, add_max_memory  # here: the cli package imports this module
     s = subparsers.add_parser(
         "serve", help="serve the OpenAI Images API and a web page (needs the [server] extra)",
         description="An OpenAI-compatible image server: POST /v1/images/generations and /v1/images/edits "
@@ -93,6 +93,7 @@ def add_parser(subparsers) -> None:
                    help="require 'Authorization: Bearer KEY' on /v1 (default: $FLUXMINI_API_KEY, else none)")
     s.add_argument("-t", "--threads", type=int, default=None, help="CPU threads (default: physical cores)")
     s.add_argument("--backend", default="cpu", help="cpu, cuda, metal or auto (default cpu)")
+    add_max_memory(s)
     s.add_argument("--max-queue", type=int, default=8,
                    help="requests that may wait behind the running one; more get 429 (default 8)")
     s.add_argument("--max-size", type=int, default=1024, help="largest width or height in pixels (default 1024)")
