@@ -2,12 +2,20 @@
 
 Results of the numeric tests depend on the CPU (its SIMD paths, in our kernels and in torch's),
 and the development and CI machines change between sessions, so every run says where it ran.
+
+FLUXMINI_TEST_INSTALLED=1 (what `.ci/run` sets when it tests the installed wheel, run from outside
+the source tree: `cd /tmp && python -m pytest REPO/tests`) makes the run refuse a fluxmini that
+does not come from site-packages, so a wheel test can never pass on the sources in python/.
 """
 
 from __future__ import annotations
 
 import os
 import platform
+import sysconfig
+from pathlib import Path
+
+import pytest
 
 # x86-64 flags that select a code path somewhere (ours, ggml's or torch's)
 _FLAGS = ("avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512_vnni", "avx_vnni",
@@ -25,7 +33,29 @@ def cpu_description() -> str:
                  platform.machine())
     flags_line = next((ln for ln in text.splitlines() if ln.startswith("flags")), "")
     flags = set(flags_line.split(":", 1)[-1].split())
-    return f"{model}; flags: {' '.join(f for f in _FLAGS if f in flags) or 'none of ' + ','.join(_FLAGS)}"
+    # platform.machine() first: under qemu-user (scripts/arm64_check.sh) /proc/cpuinfo is the host's
+    return (f"{platform.machine()}: {model}; "
+            f"flags: {' '.join(f for f in _FLAGS if f in flags) or 'none of ' + ','.join(_FLAGS)}")
+
+
+def _installed_package_check() -> None:
+    """With FLUXMINI_TEST_INSTALLED=1, fluxmini and its engine must be the installed ones."""
+    if os.environ.get("FLUXMINI_TEST_INSTALLED") != "1":
+        return
+    import fluxmini
+    from fluxmini import _core
+
+    site = {Path(sysconfig.get_paths()[k]).resolve() for k in ("purelib", "platlib")}
+    for what, path in (("fluxmini", fluxmini.__file__), ("fluxmini._core", _core.__file__)):
+        resolved = Path(path).resolve()  # a development build links its files to python/
+        if not any(s in resolved.parents for s in site):
+            raise pytest.UsageError(f"FLUXMINI_TEST_INSTALLED=1 but {what} comes from {resolved}, not from "
+                                    f"site-packages ({', '.join(map(str, sorted(site)))}): run the tests from "
+                                    "outside the source tree against an installed wheel")
+
+
+def pytest_configure(config):
+    _installed_package_check()
 
 
 def pytest_report_header(config):
@@ -34,6 +64,9 @@ def pytest_report_header(config):
         from fluxmini import _core
     except ImportError as e:  # the suite then fails loudly in every engine test; say why up front
         return lines + [f"fluxmini engine: NOT IMPORTABLE ({e})"]
+    lines.append(f"fluxmini from: {os.path.dirname(_core.__file__)}"
+                 + (" (installed package required: FLUXMINI_TEST_INSTALLED=1)"
+                    if os.environ.get("FLUXMINI_TEST_INSTALLED") == "1" else ""))
     # The quantized matmul's instruction-set paths (cpu_qmatmul.h): test_cpu_qmatmul.py forces each
     # one this CPU has (FLUXMINI_KERNELS=path) and skips the others; ggml's matmul is forced too.
     all_paths = ("avx512vnni", "avxvnni", "avx2", "portable")
