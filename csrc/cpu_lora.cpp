@@ -192,8 +192,6 @@ void lora_up_rows(KernelChoice path, ggml_type type, const void *up_t, int64_t r
                   int64_t j1) {
 #ifdef FM_LORA_X86
     const bool vec = path != KernelChoice::Portable && lora_path_ok(path);
-#else
-    const bool vec = false;
 #endif
     const size_t es = ggml_type_size(type);
     float c[kTok * kChunk];
