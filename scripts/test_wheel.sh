@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # Tests a built wheel the way a user gets it (README.md, "Building wheels"): installed into a fresh
-# venv, on a PATH with no compiler and no CMake, and tested from outside the source tree, so the
-# tests import the installed package and never python/ (tests/conftest.py checks it:
-# FLUXMINI_TEST_INSTALLED=1). The tests themselves stay in REPO/tests, since some of them read the
-# repository (docs/, scripts/, fuzz/, the fuzz regression corpus).
+# venv, on a PATH with no compiler and no CMake; `fluxmini demo` from an empty folder, then the
+# README's test command against the installed package, never python/ (tests/conftest.py checks
+# it: FLUXMINI_TEST_INSTALLED=1). The tests read parts of the repository (docs/, scripts/, fuzz/,
+# the fuzz regression corpus), so they run from its root.
 # Usage: scripts/test_wheel.sh WHEEL VENV [EXTRAS [PYTEST ARGS...]]
 #   EXTRAS: the extras to install with the wheel (default test,reference,ray; "" for none)
 #   PYTHON: the interpreter the venv is made from (default python3)
@@ -50,6 +50,10 @@ work=$(mktemp -d /tmp/fluxmini-wheel-test.XXXXXX)
 cd "$work"
 python -c 'import fluxmini, fluxmini._core as c; print("fluxmini", fluxmini.__version__, "from", c.__file__)'
 fluxmini demo -q -o "$work/demo.png"
-# from $work: `python -m` puts the current folder first on sys.path, and it holds no fluxmini
-FLUXMINI_TEST_INSTALLED=1 python -m pytest "$root/tests" -q -p no:cacheprovider "$@"
 cd / && rm -rf "$work"
+# The test command of README.md ("Tests"), run from the repository root. `python -m` puts the
+# root first on sys.path, and it holds no `fluxmini` (the sources are under python/), so the
+# installed wheel is what the tests import; FLUXMINI_TEST_INSTALLED=1 makes conftest.py refuse any
+# other fluxmini.
+cd "$root"
+FLUXMINI_TEST_INSTALLED=1 python -m pytest tests -q "$@"

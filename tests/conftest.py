@@ -3,9 +3,9 @@
 Results of the numeric tests depend on the CPU (its SIMD paths, in our kernels and in torch's),
 and the development and CI machines change between sessions, so every run says where it ran.
 
-FLUXMINI_TEST_INSTALLED=1 (what `.ci/run` sets when it tests the installed wheel, run from outside
-the source tree: `cd /tmp && python -m pytest REPO/tests`) makes the run refuse a fluxmini that
-does not come from site-packages, so a wheel test can never pass on the sources in python/.
+FLUXMINI_TEST_INSTALLED=1 (what `.ci/run` sets when it runs `python -m pytest tests -q` from the
+repository root against the installed wheel) makes the run refuse a fluxmini that does not come
+from site-packages, so a wheel test can never pass on the sources in python/.
 """
 
 from __future__ import annotations
@@ -50,8 +50,8 @@ def _installed_package_check() -> None:
         resolved = Path(path).resolve()  # a development build links its files to python/
         if not any(s in resolved.parents for s in site):
             raise pytest.UsageError(f"FLUXMINI_TEST_INSTALLED=1 but {what} comes from {resolved}, not from "
-                                    f"site-packages ({', '.join(map(str, sorted(site)))}): run the tests from "
-                                    "outside the source tree against an installed wheel")
+                                    f"site-packages ({', '.join(map(str, sorted(site)))}): install the wheel and do not put "
+                                    "python/ or a development build on PYTHONPATH")
 
 
 def pytest_configure(config):
