@@ -31,17 +31,7 @@ import time
 
 import numpy as np
 
-
-def cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    import platform
-    return platform.processor() or "unknown CPU"
+from _cpu import cpu_name  # benchmarks/_cpu.py (scripts run from this folder)
 
 
 def kernel_mode(args) -> None:

@@ -23,18 +23,9 @@ import time
 
 import numpy as np
 
+from _cpu import cpu_name  # benchmarks/_cpu.py (scripts run from this folder)
+
 SHAPES = [(512, 64, 512), (512, 128, 512), (256, 256, 256), (128, 512, 128)]  # (Cin, side, Cout)
-
-
-def cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return "unknown CPU"
 
 
 def main(argv=None) -> int:

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import shutil
 import statistics
 import tempfile
@@ -24,15 +23,7 @@ import time
 
 import numpy as np
 
-
-def cpu_name() -> str:
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
+from _cpu import cpu_name  # benchmarks/_cpu.py (scripts run from this folder)
 
 
 def write_lora(path: str, linears, rank: int, seed: int) -> None:

@@ -29,20 +29,11 @@ import numpy as np
 
 from fluxmini import _core
 
+from _cpu import cpu_name  # benchmarks/_cpu.py (scripts run from this folder)
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 PRODUCTS = {"vpdpbusd_zmm": 64, "vpdpbusd_ymm": 32, "vpmaddubsw_ymm": 32}  # byte products per instruction
 PATH_INSTR = {"avx512vnni": "vpdpbusd_zmm", "avxvnni": "vpdpbusd_ymm", "avx2": "vpmaddubsw_ymm"}
-
-
-def cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "?"
 
 
 def measure_peak() -> dict:

@@ -31,19 +31,10 @@ import time
 
 import numpy as np
 
+from _cpu import cpu_name  # benchmarks/_cpu.py (scripts run from this folder)
+
 PAGE = os.sysconf("SC_PAGE_SIZE")
 PROMPT = "a lighthouse on a cliff at dusk, oil painting"
-
-
-def cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return "unknown CPU"
 
 
 def ranges(model, component: str):
