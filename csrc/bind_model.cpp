@@ -83,6 +83,18 @@ std::vector<AdapterSpec> adapter_specs(py::list items, std::vector<py::array> &k
 
 }  // namespace
 
+// The policy's fields as a dict (also _core.testing.memory_policy's answer, bind_testing.cpp).
+py::dict memory_policy_dict(const MemoryPolicy &p) {
+    py::dict d;
+    d["budget_bytes"] = p.budget_bytes;
+    d["source"] = p.source;
+    d["stream"] = p.stream;
+    d["evict"] = p.evict;
+    d["release_compute"] = p.release_compute;
+    d["vae_budget_bytes"] = p.vae_budget_bytes;
+    return d;
+}
+
 void bind_model(py::module_ &m) {
     py::class_<CancelToken>(m, "CancelToken",
                             "Cancels the engine calls it is passed to, from any thread; stays cancelled.")
@@ -139,13 +151,7 @@ void bind_model(py::module_ &m) {
              [](Model &self) {
                  const MemoryPolicy &p = self.memory_policy();
                  const MemoryLimits &l = self.memory_limits();
-                 py::dict d;
-                 d["budget_bytes"] = p.budget_bytes;
-                 d["source"] = p.source;
-                 d["stream"] = p.stream;
-                 d["evict"] = p.evict;
-                 d["release_compute"] = p.release_compute;
-                 d["vae_budget_bytes"] = p.vae_budget_bytes;
+                 py::dict d = memory_policy_dict(p);
                  d["cgroup_bytes"] = l.cgroup_bytes;
                  d["cgroup_source"] = l.cgroup_source;
                  d["available_bytes"] = l.available_bytes;

@@ -23,6 +23,8 @@
 
 namespace py = pybind11;
 
+py::dict memory_policy_dict(const fm::MemoryPolicy &p);  // bind_model.cpp
+
 namespace {
 // The quantized matmul's paths, fastest first.
 constexpr fm::KernelChoice kQmatmulPaths[] = {fm::KernelChoice::Avx512Vnni, fm::KernelChoice::AvxVnni,
@@ -70,15 +72,7 @@ void bind_testing(py::module_ &m) {
         l.cgroup_bytes = cgroup_bytes;
         l.cgroup_source = cgroup_bytes ? "cgroup" : "";
         l.available_bytes = available_bytes;
-        const fm::MemoryPolicy p = fm::memory_policy(o, l, weight_bytes);
-        py::dict d;
-        d["budget_bytes"] = p.budget_bytes;
-        d["source"] = p.source;
-        d["stream"] = p.stream;
-        d["evict"] = p.evict;
-        d["release_compute"] = p.release_compute;
-        d["vae_budget_bytes"] = p.vae_budget_bytes;
-        return d;
+        return memory_policy_dict(fm::memory_policy(o, l, weight_bytes));
     });
     m.def("bench_mul_mat", [](const std::string &type, int64_t k, int64_t n, int64_t tokens, int threads, int reps,
                               bool ggml_only) {

@@ -31,7 +31,7 @@ def _cmd_batch(args) -> int:
 
 def add_parser(subparsers) -> None:
     """Register ``fluxmini batch`` on an argparse subparsers object."""
-    from ..cli.common import add_cache_dir  # here: the cli package imports this module
+    from ..cli.common import add_cache_dir, add_max_memory  # here: the cli package imports this module
     b = subparsers.add_parser(
         "batch", help="generate every job of a JOBS.jsonl file, locally or on a Ray cluster (resumable)",
         description="Each line of JOBS.jsonl is a JSON job: a prompt plus any of seed, width, height, steps, "
@@ -61,8 +61,6 @@ def add_parser(subparsers) -> None:
     b.add_argument("--t5xxl", default=None, help="separate T5-XXL file")
     b.add_argument("--vae", default=None, help="separate VAE file")
     b.add_argument("--backend", default="cpu", help="cpu, cuda, metal or auto (default cpu)")
-    from ..cli.common import add_max_memory
-
     add_max_memory(b)
     mem = b.add_mutually_exclusive_group()
     mem.add_argument("--low-memory", dest="low_memory", action="store_const", const=True, default=None,
