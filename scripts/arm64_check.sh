@@ -91,6 +91,19 @@ bind /dev /dev
 bind /dev/pts /dev/pts
 bind /dev/shm /dev/shm
 cp /etc/resolv.conf "$arm/etc/resolv.conf"
+# pip inside trusts what the host trusts: a host behind a TLS-inspecting proxy has that proxy's CA
+# in its own bundle only (the userland's ca-certificates would fail with CERTIFICATE_VERIFY_FAILED)
+host_ca=${SSL_CERT_FILE:-/etc/ssl/certs/ca-certificates.crt}
+ca_env=()
+if [ -r "$host_ca" ]; then
+  cp "$host_ca" "$arm/etc/ssl/certs/host-ca-bundle.crt"
+  ca_env=(SSL_CERT_FILE=/etc/ssl/certs/host-ca-bundle.crt PIP_CERT=/etc/ssl/certs/host-ca-bundle.crt
+          REQUESTS_CA_BUNDLE=/etc/ssl/certs/host-ca-bundle.crt)
+fi
+# a package index the host is told to use (not a file:// one: the userland cannot see it)
+for v in PIP_INDEX_URL PIP_EXTRA_INDEX_URL; do
+  case "${!v:-}" in ''|file:*) ;; *) ca_env+=("$v=${!v}") ;; esac
+done
 
 # the working tree (tracked and untracked files git does not ignore); the CMake folder build/ stays
 src="$arm/src/fluxmini"
@@ -146,7 +159,7 @@ fi
 FLUXMINI_TEST_INSTALLED=1 "$venv/bin/python" -m pytest -q -p no:cacheprovider "${sel[@]}"
 stamp "tests done ($MODE)"
 INSIDE
-chroot "$arm" /usr/bin/env -i HOME=/root LANG=C.UTF-8 TERM=dumb MODE="$mode" \
+chroot "$arm" /usr/bin/env -i HOME=/root LANG=C.UTF-8 TERM=dumb MODE="$mode" "${ca_env[@]}" \
   PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin \
   nice -n 15 /bin/bash /src/arm64_inside.sh </dev/null
 stamp "done ($mode)"
