@@ -1,6 +1,10 @@
-// The LoRA up-product kernel (cpu_lora.h): out[n][j] += Σ_k (scale · h[n][k]) · upᵀ[k][j].
-// Register tiles of 4 tokens × 2 vectors of rows, k innermost: each upᵀ vector is loaded (and
-// widened from F16 / BF16) once per 4 tokens, each c = scale·h once per 2 vectors.
+// The LoRA kernels (cpu_lora.h).
+// Down: h[n][k] = Σ_i down[k][i] · x[n][i]. Register tiles of 4 tokens × 4 ranks (AVX-512) or
+// 4 × 2 (AVX2), i innermost: each down vector is loaded (and widened from F16 / BF16) once per 4
+// tokens, each x vector once per 4 (2) ranks; the lanes are summed once per tile at the end.
+// Up: out[n][j] += Σ_k (scale · h[n][k]) · upᵀ[k][j]. Register tiles of 4 tokens × 2 vectors of
+// rows, k innermost: each upᵀ vector is loaded (and widened) once per 4 tokens, each c = scale·h
+// once per 2 vectors.
 #include "cpu_lora.h"
 
 #include "cpu_qmatmul.h"
@@ -175,6 +179,75 @@ int64_t tile_vector(KernelChoice path, ggml_type type, const void *up_t, int64_t
     default: return tile_avx2<GGML_TYPE_F32, NT>(up_t, rows, c, kc, out, os, j0, j1);
     }
 }
+
+// ---- the down product: one (token, rank) pair per accumulator vector, kept in `acc` between
+// blocks of the width (acc[t·as + k·lanes ...]); the lanes are summed once at the end ----
+template <ggml_type T, int NT, int NK>
+__attribute__((target("avx512f"))) void down_tile_avx512(const void *down, int64_t in, int64_t i0, int64_t i1,
+                                                        const float *x, int64_t xs, float *acc, int64_t as) {
+    __m512 a[NT][NK];
+    for (int t = 0; t < NT; ++t)
+        for (int k = 0; k < NK; ++k) a[t][k] = _mm512_loadu_ps(acc + t * as + k * 16);
+    for (int64_t i = i0; i < i1; i += 16) {
+        __m512 d[NK];
+        for (int k = 0; k < NK; ++k) d[k] = load16<T>(down, k * in + i);
+        for (int t = 0; t < NT; ++t) {
+            const __m512 xv = _mm512_loadu_ps(x + t * xs + i);
+            for (int k = 0; k < NK; ++k) a[t][k] = _mm512_fmadd_ps(xv, d[k], a[t][k]);
+        }
+    }
+    for (int t = 0; t < NT; ++t)
+        for (int k = 0; k < NK; ++k) _mm512_storeu_ps(acc + t * as + k * 16, a[t][k]);
+}
+
+template <ggml_type T, int NT, int NK>
+__attribute__((target("avx2,fma,f16c"))) void down_tile_avx2(const void *down, int64_t in, int64_t i0, int64_t i1,
+                                                            const float *x, int64_t xs, float *acc, int64_t as) {
+    __m256 a[NT][NK];
+    for (int t = 0; t < NT; ++t)
+        for (int k = 0; k < NK; ++k) a[t][k] = _mm256_loadu_ps(acc + t * as + k * 8);
+    for (int64_t i = i0; i < i1; i += 8) {
+        __m256 d[NK];
+        for (int k = 0; k < NK; ++k) d[k] = load8<T>(down, k * in + i);
+        for (int t = 0; t < NT; ++t) {
+            const __m256 xv = _mm256_loadu_ps(x + t * xs + i);
+            for (int k = 0; k < NK; ++k) a[t][k] = _mm256_fmadd_ps(xv, d[k], a[t][k]);
+        }
+    }
+    for (int t = 0; t < NT; ++t)
+        for (int k = 0; k < NK; ++k) _mm256_storeu_ps(acc + t * as + k * 8, a[t][k]);
+}
+
+using DownTile = void (*)(const void *, int64_t, int64_t, int64_t, const float *, int64_t, float *, int64_t);
+
+// The tile function for `nt` ≤ 4 tokens and `nk` ranks, ≤ 4 (zmm) or 2 (ymm): the full tile or a tail.
+template <ggml_type T, int NK>
+DownTile down_tile_for(bool zmm, int nt) {
+    switch (nt) {
+    case 4: return zmm ? down_tile_avx512<T, 4, NK> : down_tile_avx2<T, 4, NK>;
+    case 3: return zmm ? down_tile_avx512<T, 3, NK> : down_tile_avx2<T, 3, NK>;
+    case 2: return zmm ? down_tile_avx512<T, 2, NK> : down_tile_avx2<T, 2, NK>;
+    default: return zmm ? down_tile_avx512<T, 1, NK> : down_tile_avx2<T, 1, NK>;
+    }
+}
+
+template <ggml_type T>
+DownTile down_tile_for(bool zmm, int nt, int nk) {
+    switch (nk) {
+    case 4: return down_tile_for<T, 4>(zmm, nt);
+    case 3: return down_tile_for<T, 3>(zmm, nt);
+    case 2: return down_tile_for<T, 2>(zmm, nt);
+    default: return down_tile_for<T, 1>(zmm, nt);
+    }
+}
+
+DownTile down_tile_for(ggml_type type, bool zmm, int nt, int nk) {
+    switch (type) {
+    case GGML_TYPE_F16: return down_tile_for<GGML_TYPE_F16>(zmm, nt, nk);
+    case GGML_TYPE_BF16: return down_tile_for<GGML_TYPE_BF16>(zmm, nt, nk);
+    default: return down_tile_for<GGML_TYPE_F32>(zmm, nt, nk);
+    }
+}
 #endif
 
 }  // namespace
@@ -218,7 +291,65 @@ void lora_up_rows(KernelChoice path, ggml_type type, const void *up_t, int64_t r
     }
 }
 
+void lora_down_rows(KernelChoice path, ggml_type type, const void *down, int64_t in, int64_t ranks, const float *x,
+                    int64_t x_stride, float *h, int64_t h_stride, int64_t tokens) {
+    const size_t es = ggml_type_size(type);
+    int64_t iv = 0;  // the vector paths' share of the width: 0 .. iv
+#ifdef FM_LORA_X86
+    std::vector<float> acc;
+    int64_t lanes = 0;
+    if (path != KernelChoice::Portable && lora_path_ok(path)) {
+        const bool zmm = path == KernelChoice::Avx512Vnni;
+        lanes = zmm ? 16 : 8;
+        // 4 × 4 accumulators of 16 lanes (+ 4 down vectors + 1 x: 21 of 32 zmm registers), or
+        // 4 × 2 of 8 lanes (+ 2 + 1: 11 of 16 ymm).
+        const int64_t kr = zmm ? 4 : 2;
+        // Blocks of the width whose 4 x rows (8 KiB) stay in L1 while every rank tile reads them.
+        constexpr int64_t kBlock = 512;
+        iv = in / lanes * lanes;
+        acc.resize(size_t(4 * ranks * lanes));
+        for (int64_t n0 = 0; n0 < tokens; n0 += 4) {
+            const int nt = int(std::min<int64_t>(4, tokens - n0));
+            std::fill(acc.begin(), acc.end(), 0.0f);
+            for (int64_t i0 = 0; i0 < iv; i0 += kBlock)
+                for (int64_t k0 = 0; k0 < ranks; k0 += kr)
+                    down_tile_for(type, zmm, nt, int(std::min(kr, ranks - k0)))(
+                        static_cast<const char *>(down) + size_t(k0 * in) * es, in, i0, std::min(iv, i0 + kBlock),
+                        x + n0 * x_stride, x_stride, acc.data() + k0 * lanes, ranks * lanes);
+            for (int t = 0; t < nt; ++t)
+                for (int64_t k = 0; k < ranks; ++k) {
+                    const float *a = acc.data() + (t * ranks + k) * lanes;
+                    float s = 0.0f;
+                    for (int64_t l = 0; l < lanes; ++l) s += a[l];
+                    h[(n0 + t) * h_stride + k] = s;
+                }
+        }
+    }
+#endif
+    // The portable path, and the vector paths' tail of the width (fewer than `lanes` values).
+    for (int64_t n = 0; n < tokens; ++n)
+        for (int64_t k = 0; k < ranks; ++k) {
+            float s = 0.0f;
+            for (int64_t i = iv; i < in; ++i) s += x[n * x_stride + i] * widen(type, down, k * in + i);
+            h[n * h_stride + k] = iv > 0 ? h[n * h_stride + k] + s : s;
+        }
+}
+
 namespace {
+
+void down_node(ggml_tensor *dst, int ith, int nth, void *userdata) {
+    const LoraPack::Node &node = *static_cast<const LoraPack::Node *>(userdata);
+    const ggml_tensor *x = dst->src[0], *down = dst->src[1];
+    const int64_t tokens = ggml_nrows(x), ranks = dst->ne[0];
+    // R is small (4-64 per LoRA): the threads split the tokens, in whole tiles of 4.
+    const int64_t tiles = (tokens + 3) / 4;
+    const int64_t n0 = std::min(tokens, tiles * ith / nth * 4), n1 = std::min(tokens, tiles * (ith + 1) / nth * 4);
+    if (n0 >= n1) return;
+    const int64_t xs = int64_t(x->nb[1] / sizeof(float));  // rows evenly strided (lora_down_op)
+    lora_down_rows(node.path, down->type, down->data, x->ne[0], ranks, static_cast<const float *>(x->data) + n0 * xs,
+                   xs, static_cast<float *>(dst->data) + n0 * ranks, ranks, n1 - n0);
+}
+
 
 void up_node(ggml_tensor *dst, int ith, int nth, void *userdata) {
     const LoraPack::Node &node = *static_cast<const LoraPack::Node *>(userdata);
@@ -251,6 +382,22 @@ void up_node(ggml_tensor *dst, int ith, int nth, void *userdata) {
 
 }  // namespace
 
+ggml_tensor *lora_down_op(ggml_context *ctx, ggml_tensor *x, const LoraPack &pack, KernelChoice path) {
+    if (x->type != GGML_TYPE_F32 || x->ne[0] != pack.down->ne[0] || !lora_path_ok(path))
+        fail_runtime("internal error: lora_down_op takes an F32 x of the factors' width, and a path this CPU runs");
+    // Views are read in place when their rows are evenly strided (one stride from token to token).
+    if (x->nb[0] != sizeof(float) || x->nb[1] % sizeof(float) != 0 ||
+        (x->ne[2] > 1 && x->nb[2] != x->nb[1] * size_t(x->ne[1])) ||
+        (x->ne[3] > 1 && x->nb[3] != x->nb[1] * size_t(x->ne[1] * x->ne[2])))
+        x = ggml_cont(ctx, x);
+    ggml_tensor *args[2] = {x, pack.down};
+    void *userdata = const_cast<LoraPack::Node *>(&pack.nodes[int(path)]);
+    ggml_tensor *h = ggml_custom_4d(ctx, GGML_TYPE_F32, pack.down->ne[1], x->ne[1], x->ne[2], x->ne[3], args, 2,
+                                    down_node, GGML_N_TASKS_MAX, userdata);
+    ggml_set_name(h, "fm.lora_down");  // for FLUXMINI_PROFILE's table
+    return h;
+}
+
 ggml_tensor *lora_up_op(ggml_context *ctx, ggml_tensor *y, ggml_tensor *h, const LoraPack &pack, KernelChoice path) {
     if (y->type != GGML_TYPE_F32 || h->type != GGML_TYPE_F32 || ggml_nrows(y) != ggml_nrows(h) || !lora_path_ok(path))
         fail_runtime("internal error: lora_up_op takes F32 y and h with the same tokens, and a path this CPU runs");
@@ -258,8 +405,10 @@ ggml_tensor *lora_up_op(ggml_context *ctx, ggml_tensor *y, ggml_tensor *h, const
     if (!ggml_is_contiguous(h)) h = ggml_cont(ctx, h);
     ggml_tensor *args[3] = {y, h, pack.up_t};
     void *userdata = const_cast<LoraPack::Node *>(&pack.nodes[int(path)]);
-    return ggml_custom_4d(ctx, GGML_TYPE_F32, y->ne[0], y->ne[1], y->ne[2], y->ne[3], args, 3, up_node,
-                          GGML_N_TASKS_MAX, userdata);
+    ggml_tensor *out = ggml_custom_4d(ctx, GGML_TYPE_F32, y->ne[0], y->ne[1], y->ne[2], y->ne[3], args, 3, up_node,
+                                      GGML_N_TASKS_MAX, userdata);
+    ggml_set_name(out, "fm.lora_up");
+    return out;
 }
 
 }  // namespace fm
