@@ -59,8 +59,9 @@ bool lora_path_ok(KernelChoice path);
 // rows are evenly strided, else made contiguous). CPU backend only.
 ggml_tensor *lora_down_op(ggml_context *ctx, ggml_tensor *x, const LoraPack &pack, KernelChoice path);
 
-// y + Σ over the pack's parts of scale · up · h[k0 .. k0 + rank] (into rows row0 .. row0 + rows);
-// y F32 [out, tokens...], h F32 [R, tokens...] (made contiguous here). CPU backend only.
+// y + Σ over the pack's parts of scale · up · h[k0 .. k0 + rank] (into rows row0 .. row0 + rows),
+// added into y in place (the result is a view of y); y F32 [out, tokens...], h F32 [R, tokens...]
+// (made contiguous here). CPU backend only.
 ggml_tensor *lora_up_op(ggml_context *ctx, ggml_tensor *y, ggml_tensor *h, const LoraPack &pack, KernelChoice path);
 
 // The op's work on plain arrays (for tests and benchmarks): out[n][row0 + j] += scale · Σ_k

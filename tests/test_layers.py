@@ -111,18 +111,19 @@ def test_adapter_kernel_paths(factor_type, kernels):
 def test_lora_down_kernel(factor_type, kernels):
     """The LoRA down-product kernel (csrc/cpu_lora.cpp) on its own, on every path this CPU runs,
     against numpy in float64 with the factor rounded to its type and the F32 activation as it is:
-    widths with a tail that fills no whole vector (203 = 12·16 + 11 = 25·8 + 3), every rank and
-    token count up to 9 (tails of the 4-rank / 2-rank and 4-token tiles), the tokens split over
-    1 and 3 threads. Only float32 accumulation differs: the error of each h is bounded by
-    BOUND · Σ_i |x_i·down_i| (the sum's condition; measured ≤ 1.2e-7 on the vector paths and
-    ≤ 2.0e-7 on the portable one; bound 1e-6, below which a lost or doubled term cannot hide)."""
+    widths with a tail that fills no whole vector (203 = 12·16 + 11 = 25·8 + 3; 1100: three of
+    the kernel's blocks of 512), every rank up to 9 and token counts up to 9 (tails of the 4-rank
+    / 2-rank and 4-token tiles) and 37 (two of its groups of 32), the tokens split over 1 and 3
+    threads. Only float32 accumulation differs: the error of each h is bounded by
+    BOUND · Σ_i |x_i·down_i| (the sum's condition; measured ≤ 1.8e-7 on the vector paths and
+    ≤ 2.1e-7 on the portable one; bound 1e-6, below which a lost or doubled term cannot hide)."""
     if kernels not in _core.testing.qmatmul_paths():
         pytest.skip(f"this CPU does not run the {kernels} path (covered on CPUs that do)")
     rng = np.random.default_rng(5)
-    for n_in in (203, 16, 3):
+    for n_in in (203, 1100, 16, 3):
         for ranks in range(1, 10):
             down = _round(rng.standard_normal((ranks, n_in)).astype(np.float32), factor_type)
-            for tokens in (1, 2, 3, 4, 5, 9):
+            for tokens in (1, 2, 3, 4, 5, 9, 37):
                 x = rng.standard_normal((tokens, n_in)).astype(np.float32)
                 want = x.astype(np.float64) @ down.astype(np.float64).T
                 scale = np.abs(x.astype(np.float64)) @ np.abs(down.astype(np.float64)).T
