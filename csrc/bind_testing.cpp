@@ -286,10 +286,9 @@ void bind_testing(py::module_ &m) {
         return times;
     }, py::arg("type"), py::arg("k"), py::arg("n"), py::arg("rows"), py::arg("kernels"), py::arg("threads") = 1,
        py::arg("reps") = 10);
-    // The LoRA down-product kernel on its own, for tests and benchmarks/bench_lora.py's kernel
-    // mode: x [tokens, in], down [ranks, in] (F32 values stored in factor_type: f32, or rounded to
+    // The LoRA down-product kernel on its own, for tests and micro-benchmarks: x [tokens, in], down [ranks, in] (F32 values stored in factor_type: f32, or rounded to
     // f16 / bf16) -> (h [tokens, ranks], wall seconds of each of `reps` runs), the tokens split over
-    // `threads` threads in tiles of 4 as the graph's op splits them; kernels: a path of
+    // `threads` threads in tiles of 4 as lora_op splits them; kernels: a path of
     // qmatmul_paths() ("avx512vnni", "avxvnni", "avx2", "portable").
     m.def("lora_down", [](f32_array x, f32_array down, const std::string &factor_type, const std::string &kernels,
                           int threads, int reps) {

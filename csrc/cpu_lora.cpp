@@ -343,50 +343,39 @@ void lora_down_rows(KernelChoice path, ggml_type type, const void *down, int64_t
 
 namespace {
 
-void down_node(ggml_tensor *dst, int ith, int nth, void *userdata) {
+// One pack's products for this thread's tokens (whole tiles of 4: R is small, so the threads split
+// the tokens): h = down · x into a buffer of the thread's own, then y += scale · up · h in place.
+// Each thread reads and writes only its own tokens of y, so an output adapter (x = y) is safe.
+void lora_node(ggml_tensor *dst, int ith, int nth, void *userdata) {
     const LoraPack::Node &node = *static_cast<const LoraPack::Node *>(userdata);
-    const ggml_tensor *x = dst->src[0], *down = dst->src[1];
-    const int64_t tokens = ggml_nrows(x), ranks = dst->ne[0];
-    // R is small (4-64 per LoRA): the threads split the tokens, in whole tiles of 4.
+    const ggml_tensor *x = dst->src[1], *down = dst->src[2], *up_t = dst->src[3];
+    const int64_t tokens = ggml_nrows(dst), out_rows = dst->ne[0], in = x->ne[0], r_all = down->ne[1];
     const int64_t tiles = (tokens + 3) / 4;
     const int64_t n0 = std::min(tokens, tiles * ith / nth * 4), n1 = std::min(tokens, tiles * (ith + 1) / nth * 4);
     if (n0 >= n1) return;
-    const int64_t xs = int64_t(x->nb[1] / sizeof(float));  // rows evenly strided (lora_down_op)
-    lora_down_rows(node.path, down->type, down->data, x->ne[0], ranks, static_cast<const float *>(x->data) + n0 * xs,
-                   xs, static_cast<float *>(dst->data) + n0 * ranks, ranks, n1 - n0);
-}
-
-
-void up_node(ggml_tensor *dst, int ith, int nth, void *userdata) {
-    const LoraPack::Node &node = *static_cast<const LoraPack::Node *>(userdata);
-    const ggml_tensor *y = dst->src[0], *h = dst->src[1], *up_t = dst->src[2];
-    const int64_t out_rows = y->ne[0], tokens = ggml_nrows(y), r_all = h->ne[0];
-    // Each thread takes a share of the output rows (whole 32-row tiles) for every token, so even
-    // a one-token product (the modulations) is spread over the threads.
-    const int64_t tiles = (out_rows + 31) / 32;
-    const int64_t j0 = std::min(out_rows, tiles * ith / nth * 32), j1 = std::min(out_rows, tiles * (ith + 1) / nth * 32);
-    if (j0 >= j1) return;
-    const float *hs = static_cast<const float *>(h->data);
-    float *ds = static_cast<float *>(dst->data);  // y itself (lora_up_op works in place)
+    thread_local std::vector<float> h;
+    h.resize(size_t((n1 - n0) * r_all));
+    const int64_t xs = int64_t(x->nb[1] / sizeof(float));  // rows evenly strided (lora_op)
+    lora_down_rows(node.path, down->type, down->data, in, r_all, static_cast<const float *>(x->data) + n0 * xs, xs,
+                   h.data(), r_all, n1 - n0);
+    float *y = static_cast<float *>(dst->data) + n0 * out_rows;  // dst is y (in place)
     const size_t es = ggml_type_size(up_t->type);
     // Blocks of rows whose upᵀ (all parts) stays in cache while every token reads it: otherwise
-    // each tile of 4 tokens would stream this thread's whole upᵀ again (megabytes at rank 64).
-    // Within a block, 8 tokens at a time, whose outputs stay in L1 between the parts.
-    // 256 KiB: within the L2 of any x86 core of the last decade, which also holds the outputs.
-    // (Measured on a loaded Sapphire Rapids, 1 thread, rank 64: the up product took 4.4-5.2% of
-    // a Flux step with blocks of 32 KiB-512 KiB, 7.9% without; rank 16: 1.1-1.5% either way.)
+    // each tile of 4 tokens would stream the whole upᵀ again (megabytes at rank 64). 256 KiB:
+    // within the L2 of any x86 core of the last decade, which also holds the outputs. Within a
+    // block, 8 tokens at a time, whose outputs stay in L1 between the parts.
     const int64_t row_block = std::max<int64_t>(32, (int64_t(256) << 10) / (r_all * int64_t(es)) / 32 * 32);
     constexpr int64_t kTokBlock = 8;
-    for (int64_t jb = j0; jb < j1; jb += row_block) {
-        const int64_t je = std::min(j1, jb + row_block);
-        for (int64_t n0 = 0; n0 < tokens; n0 += kTokBlock) {
-            const int64_t nb = std::min(kTokBlock, tokens - n0);
+    for (int64_t jb = 0; jb < out_rows; jb += row_block) {
+        const int64_t je = std::min(out_rows, jb + row_block);
+        for (int64_t t0 = 0; t0 < n1 - n0; t0 += kTokBlock) {
+            const int64_t nb = std::min(kTokBlock, n1 - n0 - t0);
             for (const LoraPack::Part &p : node.pack->parts) {
                 const int64_t a = std::max(jb, p.row0), b = std::min(je, p.row0 + p.rows);
                 if (a >= b) continue;
                 lora_up_rows(node.path, up_t->type, static_cast<const char *>(up_t->data) + size_t(p.up_offset) * es,
-                             p.rank, p.rows, hs + n0 * r_all + p.k0, r_all, p.scale, ds + n0 * out_rows + p.row0,
-                             out_rows, nb, a - p.row0, b - p.row0);
+                             p.rank, p.rows, h.data() + t0 * r_all + p.k0, r_all, p.scale,
+                             y + t0 * out_rows + p.row0, out_rows, nb, a - p.row0, b - p.row0);
             }
         }
     }
@@ -394,33 +383,23 @@ void up_node(ggml_tensor *dst, int ith, int nth, void *userdata) {
 
 }  // namespace
 
-ggml_tensor *lora_down_op(ggml_context *ctx, ggml_tensor *x, const LoraPack &pack, KernelChoice path) {
-    if (x->type != GGML_TYPE_F32 || x->ne[0] != pack.down->ne[0] || !lora_path_ok(path))
-        fail_runtime("internal error: lora_down_op takes an F32 x of the factors' width, and a path this CPU runs");
-    // Views are read in place when their rows are evenly strided (one stride from token to token).
+ggml_tensor *lora_op(ggml_context *ctx, ggml_tensor *y, ggml_tensor *x, const LoraPack &pack, KernelChoice path) {
+    if (y->type != GGML_TYPE_F32 || x->type != GGML_TYPE_F32 || x->ne[0] != pack.down->ne[0] ||
+        ggml_nrows(x) != ggml_nrows(y) || !lora_path_ok(path))
+        fail_runtime("internal error: lora_op takes F32 y and x (of the factors' width) with the same tokens, and a "
+                     "path this CPU runs");
+    // x is read in place when its rows are evenly strided (one stride from token to token).
     if (x->nb[0] != sizeof(float) || x->nb[1] % sizeof(float) != 0 ||
         (x->ne[2] > 1 && x->nb[2] != x->nb[1] * size_t(x->ne[1])) ||
         (x->ne[3] > 1 && x->nb[3] != x->nb[1] * size_t(x->ne[1] * x->ne[2])))
         x = ggml_cont(ctx, x);
-    ggml_tensor *args[2] = {x, pack.down};
-    void *userdata = const_cast<LoraPack::Node *>(&pack.nodes[int(path)]);
-    ggml_tensor *h = ggml_custom_4d(ctx, GGML_TYPE_F32, pack.down->ne[1], x->ne[1], x->ne[2], x->ne[3], args, 2,
-                                    down_node, GGML_N_TASKS_MAX, userdata);
-    ggml_set_name(h, "fm.lora_down");  // for FLUXMINI_PROFILE's table
-    return h;
-}
-
-ggml_tensor *lora_up_op(ggml_context *ctx, ggml_tensor *y, ggml_tensor *h, const LoraPack &pack, KernelChoice path) {
-    if (y->type != GGML_TYPE_F32 || h->type != GGML_TYPE_F32 || ggml_nrows(y) != ggml_nrows(h) || !lora_path_ok(path))
-        fail_runtime("internal error: lora_up_op takes F32 y and h with the same tokens, and a path this CPU runs");
     if (!ggml_is_contiguous(y)) y = ggml_cont(ctx, y);
-    if (!ggml_is_contiguous(h)) h = ggml_cont(ctx, h);
     // In place: the products add into y where it lies (a copy of y would cost as much memory
     // traffic as the products themselves: y has thousands of values per token, h only R).
-    ggml_tensor *args[2] = {h, pack.up_t};
+    ggml_tensor *args[3] = {x, pack.down, pack.up_t};
     void *userdata = const_cast<LoraPack::Node *>(&pack.nodes[int(path)]);
-    ggml_tensor *out = ggml_custom_inplace(ctx, y, args, 2, up_node, GGML_N_TASKS_MAX, userdata);
-    ggml_set_name(out, "fm.lora_up");
+    ggml_tensor *out = ggml_custom_inplace(ctx, y, args, 3, lora_node, GGML_N_TASKS_MAX, userdata);
+    ggml_set_name(out, "fm.lora");  // for FLUXMINI_PROFILE's table
     return out;
 }
 

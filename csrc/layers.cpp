@@ -32,8 +32,8 @@ ggml_tensor *linear(const Ops &o, ggml_tensor *x, const Linear &p) {
         for (const LoraPack &pk : *p.adapters) {
             if (pk.on_output != (pass == 1) || pk.merged) continue;
             ggml_tensor *src = pass == 0 ? x : y;
-            if (own) {  // every adapter's down at once, then each up-product added into its rows
-                y = lora_up_op(o.ctx, y, lora_down_op(o.ctx, src, pk, o.qmatmul_path), pk, o.qmatmul_path);
+            if (own) {  // every adapter's down at once, then each up-product added into its rows, one node
+                y = lora_op(o.ctx, y, src, pk, o.qmatmul_path);
                 continue;
             }
             const size_t de = ggml_element_size(pk.down);
