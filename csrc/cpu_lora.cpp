@@ -1,7 +1,8 @@
 // The LoRA kernels (cpu_lora.h).
 // Down: h[n][k] = Σ_i down[k][i] · x[n][i]. Register tiles of 4 tokens × 4 ranks (AVX-512) or
 // 4 × 2 (AVX2), i innermost: each down vector is loaded (and widened from F16 / BF16) once per 4
-// tokens, each x vector once per 4 (2) ranks; the lanes are summed once per tile at the end.
+// tokens, each x vector once per 4 (2) ranks; each (token, rank) keeps a vector of partial sums,
+// whose lanes are summed once at the end.
 // Up: out[n][j] += Σ_k (scale · h[n][k]) · upᵀ[k][j]. Register tiles of 4 tokens × 2 vectors of
 // rows, k innermost: each upᵀ vector is loaded (and widened) once per 4 tokens, each c = scale·h
 // once per 2 vectors.
