@@ -8,8 +8,8 @@ Writes random BF16 LoRAs (BFL names) of each rank on every linear layer of the d
 blocks (qkv, proj, MLPs, modulations, linear1, linear2: what kohya-style Flux LoRAs cover), then
 times one transformer evaluation without LoRA and with each rank, alternating A/B/C... per round
 so that load from other processes hits all alike; reports medians of wall time and of process
-CPU time (all threads: less sensitive to other processes on a shared machine) and the adapters'
-memory. --mode merge times merged LoRAs instead (F16/F32 models only).
+CPU time (all threads: less sensitive to other processes on a shared machine), the adapters'
+memory and the graph's compute buffer. --mode merge times merged LoRAs instead (F16/F32 models only).
 """
 
 from __future__ import annotations
@@ -77,11 +77,12 @@ def _run(args, m, linears, tmp) -> int:
     configs = [("no LoRA", None)] + list(loras.items())
     times = {k: [] for k, _ in configs}
     cpu = {k: [] for k, _ in configs}
-    sizes = {}
+    sizes, compute = {}, {}
     for k, p in configs:  # warm-up: build each graph once, read the weights
         m.set_loras([p] if p else None, mode=args.mode)
         sizes[k] = m.lora_bytes()
         m.transformer(lat, 0.5, 3.5, t5, pooled)
+        compute[k] = m._m.stats("diffusion")["compute_bytes"]
     for _ in range(args.reps):
         for k, p in configs:
             m.set_loras([p] if p else None, mode=args.mode)
@@ -98,7 +99,8 @@ def _run(args, m, linears, tmp) -> int:
         extra = (f" ({100 * (med / base - 1):+.1f}%)", f" ({100 * (med_cpu / base_cpu - 1):+.1f}%)") \
             if k != "no LoRA" else ("", "")
         print(f"  {k:>8}: {med:.3f} s/step{extra[0]}, CPU {med_cpu:.3f} s{extra[1]}  adapters "
-              f"{sizes[k] / 2**20:.1f} MiB  all: {', '.join(f'{t:.3f}' for t in times[k])}")
+              f"{sizes[k] / 2**20:.1f} MiB, compute buffer {compute[k] / 2**20:.1f} MiB  "
+              f"all: {', '.join(f'{t:.3f}' for t in times[k])}")
     return 0
 
 

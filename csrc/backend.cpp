@@ -389,6 +389,8 @@ struct OpProfiler {
             const char *buf = w->buffer ? ggml_backend_buffer_name(w->buffer) : "";
             key += strfmt("(%s%s, n=%lld)", ggml_type_name(w->type), std::strstr(buf, "REPACK") ? " repacked" : "",
                           (long long)(ggml_nelements(t) / t->ne[0]));
+        } else if (t->op == GGML_OP_CUSTOM && std::strncmp(t->name, "fm.", 3) == 0) {
+            key += strfmt("(%s)", t->name + 3);  // our kernels that name their nodes (cpu_lora.cpp)
         }
         Row &r = p->rows[key];
         r.seconds += std::chrono::duration<double>(clock::now() - p->start).count();

@@ -3,6 +3,7 @@
 #include "common.h"
 #include "cpu_attention.h"
 #include "cpu_conv.h"
+#include "cpu_lora.h"
 #include "cpu_qmatmul.h"
 #include "memory.h"
 #include "options.h"
@@ -11,6 +12,8 @@
 #include <ggml.h>
 
 #include <algorithm>
+#include <chrono>
+#include <cstring>
 #include <ctime>
 #include <optional>
 #include <tuple>
@@ -277,6 +280,46 @@ void bind_testing(py::module_ &m) {
         return times;
     }, py::arg("type"), py::arg("k"), py::arg("n"), py::arg("rows"), py::arg("kernels"), py::arg("threads") = 1,
        py::arg("reps") = 10);
+    // The LoRA down-product kernel on its own, for tests and micro-benchmarks: x [tokens, in], down [ranks, in] (F32 values stored in factor_type: f32, or rounded to
+    // f16 / bf16) -> (h [tokens, ranks], wall seconds of each of `reps` runs), the tokens split over
+    // `threads` threads in tiles of 4 as lora_op splits them; kernels: a path of
+    // qmatmul_paths() ("avx512vnni", "avxvnni", "avx2", "portable").
+    m.def("lora_down", [](f32_array x, f32_array down, const std::string &factor_type, const std::string &kernels,
+                          int threads, int reps) {
+        const ggml_type type = factor_type == "f32" ? GGML_TYPE_F32 : factor_type == "f16" ? GGML_TYPE_F16
+                               : factor_type == "bf16" ? GGML_TYPE_BF16 : GGML_TYPE_COUNT;
+        fm::KernelChoice path = fm::KernelChoice::Portable;
+        if (type == GGML_TYPE_COUNT || !qmatmul_path_named(kernels, &path) || !fm::lora_path_ok(path))
+            fm::fail_value("lora_down: factor_type f32, f16 or bf16 and a path this CPU runs");
+        if (x.ndim() != 2 || down.ndim() != 2 || x.shape(1) != down.shape(1) || threads < 1 || reps < 1)
+            fm::fail_value("lora_down takes x [tokens, in] and down [ranks, in]");
+        const int64_t tokens = x.shape(0), in = x.shape(1), ranks = down.shape(0);
+        std::vector<uint8_t> stored(size_t(ranks * in) * ggml_type_size(type));
+        if (type == GGML_TYPE_F16) ggml_fp32_to_fp16_row(down.data(), reinterpret_cast<ggml_fp16_t *>(stored.data()), ranks * in);
+        else if (type == GGML_TYPE_BF16) ggml_fp32_to_bf16_row(down.data(), reinterpret_cast<ggml_bf16_t *>(stored.data()), ranks * in);
+        else std::memcpy(stored.data(), down.data(), stored.size());
+        f32_array h({tokens, ranks});
+        const float *xp = x.data();
+        float *hp = h.mutable_data();
+        std::vector<double> times;
+        {
+            py::gil_scoped_release nogil;
+            const int64_t tiles = (tokens + 3) / 4;
+            for (int r = 0; r < reps; ++r) {
+                const auto t0 = std::chrono::steady_clock::now();
+                run_threads(threads, [&](int t) {
+                    const int64_t n0 = std::min(tokens, tiles * t / threads * 4);
+                    const int64_t n1 = std::min(tokens, tiles * (t + 1) / threads * 4);
+                    if (n0 < n1)
+                        fm::lora_down_rows(path, type, stored.data(), in, ranks, xp + n0 * in, in, hp + n0 * ranks, ranks,
+                                           n1 - n0);
+                });
+                times.push_back(std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count());
+            }
+        }
+        return std::make_tuple(h, times);
+    }, py::arg("x"), py::arg("down"), py::arg("factor_type") = "f32", py::arg("kernels") = "portable",
+       py::arg("threads") = 1, py::arg("reps") = 1);
     // linear() as the networks call it, F32 weights: x [rows, in], w [out, in], bias [out] or None,
     // adapters [(down [rank, in], up [rows, rank], scale[, row0[, on_output]]), ...] -> [rows, out];
     // factor_type: the adapters' stored type (f32, f16, bf16: values rounded to it); kernels: a

@@ -1,6 +1,11 @@
-// The LoRA up-product kernel (cpu_lora.h): out[n][j] += Σ_k (scale · h[n][k]) · upᵀ[k][j].
-// Register tiles of 4 tokens × 2 vectors of rows, k innermost: each upᵀ vector is loaded (and
-// widened from F16 / BF16) once per 4 tokens, each c = scale·h once per 2 vectors.
+// The LoRA kernels (cpu_lora.h).
+// Down: h[n][k] = Σ_i down[k][i] · x[n][i]. Register tiles of 4 tokens × 4 ranks (AVX-512) or
+// 4 × 2 (AVX2), i innermost: each down vector is loaded (and widened from F16 / BF16) once per 4
+// tokens, each x vector once per 4 (2) ranks; each (token, rank) keeps a vector of partial sums,
+// whose lanes are summed once at the end.
+// Up: out[n][j] += Σ_k (scale · h[n][k]) · upᵀ[k][j]. Register tiles of 4 tokens × 2 vectors of
+// rows, k innermost: each upᵀ vector is loaded (and widened) once per 4 tokens, each c = scale·h
+// once per 2 vectors.
 #include "cpu_lora.h"
 
 #include "cpu_qmatmul.h"
@@ -175,6 +180,75 @@ int64_t tile_vector(KernelChoice path, ggml_type type, const void *up_t, int64_t
     default: return tile_avx2<GGML_TYPE_F32, NT>(up_t, rows, c, kc, out, os, j0, j1);
     }
 }
+
+// ---- the down product: one (token, rank) pair per accumulator vector, kept in `acc` between
+// blocks of the width (acc[t·as + k·lanes ...]); the lanes are summed once at the end ----
+template <ggml_type T, int NT, int NK>
+__attribute__((target("avx512f"))) void down_tile_avx512(const void *down, int64_t in, int64_t i0, int64_t i1,
+                                                        const float *x, int64_t xs, float *acc, int64_t as) {
+    __m512 a[NT][NK];
+    for (int t = 0; t < NT; ++t)
+        for (int k = 0; k < NK; ++k) a[t][k] = _mm512_loadu_ps(acc + t * as + k * 16);
+    for (int64_t i = i0; i < i1; i += 16) {
+        __m512 d[NK];
+        for (int k = 0; k < NK; ++k) d[k] = load16<T>(down, k * in + i);
+        for (int t = 0; t < NT; ++t) {
+            const __m512 xv = _mm512_loadu_ps(x + t * xs + i);
+            for (int k = 0; k < NK; ++k) a[t][k] = _mm512_fmadd_ps(xv, d[k], a[t][k]);
+        }
+    }
+    for (int t = 0; t < NT; ++t)
+        for (int k = 0; k < NK; ++k) _mm512_storeu_ps(acc + t * as + k * 16, a[t][k]);
+}
+
+template <ggml_type T, int NT, int NK>
+__attribute__((target("avx2,fma,f16c"))) void down_tile_avx2(const void *down, int64_t in, int64_t i0, int64_t i1,
+                                                            const float *x, int64_t xs, float *acc, int64_t as) {
+    __m256 a[NT][NK];
+    for (int t = 0; t < NT; ++t)
+        for (int k = 0; k < NK; ++k) a[t][k] = _mm256_loadu_ps(acc + t * as + k * 8);
+    for (int64_t i = i0; i < i1; i += 8) {
+        __m256 d[NK];
+        for (int k = 0; k < NK; ++k) d[k] = load8<T>(down, k * in + i);
+        for (int t = 0; t < NT; ++t) {
+            const __m256 xv = _mm256_loadu_ps(x + t * xs + i);
+            for (int k = 0; k < NK; ++k) a[t][k] = _mm256_fmadd_ps(xv, d[k], a[t][k]);
+        }
+    }
+    for (int t = 0; t < NT; ++t)
+        for (int k = 0; k < NK; ++k) _mm256_storeu_ps(acc + t * as + k * 8, a[t][k]);
+}
+
+using DownTile = void (*)(const void *, int64_t, int64_t, int64_t, const float *, int64_t, float *, int64_t);
+
+// The tile function for `nt` ≤ 4 tokens and `nk` ranks, ≤ 4 (zmm) or 2 (ymm): the full tile or a tail.
+template <ggml_type T, int NK>
+DownTile down_tile_for(bool zmm, int nt) {
+    switch (nt) {
+    case 4: return zmm ? down_tile_avx512<T, 4, NK> : down_tile_avx2<T, 4, NK>;
+    case 3: return zmm ? down_tile_avx512<T, 3, NK> : down_tile_avx2<T, 3, NK>;
+    case 2: return zmm ? down_tile_avx512<T, 2, NK> : down_tile_avx2<T, 2, NK>;
+    default: return zmm ? down_tile_avx512<T, 1, NK> : down_tile_avx2<T, 1, NK>;
+    }
+}
+
+template <ggml_type T>
+DownTile down_tile_for(bool zmm, int nt, int nk) {
+    switch (nk) {
+    case 4: return down_tile_for<T, 4>(zmm, nt);
+    case 3: return down_tile_for<T, 3>(zmm, nt);
+    case 2: return down_tile_for<T, 2>(zmm, nt);
+    default: return down_tile_for<T, 1>(zmm, nt);
+    }
+}
+
+DownTile down_tile_for(ggml_type type, bool zmm, int nt, int nk) {
+    switch (type) {
+    case GGML_TYPE_F16: return down_tile_for<GGML_TYPE_F16>(zmm, nt, nk);
+    case GGML_TYPE_BF16: return down_tile_for<GGML_TYPE_BF16>(zmm, nt, nk);
+    default: return down_tile_for<GGML_TYPE_F32>(zmm, nt, nk);
+    }
+}
 #endif
 
 }  // namespace
@@ -218,48 +292,116 @@ void lora_up_rows(KernelChoice path, ggml_type type, const void *up_t, int64_t r
     }
 }
 
+void lora_down_rows(KernelChoice path, ggml_type type, const void *down, int64_t in, int64_t ranks, const float *x,
+                    int64_t x_stride, float *h, int64_t h_stride, int64_t tokens) {
+    const size_t es = ggml_type_size(type);
+    int64_t iv = 0;  // the vector paths' share of the width: 0 .. iv
+#ifdef FM_LORA_X86
+    std::vector<float> acc;
+    int64_t lanes = 0;
+    if (path != KernelChoice::Portable && lora_path_ok(path)) {
+        const bool zmm = path == KernelChoice::Avx512Vnni;
+        lanes = zmm ? 16 : 8;
+        // 4 × 4 accumulators of 16 lanes (+ 4 down vectors + 1 x: 21 of 32 zmm registers), or
+        // 4 × 2 of 8 lanes (+ 2 + 1: 11 of 16 ymm).
+        const int64_t kr = zmm ? 4 : 2;
+        // Blocks of the width whose 4 x rows (8 KiB) stay in L1 while every rank tile reads them,
+        // and groups of tokens that read one block of `down` (R·512 values) from cache before the
+        // next block: otherwise each tile of 4 tokens would stream all of `down` again (2 MiB for
+        // the single blocks' linear2 at rank 64 in BF16).
+        constexpr int64_t kBlock = 512, kGroup = 32;
+        iv = in / lanes * lanes;
+        acc.resize(size_t(kGroup * ranks * lanes));
+        for (int64_t g0 = 0; g0 < tokens; g0 += kGroup) {
+            const int64_t gn = std::min(kGroup, tokens - g0);
+            std::fill(acc.begin(), acc.end(), 0.0f);
+            for (int64_t i0 = 0; i0 < iv; i0 += kBlock)
+                for (int64_t t0 = 0; t0 < gn; t0 += 4) {
+                    const int nt = int(std::min<int64_t>(4, gn - t0));
+                    for (int64_t k0 = 0; k0 < ranks; k0 += kr)
+                        down_tile_for(type, zmm, nt, int(std::min(kr, ranks - k0)))(
+                            static_cast<const char *>(down) + size_t(k0 * in) * es, in, i0, std::min(iv, i0 + kBlock),
+                            x + (g0 + t0) * x_stride, x_stride, acc.data() + (t0 * ranks + k0) * lanes, ranks * lanes);
+                }
+            for (int64_t t = 0; t < gn; ++t)
+                for (int64_t k = 0; k < ranks; ++k) {
+                    const float *a = acc.data() + (t * ranks + k) * lanes;
+                    float sum = 0.0f;
+                    for (int64_t l = 0; l < lanes; ++l) sum += a[l];
+                    h[(g0 + t) * h_stride + k] = sum;
+                }
+        }
+    }
+#endif
+    // The portable path, and the vector paths' tail of the width (fewer than `lanes` values).
+    for (int64_t n = 0; n < tokens; ++n)
+        for (int64_t k = 0; k < ranks; ++k) {
+            float s = 0.0f;
+            for (int64_t i = iv; i < in; ++i) s += x[n * x_stride + i] * widen(type, down, k * in + i);
+            h[n * h_stride + k] = iv > 0 ? h[n * h_stride + k] + s : s;
+        }
+}
+
 namespace {
 
-void up_node(ggml_tensor *dst, int ith, int nth, void *userdata) {
+// One pack's products for this thread's tokens (whole tiles of 4: R is small, so the threads split
+// the tokens): h = down · x into a buffer of the thread's own, then y += scale · up · h in place.
+// Each thread reads and writes only its own tokens of y, so an output adapter (x = y) is safe.
+void lora_node(ggml_tensor *dst, int ith, int nth, void *userdata) {
     const LoraPack::Node &node = *static_cast<const LoraPack::Node *>(userdata);
-    const ggml_tensor *y = dst->src[0], *h = dst->src[1], *up_t = dst->src[2];
-    const int64_t out_rows = y->ne[0], tokens = ggml_nrows(y), r_all = h->ne[0];
-    // Each thread takes a share of the output rows (whole 32-row tiles) for every token, so even
-    // a one-token product (the modulations) is spread over the threads.
-    const int64_t tiles = (out_rows + 31) / 32;
-    const int64_t j0 = std::min(out_rows, tiles * ith / nth * 32), j1 = std::min(out_rows, tiles * (ith + 1) / nth * 32);
-    if (j0 >= j1) return;
-    const float *ys = static_cast<const float *>(y->data);
-    const float *hs = static_cast<const float *>(h->data);
-    float *ds = static_cast<float *>(dst->data);
+    const ggml_tensor *x = dst->src[1], *down = dst->src[2], *up_t = dst->src[3];
+    const int64_t tokens = ggml_nrows(dst), out_rows = dst->ne[0], in = x->ne[0], r_all = down->ne[1];
+    const int64_t tiles = (tokens + 3) / 4;
+    const int64_t n0 = std::min(tokens, tiles * ith / nth * 4), n1 = std::min(tokens, tiles * (ith + 1) / nth * 4);
+    if (n0 >= n1) return;
+    thread_local std::vector<float> h;
+    h.resize(size_t((n1 - n0) * r_all));
+    const int64_t xs = int64_t(x->nb[1] / sizeof(float));  // rows evenly strided (lora_op)
+    lora_down_rows(node.path, down->type, down->data, in, r_all, static_cast<const float *>(x->data) + n0 * xs, xs,
+                   h.data(), r_all, n1 - n0);
+    float *y = static_cast<float *>(dst->data) + n0 * out_rows;  // dst is y (in place)
     const size_t es = ggml_type_size(up_t->type);
-    constexpr int64_t kBlock = 8;  // tokens whose outputs stay in cache between the parts
-    for (int64_t n0 = 0; n0 < tokens; n0 += kBlock) {
-        const int64_t nb = std::min(kBlock, tokens - n0);
-        if (ds != ys)
-            for (int64_t n = n0; n < n0 + nb; ++n)
-                std::memcpy(ds + n * out_rows + j0, ys + n * out_rows + j0, size_t(j1 - j0) * sizeof(float));
-        for (const LoraPack::Part &p : node.pack->parts) {
-            const int64_t a = std::max(j0, p.row0), b = std::min(j1, p.row0 + p.rows);
-            if (a >= b) continue;
-            lora_up_rows(node.path, up_t->type, static_cast<const char *>(up_t->data) + size_t(p.up_offset) * es, p.rank,
-                         p.rows, hs + n0 * r_all + p.k0, r_all, p.scale, ds + n0 * out_rows + p.row0, out_rows, nb,
-                         a - p.row0, b - p.row0);
+    // Blocks of rows whose upᵀ (all parts) stays in cache while every token reads it: otherwise
+    // each tile of 4 tokens would stream the whole upᵀ again (megabytes at rank 64). 256 KiB:
+    // within the L2 of any x86 core of the last decade, which also holds the outputs. Within a
+    // block, 8 tokens at a time, whose outputs stay in L1 between the parts.
+    const int64_t row_block = std::max<int64_t>(32, (int64_t(256) << 10) / (r_all * int64_t(es)) / 32 * 32);
+    constexpr int64_t kTokBlock = 8;
+    for (int64_t jb = 0; jb < out_rows; jb += row_block) {
+        const int64_t je = std::min(out_rows, jb + row_block);
+        for (int64_t t0 = 0; t0 < n1 - n0; t0 += kTokBlock) {
+            const int64_t nb = std::min(kTokBlock, n1 - n0 - t0);
+            for (const LoraPack::Part &p : node.pack->parts) {
+                const int64_t a = std::max(jb, p.row0), b = std::min(je, p.row0 + p.rows);
+                if (a >= b) continue;
+                lora_up_rows(node.path, up_t->type, static_cast<const char *>(up_t->data) + size_t(p.up_offset) * es,
+                             p.rank, p.rows, h.data() + t0 * r_all + p.k0, r_all, p.scale,
+                             y + t0 * out_rows + p.row0, out_rows, nb, a - p.row0, b - p.row0);
+            }
         }
     }
 }
 
 }  // namespace
 
-ggml_tensor *lora_up_op(ggml_context *ctx, ggml_tensor *y, ggml_tensor *h, const LoraPack &pack, KernelChoice path) {
-    if (y->type != GGML_TYPE_F32 || h->type != GGML_TYPE_F32 || ggml_nrows(y) != ggml_nrows(h) || !lora_path_ok(path))
-        fail_runtime("internal error: lora_up_op takes F32 y and h with the same tokens, and a path this CPU runs");
+ggml_tensor *lora_op(ggml_context *ctx, ggml_tensor *y, ggml_tensor *x, const LoraPack &pack, KernelChoice path) {
+    if (y->type != GGML_TYPE_F32 || x->type != GGML_TYPE_F32 || x->ne[0] != pack.down->ne[0] ||
+        ggml_nrows(x) != ggml_nrows(y) || !lora_path_ok(path))
+        fail_runtime("internal error: lora_op takes F32 y and x (of the factors' width) with the same tokens, and a "
+                     "path this CPU runs");
+    // x is read in place when its rows are evenly strided (one stride from token to token).
+    if (x->nb[0] != sizeof(float) || x->nb[1] % sizeof(float) != 0 ||
+        (x->ne[2] > 1 && x->nb[2] != x->nb[1] * size_t(x->ne[1])) ||
+        (x->ne[3] > 1 && x->nb[3] != x->nb[1] * size_t(x->ne[1] * x->ne[2])))
+        x = ggml_cont(ctx, x);
     if (!ggml_is_contiguous(y)) y = ggml_cont(ctx, y);
-    if (!ggml_is_contiguous(h)) h = ggml_cont(ctx, h);
-    ggml_tensor *args[3] = {y, h, pack.up_t};
+    // In place: the products add into y where it lies (a copy of y would cost as much memory
+    // traffic as the products themselves: y has thousands of values per token, h only R).
+    ggml_tensor *args[3] = {x, pack.down, pack.up_t};
     void *userdata = const_cast<LoraPack::Node *>(&pack.nodes[int(path)]);
-    return ggml_custom_4d(ctx, GGML_TYPE_F32, y->ne[0], y->ne[1], y->ne[2], y->ne[3], args, 3, up_node,
-                          GGML_N_TASKS_MAX, userdata);
+    ggml_tensor *out = ggml_custom_inplace(ctx, y, args, 3, lora_node, GGML_N_TASKS_MAX, userdata);
+    ggml_set_name(out, "fm.lora");  // for FLUXMINI_PROFILE's table
+    return out;
 }
 
 }  // namespace fm

@@ -23,8 +23,8 @@ ggml_tensor *linear(const Ops &o, ggml_tensor *x, const Linear &p) {
         if (b) y = ggml_add(o.ctx, y, b);
     }
     if (!p.adapters || p.adapters->empty()) return y;
-    // Our CPU kernel for the up-products wherever our matmul kernels run (cpu_lora.h: ggml's
-    // mul_mat would take a dot product of length rank per output); ggml's route elsewhere.
+    // Our CPU kernels for both low-rank products wherever our matmul kernels run (cpu_lora.h:
+    // ggml's mul_mat is slow at these shapes); ggml's route elsewhere.
     const bool own = o.qmatmul_path != KernelChoice::Ggml && lora_path_ok(o.qmatmul_path) && y->type == GGML_TYPE_F32;
     // Input adapters first; output adapters (on_output) then read the adapted output, so two
     // LoRAs stacked on one layer add up whatever their kind.
@@ -32,8 +32,8 @@ ggml_tensor *linear(const Ops &o, ggml_tensor *x, const Linear &p) {
         for (const LoraPack &pk : *p.adapters) {
             if (pk.on_output != (pass == 1) || pk.merged) continue;
             ggml_tensor *src = pass == 0 ? x : y;
-            if (own) {  // every adapter's down at once, then the kernel adds each up-product
-                y = lora_up_op(o.ctx, y, ggml_mul_mat(o.ctx, pk.down, src), pk, o.qmatmul_path);
+            if (own) {  // every adapter's down at once, then each up-product added into its rows, one node
+                y = lora_op(o.ctx, y, src, pk, o.qmatmul_path);
                 continue;
             }
             const size_t de = ggml_element_size(pk.down);

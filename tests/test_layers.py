@@ -66,17 +66,15 @@ def _round(a, factor_type):
 @pytest.mark.parametrize("factor_type", ["f32", "f16", "bf16"])
 @pytest.mark.parametrize("kernels", ["portable", "avx2", "avxvnni", "avx512vnni", "ggml"])
 def test_adapter_kernel_paths(factor_type, kernels):
-    """The LoRA up-product kernel (csrc/cpu_lora.cpp) on every path this CPU runs, and ggml's route,
-    against numpy in float64: row ranges of a fused output (with tails that fill no whole vector),
-    token counts that fill no whole tile, a rank above the kernel's chunk of 64, an output adapter
-    (XLabs' proj_lora) after the input ones, F32/F16/BF16 factors. The reference uses the factors
-    rounded to their type, and ggml's rounding of the activation fed to F16/BF16 factors (its
-    mul_mat converts x); ggml's route also rounds the low-rank product h to the factor type, which
-    the reference does not (measured 4.1e-3 of the adapters' change for BF16, 2.4e-4 for F16; bounds
-    2⁻⁷, 2⁻⁹). Ours keeps h in F32: float32 accumulation only (measured ≤ 3e-7 of the change; bound
-    1e-5), except that with F16 factors the output adapter's input (y) is rounded to F16 by ggml,
-    where one float32 ulp of y can flip a rounding (measured 9e-6 on the portable path; bound 1e-4).
-    """
+    """The LoRA kernels (csrc/cpu_lora.cpp: down and up products) on every path this CPU runs, and
+    ggml's route, against numpy in float64: row ranges of a fused output (with tails that fill no
+    whole vector), token counts that fill no whole tile, a rank above the up kernel's chunk of 64,
+    an output adapter (XLabs' proj_lora) after the input ones, F32/F16/BF16 factors. The reference
+    uses the factors rounded to their type. Ours reads the F32 activation as it is and keeps h in
+    F32: float32 accumulation only (measured ≤ 4e-7 of the adapters' change; bound 1e-5). ggml's
+    route rounds the activation fed to F16/BF16 factors to their type (its mul_mat converts x: the
+    reference does the same there) and the low-rank product h too, which the reference does not
+    (measured 4.1e-3 of the change for BF16, 2.4e-4 for F16; bounds 2⁻⁷, 2⁻⁹)."""
     if kernels != "ggml" and kernels not in _core.testing.qmatmul_paths():
         pytest.skip(f"this CPU does not run the {kernels} path (covered on CPUs that do)")
     rng = np.random.default_rng(11)
@@ -92,7 +90,7 @@ def test_adapter_kernel_paths(factor_type, kernels):
            (*pair(4, n_out, n_out), 0.5, 0, True), (*pair(2, 73), 1.5, 108)]
     got = _core.testing.linear(x, w, b, ads, threads=3, factor_type=factor_type, kernels=kernels)
     plain = _core.testing.linear(x, w, b, [], threads=3, factor_type=factor_type, kernels=kernels)
-    act = (lambda a: a) if factor_type == "f32" else (lambda a: _round(a, factor_type))
+    act = (lambda a: a) if factor_type == "f32" or kernels != "ggml" else (lambda a: _round(a, factor_type))
     y = x.astype(np.float64) @ w.astype(np.float64).T + b
     for on_output in (False, True):
         src = y.copy() if on_output else x.astype(np.float64)
@@ -102,8 +100,35 @@ def test_adapter_kernel_paths(factor_type, kernels):
                 h = act(src.astype(np.float32)).astype(np.float64) @ down.astype(np.float64).T
                 y[:, row0:row0 + up.shape[0]] += scale * h @ up.astype(np.float64).T
     change = np.abs(y - plain).max()
-    bound = {"f32": 1e-5, "f16": 1e-4, "bf16": 1e-5}[factor_type] if kernels != "ggml" else \
-        {"f32": 1e-5, "f16": 2.0 ** -9, "bf16": 2.0 ** -7}[factor_type]
+    bound = 1e-5 if kernels != "ggml" else {"f32": 1e-5, "f16": 2.0 ** -9, "bf16": 2.0 ** -7}[factor_type]
     err = np.abs(got - y).max() / change
     assert change > 1.0
     assert err <= bound, f"{kernels}/{factor_type}: error {err:.3g} of the adapters' change"
+
+
+@pytest.mark.parametrize("factor_type", ["f32", "f16", "bf16"])
+@pytest.mark.parametrize("kernels", ["portable", "avx2", "avxvnni", "avx512vnni"])
+def test_lora_down_kernel(factor_type, kernels):
+    """The LoRA down-product kernel (csrc/cpu_lora.cpp) on its own, on every path this CPU runs,
+    against numpy in float64 with the factor rounded to its type and the F32 activation as it is:
+    widths with a tail that fills no whole vector (203 = 12·16 + 11 = 25·8 + 3; 1100: three of
+    the kernel's blocks of 512), every rank up to 9 and token counts up to 9 (tails of the 4-rank
+    / 2-rank and 4-token tiles) and 37 (two of its groups of 32), the tokens split over 1 and 3
+    threads. Only float32 accumulation differs: the error of each h is bounded by
+    BOUND · Σ_i |x_i·down_i| (the sum's condition; measured ≤ 1.8e-7 on the vector paths and
+    ≤ 2.1e-7 on the portable one; bound 1e-6, below which a lost or doubled term cannot hide)."""
+    if kernels not in _core.testing.qmatmul_paths():
+        pytest.skip(f"this CPU does not run the {kernels} path (covered on CPUs that do)")
+    rng = np.random.default_rng(5)
+    for n_in in (203, 1100, 16, 3):
+        for ranks in range(1, 10):
+            down = _round(rng.standard_normal((ranks, n_in)).astype(np.float32), factor_type)
+            for tokens in (1, 2, 3, 4, 5, 9, 37):
+                x = rng.standard_normal((tokens, n_in)).astype(np.float32)
+                want = x.astype(np.float64) @ down.astype(np.float64).T
+                scale = np.abs(x.astype(np.float64)) @ np.abs(down.astype(np.float64)).T
+                for threads in (1, 3):
+                    h, times = _core.testing.lora_down(x, down, factor_type, kernels, threads)
+                    assert h.shape == (tokens, ranks) and len(times) == 1
+                    err = (np.abs(h - want) / scale).max()
+                    assert err <= 1e-6, f"{kernels}/{factor_type} in={n_in} R={ranks} n={tokens}: {err:.3g}"
