@@ -143,7 +143,7 @@ def test_compat_sdcpp_schedule_t5_length_shift_and_rounding():
     # docs/MODEL.md §4.4 table: sd.cpp N = 4 -> 1.0, 0.8635, 0.61298, 0.00315
     np.testing.assert_allclose(m.sigmas_seen, [1.0, 0.8635, 0.61298, 0.00315], atol=1e-5)
     assert m.t5_shape == (256, 8) and len(m.t5_ids) == 256
-    noise = initial_noise(5, 16, 8, 8)
+    noise = initial_noise(5, 16, 8, 8, compat="sd.cpp")  # the Box-Muller step in double (§4.7)
     np.testing.assert_array_equal(m.decoded_input, noise / np.float32(0.3611) + np.float32(0.1159))
     v = np.float32(np.tanh(float(np.mean(m.decoded_input))))
     expected = int((v + np.float32(1)) * np.float32(0.5) * np.float32(255) + np.float32(0.5))
@@ -204,7 +204,7 @@ def test_img2img_start_noising_and_encode_shift():
         res = pipeline.run(m, "x", init_image=init, steps=4, strength=0.5, seed=21, compat=compat, progress=False)
         assert m.calls.count("transformer") == 3
         sig = np.float32(fluxmini.sigmas(4, 48, 32, compat)[1])
-        expected = initial_noise(21, 16, 4, 6) * sig + z0 * (np.float32(1) - sig)
+        expected = initial_noise(21, 16, 4, 6, compat) * sig + z0 * (np.float32(1) - sig)
         np.testing.assert_allclose(res.latent, expected, rtol=1e-6, atol=1e-7)
 
 
@@ -512,7 +512,7 @@ def test_goldens_are_current(goldens):
     np.testing.assert_array_equal(goldens["init"], ref.init_image())
     for name, p in ref.CASES.items():  # the stored noise is the seed's draw
         np.testing.assert_array_equal(goldens[f"{name}/noise"], initial_noise(p["seed"], 16, p["height"] // 8,
-                                                                              p["width"] // 8))
+                                                                              p["width"] // 8, p.get("compat")))
 
 
 @pytest.mark.parametrize("name", list(ref.CASES))

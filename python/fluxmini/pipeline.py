@@ -379,7 +379,7 @@ def _stages(model: Engine, st: _Settings, starts: list, conditioning: Optional[C
         if noise is None:
             from .rng import initial_noise
 
-            noise = initial_noise(seed_used, LATENT_CHANNELS, h, w)
+            noise = initial_noise(seed_used, LATENT_CHANNELS, h, w, st.compat)
         x0 = sampling.noised_start(latent0, noise, float(run_sigmas[0])) if latent0 is not None else noise
         step_times: list = []
         timings["steps"] = step_times
