@@ -72,8 +72,9 @@ class FakeModel(Engine):
         assert np.asarray(ids).shape == (77,)
         return np.full(self.pooled_dim, 0.25, np.float32)
 
-    def encode_t5(self, ids):
+    def encode_t5(self, ids, *, compat=None):
         self.calls.append("encode_t5")
+        self.t5_compat = compat
         self.t5_ids = np.asarray(ids)
         return np.full((len(ids), self.t5_dim), 0.5, np.float32)
 
@@ -149,9 +150,14 @@ def test_compat_sdcpp_schedule_t5_length_shift_and_rounding():
     expected = int((v + np.float32(1)) * np.float32(0.5) * np.float32(255) + np.float32(0.5))
     assert set(np.asarray(res.image).ravel().tolist()) == {expected}
     assert res.metadata["compat"] == "sd.cpp" and res.metadata["t5_length"] == 256
+    assert m.t5_compat == "sd.cpp"  # the engine's T5 takes sd.cpp's arithmetic (§4.7)
     m = FakeModel()
     pipeline.run(m, "", width=64, height=64, steps=2, compat="sd.cpp", t5_length=77, progress=False)
     assert m.t5_shape == (77, 8)
+    for compat in (None, "llama-box"):
+        m = FakeModel()
+        pipeline.run(m, "", width=16, height=16, steps=1, compat=compat, progress=False)
+        assert m.t5_compat is None
 
 
 def test_compat_llama_box_schedule_t5_length_and_no_shift():

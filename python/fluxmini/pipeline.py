@@ -174,7 +174,9 @@ def encode_prompt(model, prompt: str = "", *, t5_length=None, compat=None, low_m
     load_seconds = _load(model, "clip_l", "t5xxl")
     t0 = time.perf_counter()
     pooled = np.asarray(_native(model, model.encode_clip, clip_ids), dtype=np.float32)
-    t5 = np.asarray(_native(model, model.encode_t5, t5_ids), dtype=np.float32)
+    # sd.cpp's T5 arithmetic (docs/MODEL.md §4.7); other engines may take no compat argument
+    t5_kw = {"compat": "sd.cpp"} if compat_arg(compat) == "sd.cpp" else {}
+    t5 = np.asarray(_native(model, model.encode_t5, t5_ids, **t5_kw), dtype=np.float32)
     dt = time.perf_counter() - t0
     if low_memory:
         model.release("clip_l")
