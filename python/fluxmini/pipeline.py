@@ -400,7 +400,7 @@ def _stages(model: Engine, st: _Settings, starts: list, conditioning: Optional[C
         rep.start_steps(total)
         try:
             last[0] = time.perf_counter()
-            latent = sampling.euler_sample(model_fn, x0, run_sigmas, on_step)
+            latent = sampling.euler_sample(model_fn, x0, run_sigmas, on_step, sdcpp_form=st.compat is not None)
         finally:
             rep.end_steps()
         if step_times:
