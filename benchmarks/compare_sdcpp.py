@@ -254,7 +254,7 @@ def stage_report(model, d: str, png_sd: str, args) -> list:
     rows = []
     t5_sd = read_dump(d, "t5").reshape(-1, 4096)
     pooled_sd = read_dump(d, "pooled").reshape(-1)
-    t5 = model.encode_t5(tokenize_t5(args.prompt, t5_sd.shape[0]))
+    t5 = model.encode_t5(tokenize_t5(args.prompt, t5_sd.shape[0]), compat=args.compat)
     pooled = model.encode_clip(tokenize_clip(args.prompt))
     # Bars measured on the full-size random Q4_0 model (§4.7): two runs of one engine whose Q8_0
     # activation scales differ only in their F16 rounding give T5 states 23% apart (rms) and
@@ -272,16 +272,23 @@ def stage_report(model, d: str, png_sd: str, args) -> list:
     sig_sd = read_dump(d, "sigmas")
     sig = sampling.sigmas(len(sig_sd) - 1, 8 * w, 8 * h, args.compat)
     rows.append(("sigmas", "values differing", int(np.sum(sig != sig_sd)), bool(np.array_equal(sig, sig_sd))))
-    x_sd_text = x_our_text = noise_sd
     for i in range(1, len(sig_sd)):
         x = read_dump(d, f"step{i}_x").reshape(c, h, w)
         v_sd = read_dump(d, f"step{i}_v").reshape(c, h, w)
         v = model.transformer(x, float(sig_sd[i - 1]), args.guidance, t5_sd, pooled_sd)
         e = rms_rel(v, v_sd)
         rows.append((f"step {i} velocity (sd.cpp's input)", "rms rel. error", e, e < 2e-2))
-        ds = np.float32(sig_sd[i]) - np.float32(sig_sd[i - 1])
-        x_sd_text = x_sd_text + ds * model.transformer(x_sd_text, float(sig_sd[i - 1]), args.guidance, t5_sd, pooled_sd)
-        x_our_text = x_our_text + ds * model.transformer(x_our_text, float(sig_sd[i - 1]), args.guidance, t5, pooled)
+        if i < len(sig_sd) - 1:
+            nxt = read_dump(d, f"step{i + 1}_x").reshape(c, h, w)
+            e = float(np.max(np.abs(sampling.euler_sample(lambda xx, s: v_sd, x, sig_sd[i - 1:i + 1],
+                                                          sdcpp_form=True) - nxt)))
+            rows.append((f"step {i} Euler update (sd.cpp's v)", "max abs. difference", e, e == 0))
+
+    def sample(t5_states, pooled_vec):
+        return sampling.euler_sample(lambda xx, s: model.transformer(xx, s, args.guidance, t5_states, pooled_vec),
+                                     noise_sd, sig_sd, sdcpp_form=args.compat is not None)
+
+    x_sd_text, x_our_text = sample(t5_sd, pooled_sd), sample(t5, pooled)
     lat_sd = read_dump(d, "latent").reshape(c, h, w)
     vin_sd = read_dump(d, "vae_in").reshape(c, h, w)
     z = lat_sd / np.float32(VAE_SCALE) + np.float32(shift)
