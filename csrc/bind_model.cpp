@@ -271,7 +271,7 @@ void bind_model(py::module_ &m) {
              },
              py::arg("ids"), py::arg("cancel") = nullptr)
         .def("encode_t5",
-             [](Model &self, I32Array ids, const CancelToken *cancel) {
+             [](Model &self, I32Array ids, bool sdcpp, const CancelToken *cancel) {
                  need_ndim(ids, 1, "ids", "[n]");
                  std::vector<float> out;
                  int64_t d = 0;
@@ -280,11 +280,11 @@ void bind_model(py::module_ &m) {
                      Model::Call call(self);
                      d = self.t5().config().d_model;
                      self.begin(Component::T5xxl);
-                     out = self.t5().encode(ids.data(), ids.shape(0), cancel);
+                     out = self.t5().encode(ids.data(), ids.shape(0), cancel, sdcpp);
                  }
                  return to_numpy(std::move(out), {ids.shape(0), py::ssize_t(d)});
              },
-             py::arg("ids"), py::arg("cancel") = nullptr)
+             py::arg("ids"), py::arg("sdcpp") = false, py::arg("cancel") = nullptr)
         .def("vae_decode",
              [](Model &self, F32Array z, int tiling, int tile, int overlap, const CancelToken *cancel) {
                  need_ndim(z, 3, "z", "[16, h, w]");

@@ -196,9 +196,11 @@ void bind_testing(py::module_ &m) {
     m.def("conv_engine_path", [] { return std::string(fm::conv_path_name(fm::conv_engine_path())); });
     // The quantized matmul kernel on its own, for tests: w = ggml Q4_0, Q4_1 or Q8_0 rows as bytes
     // [n, row bytes], x [rows, k] -> [rows, n]; quantization of x and the product split over
-    // `threads` threads, on instruction-set path `kernels` (default: the fastest this CPU runs).
+    // `threads` threads, on instruction-set path `kernels` (default: the fastest this CPU runs);
+    // f16_scales: the activation scales rounded to F16 as ggml stores them.
     m.def("qmatmul", [](const std::string &type_name, py::array_t<uint8_t, py::array::c_style> w, f32_array x,
-                        std::optional<f32_array> bias, int threads, std::optional<std::string> kernels) {
+                        std::optional<f32_array> bias, int threads, std::optional<std::string> kernels,
+                        bool f16_scales) {
         const ggml_type type = qmatmul_type(type_name);
         if (type == GGML_TYPE_COUNT) fm::fail_value("qmatmul takes type q4_0, q4_1 or q8_0");
         fm::KernelChoice path = fm::qmatmul_best_path();
@@ -221,7 +223,7 @@ void bind_testing(py::module_ &m) {
         {
             py::gil_scoped_release nogil;
             run_threads(threads, [&](int t) {
-                fm::quantize_rows_q8(path, xp, k, rows * t / threads, rows * (t + 1) / threads, xq.data());
+                fm::quantize_rows_q8(path, xp, k, rows * t / threads, rows * (t + 1) / threads, xq.data(), f16_scales);
             });
             run_threads(threads, [&](int t) {
                 fm::qmatmul(path, type, wp, ggml_row_size(type, k), xq.data(), bp, op, rows, n, k, t, threads);
@@ -229,7 +231,7 @@ void bind_testing(py::module_ &m) {
         }
         return out;
     }, py::arg("type"), py::arg("w"), py::arg("x"), py::arg("bias") = py::none(), py::arg("threads") = 1,
-       py::arg("kernels") = py::none());
+       py::arg("kernels") = py::none(), py::arg("f16_scales") = false);
     // The quantized matmul's instruction-set paths this CPU runs, fastest first (always ending in
     // "portable"; FLUXMINI_CPU_WITHOUT removes paths).
     m.def("qmatmul_paths", [] {

@@ -96,7 +96,7 @@ float fp16_to_f32(const uint8_t *p) {
 }
 
 // Plain C++ versions: the portable path, and the reference the vector code must agree with.
-void quantize_rows_q8_portable(const float *x, int64_t k, int64_t r0, int64_t r1, QuantBlock *out) {
+void quantize_rows_q8_portable(const float *x, int64_t k, int64_t r0, int64_t r1, QuantBlock *out, bool f16_scales) {
     const int64_t nb = k / 32;
     for (int64_t r = r0; r < r1; ++r)
         for (int64_t b = 0; b < nb; ++b) {
@@ -104,7 +104,7 @@ void quantize_rows_q8_portable(const float *x, int64_t k, int64_t r0, int64_t r1
             QuantBlock &q = out[r * nb + b];
             float amax = 0;
             for (int j = 0; j < 32; ++j) amax = std::max(amax, std::fabs(xb[j]));
-            q.d = amax / 127.0f;
+            q.d = f16_scales ? ggml_fp16_to_fp32(ggml_fp32_to_fp16(amax / 127.0f)) : amax / 127.0f;
             const float id = amax != 0.0f ? 127.0f / amax : 0.0f;
             int32_t sum = 0;
             for (int j = 0; j < 32; ++j) {
@@ -142,7 +142,7 @@ void gemm_portable(ggml_type type, const uint8_t *w, size_t row_bytes, const Qua
 namespace {
 
 __attribute__((target("avx2,fma"))) void quantize_rows_q8_avx2(const float *x, int64_t k, int64_t r0, int64_t r1,
-                                                              QuantBlock *out) {
+                                                              QuantBlock *out, bool f16_scales) {
     const int64_t nb = k / 32;
     const __m256 sign = _mm256_set1_ps(-0.0f);
     const __m256i order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
@@ -168,7 +168,7 @@ __attribute__((target("avx2,fma"))) void quantize_rows_q8_avx2(const float *x, i
             s4 = _mm_add_epi32(s4, _mm_shuffle_epi32(s4, 0x4E));
             s4 = _mm_add_epi32(s4, _mm_shuffle_epi32(s4, 0xB1));
             const __m256i p = _mm256_packs_epi16(_mm256_packs_epi32(i0, i1), _mm256_packs_epi32(i2, i3));
-            q->d = d;
+            q->d = f16_scales ? ggml_fp16_to_fp32(ggml_fp32_to_fp16(d)) : d;
             q->sum = _mm_cvtsi128_si32(s4);
             _mm256_storeu_si256(reinterpret_cast<__m256i *>(q->q), _mm256_permutevar8x32_epi32(p, order));
         }
@@ -579,11 +579,13 @@ KernelChoice qmatmul_engine_path(KernelChoice choice) {
     }
 }
 
-void quantize_rows_q8(KernelChoice path, const float *x, int64_t k, int64_t r0, int64_t r1, QuantBlock *out) {
+void quantize_rows_q8(KernelChoice path, const float *x, int64_t k, int64_t r0, int64_t r1, QuantBlock *out,
+                      bool f16_scales) {
 #ifdef FM_QMM_X86
-    if (path != KernelChoice::Portable && qmatmul_path_supported(path)) return quantize_rows_q8_avx2(x, k, r0, r1, out);
+    if (path != KernelChoice::Portable && qmatmul_path_supported(path))
+        return quantize_rows_q8_avx2(x, k, r0, r1, out, f16_scales);
 #endif
-    quantize_rows_q8_portable(x, k, r0, r1, out);
+    quantize_rows_q8_portable(x, k, r0, r1, out, f16_scales);
 }
 
 void qmatmul(KernelChoice path, ggml_type type, const uint8_t *w, size_t row_bytes, const QuantBlock *x,
@@ -598,14 +600,16 @@ void qmatmul(KernelChoice path, ggml_type type, const uint8_t *w, size_t row_byt
 }
 
 namespace {
-// The path travels in the custom ops' userdata pointer's value (nothing to allocate or free).
-KernelChoice node_path(void *userdata) { return KernelChoice(reinterpret_cast<uintptr_t>(userdata)); }
+// The path (low byte) and f16_scales (bit 8) travel in the custom ops' userdata pointer's value
+// (nothing to allocate or free).
+KernelChoice node_path(void *userdata) { return KernelChoice(reinterpret_cast<uintptr_t>(userdata) & 0xff); }
+bool node_f16_scales(void *userdata) { return (reinterpret_cast<uintptr_t>(userdata) >> 8) & 1; }
 
 void quantize_node(ggml_tensor *dst, int ith, int nth, void *userdata) {
     const ggml_tensor *x = dst->src[0];
     const int64_t k = x->ne[0], rows = ggml_nrows(x);
     quantize_rows_q8(node_path(userdata), static_cast<const float *>(x->data), k, rows * ith / nth,
-                     rows * (ith + 1) / nth, static_cast<QuantBlock *>(dst->data));
+                     rows * (ith + 1) / nth, static_cast<QuantBlock *>(dst->data), node_f16_scales(userdata));
 }
 
 void gemm_node(ggml_tensor *dst, int ith, int nth, void *userdata) {
@@ -616,7 +620,8 @@ void gemm_node(ggml_tensor *dst, int ith, int nth, void *userdata) {
 }
 }  // namespace
 
-ggml_tensor *qmatmul_op(ggml_context *ctx, ggml_tensor *w, ggml_tensor *x, ggml_tensor *bias, KernelChoice path) {
+ggml_tensor *qmatmul_op(ggml_context *ctx, ggml_tensor *w, ggml_tensor *x, ggml_tensor *bias, KernelChoice path,
+                        bool f16_scales) {
     if (!qmatmul_shape(w) || x->type != GGML_TYPE_F32 || x->ne[0] != w->ne[0] ||
         (bias && (bias->type != GGML_TYPE_F32 || ggml_nelements(bias) != w->ne[1])) ||
         !(path == KernelChoice::Portable || path == KernelChoice::Avx2 || path == KernelChoice::AvxVnni ||
@@ -624,7 +629,7 @@ ggml_tensor *qmatmul_op(ggml_context *ctx, ggml_tensor *w, ggml_tensor *x, ggml_
         fail_runtime("internal error: qmatmul_op takes Q4_0/Q4_1/Q8_0 [k, n] (n %% 8 == 0), F32 x [k, ...], a path");
     if (!ggml_is_contiguous(x)) x = ggml_cont(ctx, x);
     const int64_t rows = ggml_nrows(x);
-    void *userdata = reinterpret_cast<void *>(uintptr_t(path));
+    void *userdata = reinterpret_cast<void *>(uintptr_t(path) | (uintptr_t(f16_scales) << 8));
     ggml_tensor *xq = ggml_custom_4d(ctx, GGML_TYPE_I8, int64_t(sizeof(QuantBlock)) * (x->ne[0] / 32), rows, 1, 1, &x, 1,
                                      quantize_node, GGML_N_TASKS_MAX, userdata);
     ggml_tensor *args[3] = {xq, w, bias};

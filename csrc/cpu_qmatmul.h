@@ -46,8 +46,10 @@ struct QuantBlock {
 static_assert(sizeof(QuantBlock) == 40, "QuantBlock is packed into I8 tensors");
 
 // Quantizes rows [r0, r1) of x (rows of k floats, k a multiple of 32) into blocks. Every path
-// gives the same blocks.
-void quantize_rows_q8(KernelChoice path, const float *x, int64_t k, int64_t r0, int64_t r1, QuantBlock *out);
+// gives the same blocks. f16_scales: each block's scale rounded to F16 after quantizing, as ggml
+// stores it (compat="sd.cpp"'s T5, docs/MODEL.md §4.7); the products then equal ggml's.
+void quantize_rows_q8(KernelChoice path, const float *x, int64_t k, int64_t r0, int64_t r1, QuantBlock *out,
+                      bool f16_scales = false);
 
 // out[r·n + c] = bias[c] + Σ_k w[c][k] · x[r][k] for rows r < rows, columns c < n (a multiple of
 // 8) in this thread's share of the columns; w is ggml's Q4_0, Q4_1 or Q8_0 [k, n] (row c at
@@ -65,6 +67,7 @@ inline bool qmatmul_shape(const ggml_tensor *w) {
 // ggml graph nodes computing ggml_mul_mat(w, x) (+ bias) with the above on the CPU backend, on
 // `path` (a path qmatmul_engine_path() returned): one quantizes x's rows, one multiplies. w as
 // qmatmul_shape, x F32 [k, ...] -> F32 [n, ...].
-ggml_tensor *qmatmul_op(ggml_context *ctx, ggml_tensor *w, ggml_tensor *x, ggml_tensor *bias, KernelChoice path);
+ggml_tensor *qmatmul_op(ggml_context *ctx, ggml_tensor *w, ggml_tensor *x, ggml_tensor *bias, KernelChoice path,
+                        bool f16_scales = false);
 
 }  // namespace fm

@@ -16,7 +16,7 @@ ggml_tensor *linear(const Ops &o, ggml_tensor *x, const Linear &p) {
     ggml_tensor *y;
     if (o.qmatmul_path != KernelChoice::Ggml && qmatmul_shape(w) && x->type == GGML_TYPE_F32 &&
         (!b || b->type == GGML_TYPE_F32)) {
-        y = qmatmul_op(o.ctx, w, x, b, o.qmatmul_path);  // bias fused
+        y = qmatmul_op(o.ctx, w, x, b, o.qmatmul_path, o.f16_act_scales);  // bias fused
     } else {
         y = ggml_mul_mat(o.ctx, w, x);
         if (o.f32_matmul) ggml_mul_mat_set_prec(y, GGML_PREC_F32);

@@ -36,6 +36,9 @@ struct Ops {
     // Q4_0 / Q4_1 / Q8_0 weights of linear() go through our CPU kernel on this path
     // (Backend::qmatmul_path(); cpu_qmatmul.h), unless Ggml.
     KernelChoice qmatmul_path = KernelChoice::Ggml;
+    // On that path, round the activations' Q8_0 block scales to F16 as ggml stores them
+    // (compat="sd.cpp"'s T5, docs/MODEL.md §4.7); ggml's own path always does.
+    bool f16_act_scales = false;
     // attention() with flash_attn runs our fused CPU kernel on this path (Backend::attention_path();
     // cpu_attention.h) instead of ggml's flash attention, unless Ggml.
     AttnPath attn_path = AttnPath::Ggml;

@@ -103,11 +103,16 @@ T5Net::T5Net(Backend &b, const ComponentWeights &w, const EngineOptions &options
 T5Net::~T5Net() = default;
 
 // Graph for n tokens: ids [n], buckets [n·n] -> last hidden state [d_model, n] ("hidden").
-ggml_cgraph *T5Net::build(ggml_context *ctx, int64_t n) const {
+ggml_cgraph *T5Net::build(ggml_context *ctx, int64_t n, bool sdcpp) const {
     const Layers &P = *layers_;
     Ops o = ops(ctx);
     o.flash_attn = false;  // the bias must be added in F32 (flash attention takes an F16 mask)
     o.f32_matmul = true;   // T5-XXL activations exceed the F16 range
+    // stable-diffusion.cpp's T5 (compat="sd.cpp", docs/MODEL.md §4.7): ggml's F16 activation scales,
+    // and wo's input scaled by 1/32 and its output by 32 (t5.hpp T5DenseGatedActDense), which makes
+    // the F16 scale of small blocks subnormal. The random full-size T5 amplifies either difference.
+    o.f16_act_scales = sdcpp;
+    const float wo_in = sdcpp ? 1.0f / 32.0f : 1.0f;
     const int64_t heads = cfg_.heads, dkv = cfg_.d_kv;
     ggml_tensor *ids = ggml_new_tensor_1d(ctx, GGML_TYPE_I32, n);
     ggml_set_name(ids, "ids");
@@ -131,7 +136,11 @@ ggml_cgraph *T5Net::build(ggml_context *ctx, int64_t n) const {
         y = rms_norm(o, x, B.ln1, kT5Eps);
         ggml_tensor *g = gelu_tanh(o, linear(o, y, B.wi0));
         ggml_tensor *u = linear(o, y, B.wi1);
-        x = ggml_add(ctx, x, linear(o, ggml_mul(ctx, g, u), B.wo));
+        ggml_tensor *h = ggml_mul(ctx, g, u);
+        if (wo_in != 1.0f) h = ggml_scale(ctx, h, wo_in);
+        ggml_tensor *ff = linear(o, h, B.wo);
+        if (wo_in != 1.0f) ff = ggml_scale(ctx, ff, 1.0f / wo_in);
+        x = ggml_add(ctx, x, ff);
         mark_segment_end(x);  // one streaming segment per block
     }
     x = rms_norm(o, x, P.final_ln, kT5Eps);
@@ -153,7 +162,7 @@ const std::vector<int32_t> &T5Net::bucket_indices(int64_t n) {
     return buckets_;
 }
 
-std::vector<float> T5Net::encode(const int32_t *ids, int64_t n, const CancelToken *cancel) {
+std::vector<float> T5Net::encode(const int32_t *ids, int64_t n, const CancelToken *cancel, bool sdcpp) {
     const T5Config &c = cfg_;
     if (n <= 0) fail_value("T5 needs at least one token id (tokenize_t5 gives them), got none");
     if (n > kT5MaxTokens)
@@ -164,7 +173,8 @@ std::vector<float> T5Net::encode(const int32_t *ids, int64_t n, const CancelToke
             fail_value("T5 token id %lld at position %lld is outside the vocabulary [0, %lld)", (long long)ids[i],
                        (long long)i, (long long)c.vocab);
     load();
-    runner_.prepare("t5-" + std::to_string(n), [&](ggml_context *ctx) { return build(ctx, n); });
+    runner_.prepare("t5-" + std::to_string(n) + (sdcpp ? "-sdcpp" : ""),
+                    [&](ggml_context *ctx) { return build(ctx, n, sdcpp); });
     runner_.set_input("ids", ids, size_t(n) * sizeof(int32_t));
     runner_.set_input_i32("buckets", bucket_indices(n));
     runner_.compute(cancel);

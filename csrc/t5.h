@@ -25,11 +25,13 @@ public:
 
     // ids [n]; returns the last hidden state [n, d_model] (no attention mask). cancel: the
     // call's token (may be null).
-    std::vector<float> encode(const int32_t *ids, int64_t n, const CancelToken *cancel);
+    // sdcpp: stable-diffusion.cpp's arithmetic where it differs (docs/MODEL.md §4.7): F16 activation
+    // scales, wo's input scaled by 1/32 and its output by 32.
+    std::vector<float> encode(const int32_t *ids, int64_t n, const CancelToken *cancel, bool sdcpp = false);
 
 private:
     struct Layers;  // the parameter handles, t5.cpp
-    ggml_cgraph *build(ggml_context *ctx, int64_t n) const;
+    ggml_cgraph *build(ggml_context *ctx, int64_t n, bool sdcpp) const;
     const std::vector<int32_t> &bucket_indices(int64_t n);
 
     T5Config cfg_;

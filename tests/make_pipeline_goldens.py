@@ -26,7 +26,7 @@ loop over the Hugging Face models on torch CPU float32, holding the tiny random 
 * Euler: ``x += (sigma_next - sigma) * v`` in float32, ``x = sigma * noise + (1 - sigma) * z``
   for img2img.
 
-The starting noise is an input: fluxmini.rng.initial_noise(seed) (stable-diffusion.cpp's Philox
+The starting noise is an input: fluxmini.rng.initial_noise(seed, ..., compat) (sd.cpp's Philox
 generator, checked against an independent implementation in tests/test_rng.py); it is stored
 with the outputs. Stored per case: the decoded image [3, H, W] (float, before the byte
 conversion) and the final latent.
@@ -268,7 +268,7 @@ def reference_generate(models, *, prompt, width, height, steps, guidance, noise,
 def case_noise(params) -> np.ndarray:
     from fluxmini.rng import initial_noise
 
-    return initial_noise(params["seed"], 16, params["height"] // 8, params["width"] // 8)
+    return initial_noise(params["seed"], 16, params["height"] // 8, params["width"] // 8, params.get("compat"))
 
 
 def run_case(models, name: str):

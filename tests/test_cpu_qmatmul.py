@@ -392,3 +392,31 @@ def test_engine_q4_1_against_exact_weights(monkeypatch, tmp_path, path):
     assert 0 < err(ours) <= 3e-2 and 0 < err(theirs) <= 3e-2, (err(ours), err(theirs))
     assert err(ours) <= 1.5 * err(theirs) and err(theirs) <= 1.5 * err(ours), (err(ours), err(theirs))
     assert not np.array_equal(ours, theirs)
+
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("type_name", list(TYPES))
+def test_f16_activation_scales_as_ggml_stores_them(type_name, path):
+    """f16_scales (compat="sd.cpp"'s T5, docs/MODEL.md §4.7): the same Q8_0 codes, each block's
+    scale rounded to F16 (numpy's float16 cast, round to nearest even, subnormals included, as
+    ggml's FP32_TO_FP16). Blocks of small values make some scales F16 subnormals."""
+    require(path)
+    rng = np.random.default_rng(7)
+    rows, k, n = 5, 256, 16
+    w = rng.standard_normal((n, k)).astype(np.float32)
+    x = (rng.standard_normal((rows, k)) * 10.0 ** rng.uniform(-5, 0.5, (rows, k // 32)).repeat(32, 1)).astype(np.float32)
+    raw, w_hat = quantized(w, type_name)
+    b = x.reshape(rows, k // 32, 32)
+    amax = np.abs(b).max(axis=2, keepdims=True)
+    q = np.rint(b * (np.float32(127.0) / amax))  # codes as quantize_activations makes them
+    d = amax / np.float32(127.0)
+    d16 = d.astype(np.float16).astype(np.float64)
+    assert np.any(d16 < 2.0 ** -14) and np.any(d16 != d)  # subnormal and rounded scales occur
+    x_hat16 = (q.astype(np.float64) * d16).reshape(rows, k)
+    ref = x_hat16 @ w_hat.T
+    mag = np.abs(x_hat16) @ np.abs(w_hat).T
+    got = _core.testing.qmatmul(type_name, raw, x, None, threads=2, kernels=path, f16_scales=True)
+    assert np.all(np.abs(got - ref) <= 1e-5 * mag), float(np.max(np.abs(got - ref) / mag))
+    # the F32 scales give the other product, further from this reference than the bar
+    plain = _core.testing.qmatmul(type_name, raw, x, None, threads=2, kernels=path)
+    assert np.max(np.abs(plain - ref) / mag) > 2e-5

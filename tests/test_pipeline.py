@@ -72,8 +72,9 @@ class FakeModel(Engine):
         assert np.asarray(ids).shape == (77,)
         return np.full(self.pooled_dim, 0.25, np.float32)
 
-    def encode_t5(self, ids):
+    def encode_t5(self, ids, *, compat=None):
         self.calls.append("encode_t5")
+        self.t5_compat = compat
         self.t5_ids = np.asarray(ids)
         return np.full((len(ids), self.t5_dim), 0.5, np.float32)
 
@@ -143,15 +144,20 @@ def test_compat_sdcpp_schedule_t5_length_shift_and_rounding():
     # docs/MODEL.md §4.4 table: sd.cpp N = 4 -> 1.0, 0.8635, 0.61298, 0.00315
     np.testing.assert_allclose(m.sigmas_seen, [1.0, 0.8635, 0.61298, 0.00315], atol=1e-5)
     assert m.t5_shape == (256, 8) and len(m.t5_ids) == 256
-    noise = initial_noise(5, 16, 8, 8)
+    noise = initial_noise(5, 16, 8, 8, compat="sd.cpp")  # the Box-Muller step in double (§4.7)
     np.testing.assert_array_equal(m.decoded_input, noise / np.float32(0.3611) + np.float32(0.1159))
     v = np.float32(np.tanh(float(np.mean(m.decoded_input))))
     expected = int((v + np.float32(1)) * np.float32(0.5) * np.float32(255) + np.float32(0.5))
     assert set(np.asarray(res.image).ravel().tolist()) == {expected}
     assert res.metadata["compat"] == "sd.cpp" and res.metadata["t5_length"] == 256
+    assert m.t5_compat == "sd.cpp"  # the engine's T5 takes sd.cpp's arithmetic (§4.7)
     m = FakeModel()
     pipeline.run(m, "", width=64, height=64, steps=2, compat="sd.cpp", t5_length=77, progress=False)
     assert m.t5_shape == (77, 8)
+    for compat in (None, "llama-box"):
+        m = FakeModel()
+        pipeline.run(m, "", width=16, height=16, steps=1, compat=compat, progress=False)
+        assert m.t5_compat is None
 
 
 def test_compat_llama_box_schedule_t5_length_and_no_shift():
@@ -204,7 +210,7 @@ def test_img2img_start_noising_and_encode_shift():
         res = pipeline.run(m, "x", init_image=init, steps=4, strength=0.5, seed=21, compat=compat, progress=False)
         assert m.calls.count("transformer") == 3
         sig = np.float32(fluxmini.sigmas(4, 48, 32, compat)[1])
-        expected = initial_noise(21, 16, 4, 6) * sig + z0 * (np.float32(1) - sig)
+        expected = initial_noise(21, 16, 4, 6, compat) * sig + z0 * (np.float32(1) - sig)
         np.testing.assert_allclose(res.latent, expected, rtol=1e-6, atol=1e-7)
 
 
@@ -512,7 +518,7 @@ def test_goldens_are_current(goldens):
     np.testing.assert_array_equal(goldens["init"], ref.init_image())
     for name, p in ref.CASES.items():  # the stored noise is the seed's draw
         np.testing.assert_array_equal(goldens[f"{name}/noise"], initial_noise(p["seed"], 16, p["height"] // 8,
-                                                                              p["width"] // 8))
+                                                                              p["width"] // 8, p.get("compat")))
 
 
 @pytest.mark.parametrize("name", list(ref.CASES))

@@ -27,7 +27,7 @@ class RecordingEngine(Engine):
         self.calls.append("encode_clip")
         return np.full(8, 0.25, np.float32)
 
-    def encode_t5(self, ids):
+    def encode_t5(self, ids, *, compat=None):
         self.calls.append("encode_t5")
         return np.full((len(ids), 8), 0.5, np.float32)
 

@@ -65,6 +65,17 @@ def ref_value_sdcpp(seed: int, offset: int, i: int) -> float:
     return f32(s * f32(math.sin(v)))
 
 
+def ref_value_sdcpp_double(seed: int, offset: int, i: int) -> float:
+    """The same with log, sqrt, sin and the last product in float64 (stable-diffusion-cpp-python
+    0.4.7's build: ``log``/``sin`` of a float resolve to the double functions there)."""
+    c0, c1 = philox_words(seed, offset, i)
+    x, y = f32(float(c0)), f32(float(c1))
+    u = f32(f32(x * A32) + f32(A32 / 2))
+    v = f32(f32(y * B32) + f32(B32 / 2))
+    s = f32(math.sqrt(-2.0 * math.log(u)))
+    return f32(s * math.sin(v))
+
+
 def ref_value_exact(seed: int, offset: int, i: int) -> float:
     """The same draw with an exact Box-Muller: u = (c0 + 1/2)/2**32, v = 2*pi*(c1 + 1/2)/2**32 in
     float64, only the result rounded to float32 (no float32 constants or intermediates)."""
@@ -227,3 +238,39 @@ def test_initial_noise_bad_arguments(args):
     with pytest.raises(FluxMiniValueError) as info:
         initial_noise(*args)
     assert isinstance(info.value, FluxMiniError) and isinstance(info.value, ValueError)
+
+
+# Written by stable-diffusion-cpp-python 0.4.7 itself (a build of its vendored sources that dumps
+# its initial noise; docs/MODEL.md §4.7): seed 42, a 256x256 latent [16, 32, 32], values 0-3 and
+# the first six where the float32 and the float64 Box-Muller differ.
+SDCPP047_SEED42 = {
+    0: "0x1.8d59c4p-3", 1: "0x1.14a7e6p+1", 2: "-0x1.605c10p-3", 3: "0x1.b2b802p-1",
+    9: "-0x1.467d52p+0", 12: "-0x1.7b2a9ep-4", 25: "-0x1.28f354p+0", 32: "0x1.ad661ap-1",
+}
+
+
+def test_sdcpp_compat_noise_matches_the_running_binding():
+    got = initial_noise(42, 16, 32, 32, compat="sd.cpp").reshape(-1)
+    for i, hexval in SDCPP047_SEED42.items():
+        assert got[i] == np.float32(float.fromhex(hexval)), i
+    # the float32 steps (the default) are one ulp off at all but the first two of these
+    plain = initial_noise(42, 16, 32, 32).reshape(-1)
+    assert [i for i in SDCPP047_SEED42 if plain[i] != got[i]] == [2, 3, 9, 12, 25, 32]
+    assert np.max(np.abs(plain - got)) <= 4.8e-7
+    # llama-box keeps the float32 steps
+    np.testing.assert_array_equal(initial_noise(42, 16, 32, 32, compat="llama-box").reshape(-1), plain)
+
+
+@pytest.mark.parametrize("seed", [0, 42, 2**64 - 1])
+def test_double_box_muller_matches_scalar_reference(seed):
+    n = 300
+    got = philox_randn(seed, n, 3, box_muller="double")
+    want = np.array([ref_value_sdcpp_double(seed, 3, i) for i in range(n)], dtype=np.float32)
+    np.testing.assert_array_equal(got, want)
+
+
+def test_box_muller_argument_is_checked():
+    with pytest.raises(FluxMiniValueError, match="box_muller"):
+        philox_randn(1, 4, box_muller="half")
+    with pytest.raises(FluxMiniValueError, match="compat"):
+        initial_noise(1, 16, 2, 2, compat="comfy")

@@ -512,3 +512,24 @@ def test_sigmas_bad_arguments(args, kwargs):
 def test_sigmas_accepts_numpy_integers():
     np.testing.assert_array_equal(sigmas(np.int64(20), np.int32(512), np.uint16(768)),
                                   sigmas(20, 512, 768))
+
+
+# stable-diffusion-cpp-python 0.4.7's own step 1 of 4 at 256² (a build that dumps its states;
+# docs/MODEL.md §4.7): state x, velocity v, the next state, as float32 bit patterns, and the two
+# sigmas. Elements 30, 59, 90 are where x + (σ' − σ)·v rounds differently from sd.cpp's form.
+SDCPP_STEP1 = [  # (x, v, next x)
+    ("-0x1.cd88aep+0", "-0x1.82ddcep-1", "-0x1.b3213ap+0"),
+    ("-0x1.130010p-1", "0x1.b3783ep-1", "-0x1.4e7168p-1"),
+    ("-0x1.1665ecp-2", "-0x1.45cd3ap+0", "-0x1.92073cp-4"),
+    ("0x1.8d59c4p-3", "0x1.1e967ap-1", "0x1.e1bdd6p-4"),
+]
+SDCPP_STEP1_SIGMAS = [1.0, float.fromhex("0x1.ba1c56p-1")]
+
+
+def test_sdcpp_euler_form_gives_sdcpps_states_bit_for_bit():
+    f = lambda cols: np.array([float.fromhex(c) for c in cols], np.float32)  # noqa: E731
+    x, v, want = (f(col) for col in zip(*SDCPP_STEP1))
+    got = euler_sample(lambda xx, s: v, x, SDCPP_STEP1_SIGMAS, sdcpp_form=True)
+    np.testing.assert_array_equal(got, want)
+    plain = euler_sample(lambda xx, s: v, x, SDCPP_STEP1_SIGMAS)
+    assert np.sum(plain != want) == 3 and np.max(np.abs(plain - want)) <= 2.4e-7

@@ -27,8 +27,10 @@ class Engine(abc.ABC):
         """CLIP-L pooled output [hidden] for 77 token ids."""
 
     @abc.abstractmethod
-    def encode_t5(self, ids) -> np.ndarray:
-        """T5 last hidden state [len(ids), d_model]."""
+    def encode_t5(self, ids, *, compat=None) -> np.ndarray:
+        """T5 last hidden state [len(ids), d_model]; ``compat="sd.cpp"`` with stable-diffusion.cpp's
+        arithmetic where it differs (docs/MODEL.md §4.7). The pipeline passes ``compat`` only
+        when it is "sd.cpp"."""
 
     @abc.abstractmethod
     def transformer(self, latent, sigma: float, guidance: float, t5, pooled) -> np.ndarray:

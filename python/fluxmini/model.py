@@ -11,6 +11,7 @@ import numpy as np
 
 from .engine import Engine
 from .errors import FluxMiniFileError, FluxMiniValueError
+from .validation import compat_arg
 
 COMPONENTS = ("diffusion", "clip_l", "t5xxl", "vae")
 
@@ -243,11 +244,14 @@ class FluxMini(Engine):
         with self._call(cancel) as token:
             return self._m.encode_clip(ids, cancel=token)
 
-    def encode_t5(self, ids, *, cancel=None) -> np.ndarray:
-        """T5 last hidden state [len(ids), d_model]."""
+    def encode_t5(self, ids, *, compat=None, cancel=None) -> np.ndarray:
+        """T5 last hidden state [len(ids), d_model]. ``compat="sd.cpp"``: with stable-diffusion.cpp's
+        arithmetic where it differs (F16 activation scales, ``wo``'s 1/32 pre-scale;
+        docs/MODEL.md §4.7)."""
         ids = _token_ids(ids)
+        sdcpp = compat_arg(compat) == "sd.cpp"
         with self._call(cancel) as token:
-            return self._m.encode_t5(ids, cancel=token)
+            return self._m.encode_t5(ids, sdcpp, cancel=token)
 
     def vae_decode(self, z, *, tiling=None, tile: int = 0, overlap: int = -1, cancel=None) -> np.ndarray:
         """VAE decode: z [16, h, w] in VAE space -> image [3, 8h, 8w] (unclamped, about [-1, 1]).

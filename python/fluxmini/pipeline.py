@@ -174,7 +174,9 @@ def encode_prompt(model, prompt: str = "", *, t5_length=None, compat=None, low_m
     load_seconds = _load(model, "clip_l", "t5xxl")
     t0 = time.perf_counter()
     pooled = np.asarray(_native(model, model.encode_clip, clip_ids), dtype=np.float32)
-    t5 = np.asarray(_native(model, model.encode_t5, t5_ids), dtype=np.float32)
+    # sd.cpp's T5 arithmetic (docs/MODEL.md §4.7); other engines may take no compat argument
+    t5_kw = {"compat": "sd.cpp"} if compat_arg(compat) == "sd.cpp" else {}
+    t5 = np.asarray(_native(model, model.encode_t5, t5_ids, **t5_kw), dtype=np.float32)
     dt = time.perf_counter() - t0
     if low_memory:
         model.release("clip_l")
@@ -379,7 +381,7 @@ def _stages(model: Engine, st: _Settings, starts: list, conditioning: Optional[C
         if noise is None:
             from .rng import initial_noise
 
-            noise = initial_noise(seed_used, LATENT_CHANNELS, h, w)
+            noise = initial_noise(seed_used, LATENT_CHANNELS, h, w, st.compat)
         x0 = sampling.noised_start(latent0, noise, float(run_sigmas[0])) if latent0 is not None else noise
         step_times: list = []
         timings["steps"] = step_times
@@ -398,7 +400,7 @@ def _stages(model: Engine, st: _Settings, starts: list, conditioning: Optional[C
         rep.start_steps(total)
         try:
             last[0] = time.perf_counter()
-            latent = sampling.euler_sample(model_fn, x0, run_sigmas, on_step)
+            latent = sampling.euler_sample(model_fn, x0, run_sigmas, on_step, sdcpp_form=st.compat is not None)
         finally:
             rep.end_steps()
         if step_times:

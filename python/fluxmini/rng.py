@@ -38,6 +38,13 @@ float32 steps above.
 
 sd.cpp draws the whole initial-noise tensor with one call right after seeding, i.e. with
 offset 0, in ggml memory order (x fastest, then y, then channel): :func:`initial_noise`.
+
+``box_muller="double"`` (what ``compat="sd.cpp"`` uses) follows stable-diffusion-cpp-python
+0.4.7's build instead: there ``log(u)`` and ``sin(v)`` of the float ``u``, ``v`` resolve to the
+double functions, so ``s = float(sqrt(-2.0 * log(double(u))))`` and the value is
+``float(double(s) * sin(double(v)))``, each rounded to float32 once. Against the noise that
+build dumped (seed 42, 16x32x32) this gives all 16,384 values bit for bit; the float steps
+above differ in 31% of them by at most 4.8e-7 (docs/MODEL.md §4.7).
 """
 
 from __future__ import annotations
@@ -46,7 +53,7 @@ from __future__ import annotations
 import numpy as np
 
 from .errors import FluxMiniValueError
-from .validation import int_arg, seed_arg
+from .validation import compat_arg, int_arg, seed_arg
 
 __all__ = ["philox_randn", "initial_noise"]
 
@@ -116,8 +123,9 @@ def _philox_block(keys, offset: int, start: int, count: int) -> tuple[np.ndarray
     return c0, c1
 
 
-def _box_muller(c0: np.ndarray, c1: np.ndarray, out: np.ndarray) -> None:
-    """out[:] = sqrt(-2 log u) * sin(v), each operation rounded to float32."""
+def _box_muller(c0: np.ndarray, c1: np.ndarray, out: np.ndarray, double: bool = False) -> None:
+    """out[:] = sqrt(-2 log u) * sin(v), each operation rounded to float32 (``double``: the
+    log, sqrt, sin and product in float64 from the float32 u, v, s; module docstring)."""
     # uint32 -> float32 with round-to-nearest-even: the float64 value is exact, the cast rounds.
     x = c0.astype(np.float64).astype(np.float32)
     y = c1.astype(np.float64).astype(np.float32)
@@ -125,13 +133,17 @@ def _box_muller(c0: np.ndarray, c1: np.ndarray, out: np.ndarray) -> None:
     u += _A_HALF
     v = y * _B
     v += _B_HALF
+    if double:
+        s = np.sqrt(-2.0 * np.log(u.astype(np.float64))).astype(np.float32)
+        out[:] = s.astype(np.float64) * np.sin(v.astype(np.float64))  # one rounding, on assignment
+        return
     log_u = np.log(u.astype(np.float64)).astype(np.float32)
     s = np.sqrt(log_u * _MINUS_TWO)
     sin_v = np.sin(v.astype(np.float64)).astype(np.float32)
     np.multiply(s, sin_v, out=out)
 
 
-def philox_randn(seed: int, n: int, offset: int = 0) -> np.ndarray:
+def philox_randn(seed: int, n: int, offset: int = 0, *, box_muller: str = "float") -> np.ndarray:
     """``n`` standard-normal float32 values from stable-diffusion.cpp's "cuda" RNG.
 
     Equivalent to sd.cpp's ``PhiloxRNG::manual_seed(seed)`` followed by ``offset`` calls of
@@ -143,6 +155,8 @@ def philox_randn(seed: int, n: int, offset: int = 0) -> np.ndarray:
             the caller picks the random seed.)
         n: number of values, 0 <= n <= 2**32 (the element index is a 32-bit counter word).
         offset: 0 <= offset <= 2**32 - 1, the index of the ``randn`` call after seeding.
+        box_muller: ``"float"`` (every step in float32) or ``"double"`` (log, sqrt, sin and the
+            product in float64, as stable-diffusion-cpp-python 0.4.7's build; module docstring).
 
     Returns:
         float32 array of shape ``(n,)``.
@@ -157,22 +171,26 @@ def philox_randn(seed: int, n: int, offset: int = 0) -> np.ndarray:
         raise FluxMiniValueError(f"n must be in [0, 2**32], got {n}")
     if offset < 0 or offset > _U32_MAX:
         raise FluxMiniValueError(f"offset must be in [0, 2**32 - 1], got {offset}")
+    if box_muller not in ("float", "double"):
+        raise FluxMiniValueError(f'box_muller must be "float" or "double", got {box_muller!r}')
 
     out = np.empty(n, dtype=np.float32)
     keys = _key_schedule(seed)
     for start in range(0, n, _BLOCK):
         count = min(_BLOCK, n - start)
         c0, c1 = _philox_block(keys, offset, start, count)
-        _box_muller(c0, c1, out[start : start + count])
+        _box_muller(c0, c1, out[start : start + count], box_muller == "double")
     return out
 
 
-def initial_noise(seed: int, channels: int, h: int, w: int) -> np.ndarray:
+def initial_noise(seed: int, channels: int, h: int, w: int, compat=None) -> np.ndarray:
     """The starting noise sd.cpp draws for a ``[channels, h, w]`` latent.
 
     One ``randn`` call of ``channels*h*w`` values right after seeding (offset 0), laid out in
     ggml memory order (x fastest, then y, then channel), which is C order for the returned
     ``[channels, h, w]`` array. For FLUX: ``channels = 16``, ``h = height/8``, ``w = width/8``.
+    ``compat="sd.cpp"`` takes the Box-Muller step in double as stable-diffusion-cpp-python
+    0.4.7 does (``box_muller="double"``); None and ``"llama-box"`` in float32.
 
     Raises:
         FluxMiniValueError: bad seed, or a dimension that is not a positive integer.
@@ -186,4 +204,5 @@ def initial_noise(seed: int, channels: int, h: int, w: int) -> np.ndarray:
     c, hh, ww = dims
     if c * hh * ww > (1 << 32):
         raise FluxMiniValueError(f"noise tensor too large: {c}x{hh}x{ww} values")
-    return philox_randn(seed, c * hh * ww, 0).reshape(c, hh, ww)
+    mode = "double" if compat_arg(compat) == "sd.cpp" else "float"
+    return philox_randn(seed, c * hh * ww, 0, box_muller=mode).reshape(c, hh, ww)

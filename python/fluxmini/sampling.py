@@ -272,6 +272,8 @@ def euler_sample(
     x,
     sigmas,
     callback: Optional[Callable[[int, int, np.ndarray], object]] = None,
+    *,
+    sdcpp_form: bool = False,
 ) -> np.ndarray:
     """Flow-matching Euler integration over ``sigmas``.
 
@@ -284,6 +286,11 @@ def euler_sample(
 
     The schedule should end with 0 (all of :func:`sigmas`' do), so the result is the final
     latent as is.
+
+    ``sdcpp_form`` (the compat modes): the same step written as stable-diffusion.cpp's
+    k-diffusion Euler, ``denoised = x - sigma_i * v``, ``x += (x - denoised) / sigma_i * (sigma_{i+1}
+    - sigma_i)``, each operation in float32: the same value up to rounding, and sd.cpp's latents
+    bit for bit (docs/MODEL.md §4.3, §4.7). A step from sigma 0 takes the plain form.
 
     Args:
         model_fn: ``model_fn(x, sigma) -> v``; gets the current float32 state (do not keep or
@@ -319,8 +326,13 @@ def euler_sample(
             raise FluxMiniValueError(
                 f"model_fn returned shape {np.shape(v)}, expected {x.shape} (step {i})"
             )
-        np.multiply(v, steps_dt[i], out=scratch, casting="same_kind")
-        x += scratch
+        if sdcpp_form and sig[i] != 0:
+            v = np.asarray(v, dtype=np.float32)
+            denoised = x - sig[i] * v
+            x += (x - denoised) / sig[i] * steps_dt[i]
+        else:
+            np.multiply(v, steps_dt[i], out=scratch, casting="same_kind")
+            x += scratch
         if callback is not None:
             result = callback(i, total, x)
             if result is not None and not result:
