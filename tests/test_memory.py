@@ -108,6 +108,34 @@ def test_vae_tiles_to_fit_the_budget(monkeypatch):
     assert auto.shape == untiled.shape
 
 
+_VAE_ADDRESS_SPACE = """
+import sys
+import numpy as np
+import fluxmini
+
+def vm_peak_kib():  # the most address space the process has had mapped (Linux)
+    return next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith("VmPeak:"))
+
+m = fluxmini.FluxMini.load(sys.argv[1], threads=1)
+z = np.full((m.config["vae"]["z_channels"], 2, 2), 0.1, np.float32)
+before = vm_peak_kib()
+m.vae_decode(z)
+print((vm_peak_kib() - before) * 1024)
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads VmPeak from /proc/self/status")
+def test_graph_scheduler_is_sized_by_its_graph():
+    # ggml's scheduler reserves bookkeeping for one split per node of its graph size (about 25 KB
+    # a node). Made for the VAE's node budget (32768) it mapped about 700 MB per call, never touched
+    # without sanitizers but poisoned page by page under ASan (0.6 s a call); made for the graph,
+    # a tiny model's decode (a few hundred nodes) maps a few MB.
+    r = subprocess.run([sys.executable, "-c", _VAE_ADDRESS_SPACE, str(ref.model_path())], capture_output=True,
+                       text=True, env={**os.environ, "FLUXMINI_STREAM": "0"})
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert int(r.stdout.split()[-1]) < 64 * MIB
+
+
 # ------------------------------------------------------------------------------ the policy
 def _write(root, rel, text):
     p = root / rel.lstrip("/")
