@@ -127,9 +127,9 @@ print((vm_peak_kib() - before) * 1024)
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads VmPeak from /proc/self/status")
 def test_graph_scheduler_is_sized_by_its_graph():
     # ggml's scheduler reserves bookkeeping for one split per node of its graph size (about 25 KB
-    # a node). Made for the VAE's node budget (32768) it mapped about 700 MB per call, never touched
-    # without sanitizers but poisoned page by page under ASan (0.6 s a call); made for the graph,
-    # a tiny model's decode (a few hundred nodes) maps a few MB.
+    # a node). Made for the VAE's node budget (32768) it mapped 700-830 MB per call (708 MB more
+    # peak address space here), untouched without sanitizers but poisoned under ASan (0.2-0.9 s a
+    # call); made for the graph, a tiny model's decode (a few hundred nodes) maps a few MB.
     r = subprocess.run([sys.executable, "-c", _VAE_ADDRESS_SPACE, str(ref.model_path())], capture_output=True,
                        text=True, env={**os.environ, "FLUXMINI_STREAM": "0"})
     assert r.returncode == 0, r.stderr[-2000:]
