@@ -290,6 +290,8 @@ void GraphRunner::prepare(const std::string &key, const BuildFn &build) {
             sched_ = ggml_backend_sched_new(backends, nullptr, n, sched_nodes, false, true);
             sched_nodes_ = sched_nodes;
         }
+        // The scheduler still holds the last graph's tensors in its hash set, sized for one graph.
+        ggml_backend_sched_reset(sched_);
         if (!ggml_backend_sched_reserve(sched_, graph_))
             fail_runtime("could not reserve %s memory for the compute graph (out of memory?); try a smaller "
                          "size or VAE tiling",

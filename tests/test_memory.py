@@ -136,6 +136,22 @@ def test_graph_scheduler_is_sized_by_its_graph():
     assert int(r.stdout.split()[-1]) < 64 * MIB
 
 
+def test_graph_scheduler_is_reused_across_graphs():
+    # A scheduler made for one graph held that graph's tensors until reset: the next size's graph
+    # then overflowed its hash set (a ggml abort) when it was reused without a reset.
+    m = fluxmini.FluxMini.load(str(ref.model_path()), components=["diffusion"], threads=1)
+    d = m.config["diffusion"]
+    rng = np.random.default_rng(5)
+    ctx = rng.standard_normal((3, d["context_dim"])).astype(np.float32)
+    vec = rng.standard_normal(d["vec_dim"]).astype(np.float32)
+    small = rng.standard_normal((d["latent_channels"], 2, 2)).astype(np.float32)
+    first = m.transformer(small, 0.5, 3.5, ctx, vec)
+    for h, w in [(4, 6), (6, 4), (2, 2)]:
+        out = m.transformer(rng.standard_normal((d["latent_channels"], h, w)).astype(np.float32), 0.5, 3.5, ctx, vec)
+        assert out.shape == (d["latent_channels"], h, w)
+    np.testing.assert_array_equal(m.transformer(small, 0.5, 3.5, ctx, vec), first)
+
+
 # ------------------------------------------------------------------------------ the policy
 def _write(root, rel, text):
     p = root / rel.lstrip("/")
