@@ -277,9 +277,11 @@ void GraphRunner::prepare(const std::string &key, const BuildFn &build) {
         fresh_graph();
         // ggml sizes a scheduler's bookkeeping for one split per node of its graph size (about
         // 25 KB a node: 830 MB for the VAE's 32768-node budget, 200 MB for a text encoder's 8192),
-        // so it is made for the graph at hand, rounded up to a power of two, and remade only when
-        // a larger graph comes (docs/FUZZING.md, "Why after_load was slow under ASan").
-        const size_t sched_nodes = sched_size_for(graph_);
+        // so on the CPU it is made for the graph at hand, rounded up to a power of two, and remade
+        // only when a larger graph comes (docs/FUZZING.md, "Why after_load was slow under ASan").
+        // With a GPU backend (not measured) it keeps the node budget, whose margin a split
+        // graph's input copies may need.
+        const size_t sched_nodes = multi_backend ? max_nodes_ : sched_size_for(graph_);
         if (sched_ && sched_nodes > sched_nodes_) {
             ggml_backend_sched_free(sched_);
             sched_ = nullptr;
