@@ -17,6 +17,7 @@
 #include <map>
 #include <set>
 #include <unordered_map>
+#include <unordered_set>
 #include <thread>
 #include <utility>
 
@@ -236,6 +237,23 @@ void GraphRunner::segment_done(size_t k) {
     prefetch_segment(k + 2);  // segment k + 1 was read ahead when segment k - 1 ended
 }
 
+// A scheduler's graph size must cover the graph's nodes and leaves (ggml asserts it). ggml has no
+// accessor for the leaf count: leaves are the distinct inputs without an op (weights, inputs),
+// plus the result itself when it has none.
+size_t GraphRunner::sched_size_for(ggml_cgraph *graph) {
+    const int n_nodes = ggml_graph_n_nodes(graph);
+    std::unordered_set<const ggml_tensor *> leaves;
+    for (int i = 0; i < n_nodes; ++i) {
+        const ggml_tensor *node = ggml_graph_node(graph, i);
+        for (const ggml_tensor *src : node->src)
+            if (src && src->op == GGML_OP_NONE) leaves.insert(src);
+    }
+    const size_t need = size_t(n_nodes) + leaves.size() + 1;
+    size_t n = 256;
+    while (n < need) n *= 2;
+    return n;
+}
+
 void GraphRunner::prepare(const std::string &key, const BuildFn &build) {
     GgmlAbortGuard guard;
     auto fresh_graph = [&]() {
@@ -257,11 +275,25 @@ void GraphRunner::prepare(const std::string &key, const BuildFn &build) {
     if (new_key) {
         key_.clear();
         fresh_graph();
+        // ggml sizes a scheduler's bookkeeping for one split per node of its graph size (about
+        // 25 KB a node: 830 MB for the VAE's 32768-node budget, 200 MB for a text encoder's 8192),
+        // so on the CPU it is made for the graph at hand, rounded up to a power of two, and remade
+        // only when a larger graph comes (docs/FUZZING.md, "Why after_load was slow under ASan").
+        // With a GPU backend (not measured) it keeps the node budget, whose margin a split
+        // graph's input copies may need.
+        const size_t sched_nodes = multi_backend ? max_nodes_ : sched_size_for(graph_);
+        if (sched_ && sched_nodes > sched_nodes_) {
+            ggml_backend_sched_free(sched_);
+            sched_ = nullptr;
+        }
         if (!sched_) {
             ggml_backend_t backends[2] = {backend_.main(), backend_.cpu()};
             int n = multi_backend ? 2 : 1;
-            sched_ = ggml_backend_sched_new(backends, nullptr, n, max_nodes_, false, true);
+            sched_ = ggml_backend_sched_new(backends, nullptr, n, sched_nodes, false, true);
+            sched_nodes_ = sched_nodes;
         }
+        // The scheduler still holds the last graph's tensors in its hash set, sized for one graph.
+        ggml_backend_sched_reset(sched_);
         if (!ggml_backend_sched_reserve(sched_, graph_))
             fail_runtime("could not reserve %s memory for the compute graph (out of memory?); try a smaller "
                          "size or VAE tiling",

@@ -116,6 +116,7 @@ private:
         std::vector<std::pair<const void *, size_t>> drop;      // weights last used in this segment
     };
     void plan_segments();
+    static size_t sched_size_for(ggml_cgraph *graph);
     void segment_done(size_t k);
     void prefetch_segment(size_t k) const;
 
@@ -126,6 +127,7 @@ private:
     ggml_context *ctx_ = nullptr;
     ggml_cgraph *graph_ = nullptr;
     ggml_backend_sched_t sched_ = nullptr;
+    size_t sched_nodes_ = 0;  // the graph size sched_ was made for
     StreamSettings stream_;
     std::vector<Segment> segments_;
     std::vector<const ggml_tensor *> marks_;  // the nodes that end segments 0 .. n-2, in graph order

@@ -58,8 +58,10 @@ for t in "${targets[@]}"; do
       # after_load reads its choices from the input: full-length inputs from the start. Prompts
       # longer than 4 KiB add nothing (the harness repeats some 50 times); requests are built from
       # at most 2 KiB (long fields come from the harness's own tables).
+      # Under the preload libFuzzer sees no coverage (docs/FUZZING.md) and would keep no seed:
+      # -keep_seed=1 makes it mutate all of them.
       case $t in
-        after_load) extra=(-len_control=0 -max_len=256) ;;
+        after_load) extra=(-len_control=0 -max_len=256 -keep_seed=1) ;;
         prompt) extra=(-max_len=4096) ;;
         server) extra=(-len_control=0 -max_len=2048) ;;
         *) extra=(-max_len=65536) ;;

@@ -15,6 +15,7 @@ import json
 import logging
 import math
 import os
+import re
 import struct
 import sys
 import tempfile
@@ -147,8 +148,9 @@ def _tiny_dims(b: _Bytes):
     )
 
 
-def _forward_all(model) -> None:
-    """One small forward of each component the model has (on inputs its config accepts)."""
+def _forward_all(model, image_channels: int = 3) -> None:
+    """One small forward of each component the model has (on inputs its config accepts; the
+    encoder's image channels are not in the config: the caller says them)."""
     info = model.info()["components"]
     cfg = {k: v["config"] for k, v in info.items() if v["present"]}
     if "clip_l" in cfg:
@@ -167,15 +169,16 @@ def _forward_all(model) -> None:
         model.vae_decode(np.full((v["z_channels"], 2, 2), 0.1, np.float32))
         if v.get("has_encoder"):
             scale = 2 ** (v["levels"] - 1)
-            model.vae_encode(np.zeros((3, 2 * scale, 2 * scale), np.float32))
+            model.vae_encode(np.zeros((image_channels, 2 * scale, 2 * scale), np.float32))
 
 
 # ggml type ids and (block bytes, block elements) of the types a tiny model is written in
 _GGML_TYPES = {"f32": (0, 4, 1), "f16": (1, 2, 1), "q4_0": (2, 18, 32), "q4_1": (3, 20, 32), "q5_0": (6, 22, 32),
                "q5_1": (7, 24, 32), "q8_0": (8, 34, 32), "bf16": (30, 2, 1)}
 _PATTERNS: dict = {}
-_MODELS: dict = {}  # (dims, components, type, layout) -> GGUF bytes, the last made; "on disk" -> key
-_MODELS_KEPT_BYTES = 256 << 20  # (a model is 1-20 MB; libFuzzer's RSS limit is 4 GiB)
+_LAYOUTS: dict = {}  # (dims, components, type, layout) -> (header, tensors), the last _LAYOUTS_KEPT made
+_LAYOUTS_KEPT = 1024  # (a header is a few KB)
+_ON_DISK: list = [None]  # the key of the model in the scratch file
 
 
 def _pattern(type_name: str, nbytes: int) -> memoryview:
@@ -200,10 +203,10 @@ def _gguf_string(text: str) -> bytes:
     return struct.pack("<Q", len(raw)) + raw
 
 
-def _tiny_gguf(dims, comps, big_type: str, layout: str) -> bytes:
-    """A tiny model's GGUF (version 3, alignment 32) with the tensors fluxmini.inventory lists,
-    each in the type tests/fixtures.py would pick; written here directly (gguf-py's writer and
-    quantizers took about 0.13 s a model, most of an input's time)."""
+def _tiny_layout(dims, comps, big_type: str, layout: str):
+    """A tiny model's GGUF header (version 3, alignment 32, padded) with the tensors
+    fluxmini.inventory lists, each in the type tests/fixtures.py would pick, and its tensors as
+    (type, bytes, padding) in file order."""
     import fixtures
     from fluxmini.inventory import LAYOUT_PREFIXES, component_tensors
 
@@ -215,16 +218,34 @@ def _tiny_gguf(dims, comps, big_type: str, layout: str) -> bytes:
             nbytes = math.prod(shape) // block_elems * block_bytes
             infos.append(_gguf_string(LAYOUT_PREFIXES[layout][comp] + name) + struct.pack("<I", len(shape))
                          + struct.pack(f"<{len(shape)}Q", *reversed(shape)) + struct.pack("<IQ", type_id, offset))
-            tensors.append((offset, nbytes, t))
+            tensors.append((t, nbytes, -nbytes % 32))
             offset += nbytes + (-nbytes % 32)
     head = (b"GGUF" + struct.pack("<IQQ", 3, len(infos), 1) + _gguf_string("general.architecture")
             + struct.pack("<I", 8) + _gguf_string("fluxmini-test") + b"".join(infos))
-    head += b"\0" * (-len(head) % 32)
-    out = bytearray(len(head) + offset)
-    out[:len(head)] = head
-    for start, nbytes, t in tensors:
-        out[len(head) + start:len(head) + start + nbytes] = _pattern(t, nbytes)[:nbytes]
-    return bytes(out)
+    return head + b"\0" * (-len(head) % 32), tensors
+
+
+def _write_tiny_gguf(f, head: bytes, tensors) -> int:
+    """Writes the model straight from the patterns (no copy of it in memory: under ASan every
+    large Python buffer costs shadow-memory poisoning too); returns its size."""
+    f.write(head)
+    size = len(head)
+    for t, nbytes, pad in tensors:
+        f.write(_pattern(t, nbytes)[:nbytes])
+        f.write(bytes(pad))
+        size += nbytes + pad
+    return size
+
+
+def _tiny_gguf(dims, comps, big_type: str, layout: str) -> bytes:
+    """A tiny model's GGUF file as bytes (written here directly: gguf-py's writer and quantizers
+    took about 0.13 s a model)."""
+    out = io.BytesIO()
+    _write_tiny_gguf(out, *_tiny_layout(dims, comps, big_type, layout))
+    return out.getvalue()
+
+
+_INTERNAL = re.compile(r"internal (error|ggml check failed)")
 
 
 def one_after_load(data: bytes) -> None:
@@ -239,39 +260,47 @@ def one_after_load(data: bytes) -> None:
     big_type = b.pick(["f32", "f16", "bf16", "q8_0", "q4_0", "q4_1", "q5_0", "q5_1"])
     layout = b.pick(["gpustack", "sd.cpp"])
     key = (repr(dims), comps, big_type, layout)
-    if key not in _MODELS:
-        _MODELS[key] = _tiny_gguf(dims, comps, big_type, layout)
-        while sum(len(v) for k, v in _MODELS.items() if k != "on disk") > _MODELS_KEPT_BYTES:
-            del _MODELS[next(k for k in _MODELS if k not in ("on disk", key))]
-    base = _MODELS[key]
+    if key not in _LAYOUTS:
+        _LAYOUTS[key] = _tiny_layout(dims, comps, big_type, layout)
+        if len(_LAYOUTS) > _LAYOUTS_KEPT:
+            del _LAYOUTS[next(k for k in _LAYOUTS if k != key)]
+    head, tensors = _LAYOUTS[key]
+    size = len(head) + sum(nbytes + pad for _, nbytes, pad in tensors)
     edits = []
     for _ in range(b.int(0, 4)):
-        pos = b.int(0, len(base) - 1) if b.int(0, 1) else b.int(0, min(len(base), 4096) - 1)
+        pos = b.int(0, size - 1) if b.int(0, 1) else b.int(0, min(size, 4096) - 1)
         edits.append((pos, b.bytes(b.int(1, 8))))  # may run past the end: the file grows
     # The model's file stays on disk between inputs: rewritten only when the model changes, the
     # edits patched in and undone afterwards (writing a few MB per input took a fifth of the time).
     p = _scratch(".gguf")
-    if _MODELS.get("on disk") != key or not p.exists():
-        p.write_bytes(base)
-        _MODELS["on disk"] = key
+    if _ON_DISK[0] != key or not p.exists():
+        _ON_DISK[0] = None
+        with open(p, "wb") as f:
+            _write_tiny_gguf(f, head, tensors)
+        _ON_DISK[0] = key
+    undo = []
     try:
         with open(p, "r+b") as f:
             for pos, chunk in edits:
+                f.seek(pos)
+                undo.append((pos, f.read(len(chunk))))
                 f.seek(pos)
                 f.write(chunk)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             model = fluxmini.FluxMini.load(p, components=[], threads=1)
-            _forward_all(model)
+            _forward_all(model, dims.vae.in_channels)
             del model
     except FluxMiniError as e:
-        assert str(e)
+        # A ggml abort or an engine invariant reached from file contents is a finding, even though
+        # the engine turns it into a FluxMiniRuntimeError.
+        assert str(e) and not _INTERNAL.search(str(e)), str(e)
     finally:
         with open(p, "r+b") as f:
-            for pos, chunk in edits:
+            for pos, old in reversed(undo):  # (overlapping edits: the first one's bytes are the original)
                 f.seek(pos)
-                f.write(base[pos:pos + len(chunk)])
-            f.truncate(len(base))
+                f.write(old)
+            f.truncate(size)
 
 
 # ------------------------------------------------------------------- prompts and images

@@ -134,6 +134,12 @@ def main(out: Path) -> None:
     (out / "after_load").mkdir(exist_ok=True)
     (out / "after_load" / "zeros").write_bytes(bytes(64))
     (out / "after_load" / "ones").write_bytes(bytes([1]) * 64)
+    # Full-length random choices (hyper-parameters, types, components, edits): under the ASan
+    # preload libFuzzer has no coverage and mutates only the seeds it keeps (-keep_seed=1), and
+    # mutations of a short input leave most choices at their zero-byte defaults and make no edits.
+    rng = np.random.default_rng(17)
+    for i in range(64):
+        (out / "after_load" / f"random{i:02d}").write_bytes(rng.integers(0, 256, 256, dtype=np.uint8).tobytes())
     pr = out / "prompt"; pr.mkdir(exist_ok=True)
     for i, text in enumerate(["a photo of a cat", "", "\u00e9\u4e2d\U0001F600 \t\n\x00\x1b[0m", "word " * 100,
                               "<|startoftext|> </w> \u200b\ufeff"]):

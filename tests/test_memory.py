@@ -108,6 +108,50 @@ def test_vae_tiles_to_fit_the_budget(monkeypatch):
     assert auto.shape == untiled.shape
 
 
+_VAE_ADDRESS_SPACE = """
+import sys
+import numpy as np
+import fluxmini
+
+def vm_peak_kib():  # the most address space the process has had mapped (Linux)
+    return next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith("VmPeak:"))
+
+m = fluxmini.FluxMini.load(sys.argv[1], threads=1)
+z = np.full((m.config["vae"]["z_channels"], 2, 2), 0.1, np.float32)
+before = vm_peak_kib()
+m.vae_decode(z)
+print((vm_peak_kib() - before) * 1024)
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads VmPeak from /proc/self/status")
+def test_graph_scheduler_is_sized_by_its_graph():
+    # ggml's scheduler reserves bookkeeping for one split per node of its graph size (about 25 KB
+    # a node). Made for the VAE's node budget (32768) it mapped 700-830 MB per call (708 MB more
+    # peak address space here), untouched without sanitizers but poisoned under ASan (0.2-0.9 s a
+    # call); made for the graph, a tiny model's decode (a few hundred nodes) maps a few MB.
+    r = subprocess.run([sys.executable, "-c", _VAE_ADDRESS_SPACE, str(ref.model_path())], capture_output=True,
+                       text=True, env={**os.environ, "FLUXMINI_STREAM": "0"})
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert int(r.stdout.split()[-1]) < 64 * MIB
+
+
+def test_graph_scheduler_is_reused_across_graphs():
+    # A scheduler made for one graph held that graph's tensors until reset: the next size's graph
+    # then overflowed its hash set (a ggml abort) when it was reused without a reset.
+    m = fluxmini.FluxMini.load(str(ref.model_path()), components=["diffusion"], threads=1)
+    d = m.config["diffusion"]
+    rng = np.random.default_rng(5)
+    ctx = rng.standard_normal((3, d["context_dim"])).astype(np.float32)
+    vec = rng.standard_normal(d["vec_dim"]).astype(np.float32)
+    small = rng.standard_normal((d["latent_channels"], 2, 2)).astype(np.float32)
+    first = m.transformer(small, 0.5, 3.5, ctx, vec)
+    for h, w in [(4, 6), (6, 4), (2, 2)]:
+        out = m.transformer(rng.standard_normal((d["latent_channels"], h, w)).astype(np.float32), 0.5, 3.5, ctx, vec)
+        assert out.shape == (d["latent_channels"], h, w)
+    np.testing.assert_array_equal(m.transformer(small, 0.5, 3.5, ctx, vec), first)
+
+
 # ------------------------------------------------------------------------------ the policy
 def _write(root, rel, text):
     p = root / rel.lstrip("/")
