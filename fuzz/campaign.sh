@@ -74,5 +74,12 @@ for t in "${targets[@]}"; do
   execs=$(grep -o 'stat::number_of_executed_units: *[0-9]*' "$log" | grep -o '[0-9]*$' | tail -1)
   echo "$t: rc=$rc execs=${execs:-?} seconds=$(( $(date +%s) - start )) log=$log"
 done
+# the harnesses' scratch model files (named by process id) of processes that are gone
+for f in "${FUZZ_TMPDIR:-/dev/shm}"/fluxmini-fuzz-*.bin "${FUZZ_TMPDIR:-/dev/shm}"/fluxmini-pyfuzz-*; do
+  [ -e "$f" ] || continue
+  pid=$(basename "$f" | sed -E 's/^fluxmini-(py)?fuzz-([0-9]+).*/\2/')
+  case $pid in ''|*[!0-9]*) continue ;; esac
+  kill -0 "$pid" 2>/dev/null || rm -f "$f"
+done
 ls "$OUT/artifacts" | head -20
 exit $status
