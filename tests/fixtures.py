@@ -221,3 +221,26 @@ def check_bad_inputs(setup: str, bad_inputs: dict, good: str) -> str:
     for name in bad_inputs:
         assert lines.get(name) == "ok", (name, r.stdout)
     return lines["good"]
+
+
+def cpuinfo_flags():
+    """The CPU flags Linux reports (/proc/cpuinfo), or None where there is none (not Linux): the
+    independent reference the kernels' own cpuid detection is checked against."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return None
+
+
+def float_kernel_paths(flags):
+    """The F32 kernel paths (attention, VAE convolution) a CPU with these flags must offer, best first."""
+    expect = ["portable"]
+    if {"avx2", "fma"} <= flags:
+        expect.insert(0, "avx2")
+        if "avx512f" in flags:
+            expect.insert(0, "avx512")
+    return expect

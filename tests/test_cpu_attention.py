@@ -20,7 +20,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-import fixtures  # noqa: F401  (tests/ on sys.path)
+import fixtures  # tests/ on sys.path
 import make_flux_goldens as FG
 import make_vae_goldens as VG
 from fluxmini import _core
@@ -149,27 +149,11 @@ def test_paths_agree_bit_for_bit():
             np.testing.assert_array_equal(outs[p], outs["portable"], err_msg=f"{p} vs portable, {shape}")
 
 
-def cpuinfo_flags():
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("flags"):
-                    return set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return None
-
-
 def test_paths_match_the_cpu_flags():
-    flags = cpuinfo_flags()
+    flags = fixtures.cpuinfo_flags()
     if flags is None:
         pytest.skip("no /proc/cpuinfo flags (not Linux)")
-    expect = ["portable"]
-    if {"avx2", "fma"} <= flags:
-        expect.insert(0, "avx2")
-        if "avx512f" in flags:
-            expect.insert(0, "avx512")
-    assert _core.testing.attention_paths() == expect
+    assert _core.testing.attention_paths() == fixtures.float_kernel_paths(flags)
 
 
 def test_engine_path_follows_the_environment(monkeypatch):

@@ -21,6 +21,7 @@ import os
 import numpy as np
 import pytest
 
+import fixtures  # tests/ on sys.path
 from fluxmini import _core
 
 
@@ -109,16 +110,10 @@ def test_vector_paths_agree_bit_for_bit():
 
 
 def test_paths_match_the_cpu_flags_and_the_engine_choice():
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = set(next(line for line in f if line.startswith("flags")).split(":", 1)[1].split())
-    except (OSError, StopIteration):
+    flags = fixtures.cpuinfo_flags()
+    if flags is None:
         pytest.skip("no /proc/cpuinfo flags (not Linux)")
-    expect = ["portable"]
-    if {"avx2", "fma"} <= flags:
-        expect.insert(0, "avx2")
-        if "avx512f" in flags:
-            expect.insert(0, "avx512")
+    expect = fixtures.float_kernel_paths(flags)
     assert _core.testing.conv_paths() == expect
     if not os.environ.get("FLUXMINI_KERNELS"):
         assert _core.testing.conv_engine_path() == expect[0]

@@ -23,6 +23,7 @@ import pytest
 from gguf import GGMLQuantizationType as QT
 from gguf.quants import dequantize, quantize
 
+import fixtures  # tests/ on sys.path
 from fluxmini import _core
 
 
@@ -139,21 +140,10 @@ def test_vector_paths_agree_bit_for_bit(type_name):
         np.testing.assert_array_equal(outs[p], outs[have[0]], err_msg=f"{p} vs {have[0]}")
 
 
-def cpuinfo_flags():
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("flags"):
-                    return set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return None
-
-
 def test_paths_match_the_cpu_flags():
     """The kernel's own detection (cpuid + xgetbv) against the flags Linux reports (which it clears
     where the OS does not save the registers' state)."""
-    flags = cpuinfo_flags()
+    flags = fixtures.cpuinfo_flags()
     if flags is None:
         pytest.skip("no /proc/cpuinfo flags (not Linux)")
     expect = ["portable"]
@@ -216,7 +206,6 @@ def test_engine_path_follows_fluxmini_kernels(monkeypatch):
 
 
 def test_model_load_rejects_a_bad_kernel_choice(monkeypatch, tmp_path):
-    import fixtures
     from fluxmini.errors import FluxMiniValueError
     from fluxmini.model import FluxMini
 
@@ -301,7 +290,6 @@ def test_portable_conv_passes_the_same_tests():
 @pytest.fixture(scope="module")
 def q4_model_file(tmp_path_factory):
     """A Q4_0 transformer with ~80 MB of weights (written once: quantizing in numpy is slow)."""
-    import fixtures
     import fluxmini
     from fluxmini.inventory import ModelDims
 
@@ -368,7 +356,6 @@ def test_engine_q4_1_against_exact_weights(monkeypatch, tmp_path, path):
     same way, so their errors must be alike (within 1.5x) and small (≤ 3e-2, test_flux's bound for
     4-bit)."""
     require(path)
-    import fixtures
     from fluxmini.convert import quantize
     from fluxmini.model import FluxMini
 
