@@ -541,6 +541,65 @@ def test_cli_make_random_runs(tmp_path, capsys):
     assert os.path.getsize(tmp_path / "r.gguf") == C.predict_file_size(tiny_dims(), "Q4_0")
 
 
+def test_cli_output_folder_is_created_and_an_unwritable_one_is_a_clear_error(tmp_path, capsys):
+    from fluxmini.cli import main
+
+    out = tmp_path / "new" / "deeper" / "r.gguf"
+    assert main(["make-random", "-o", str(out), "--tiny", "-q"]) == 0
+    assert os.path.getsize(out) == C.predict_file_size(tiny_dims(), "Q4_0")
+    blocker = tmp_path / "a-file"
+    blocker.write_bytes(b"x")
+    capsys.readouterr()
+    assert main(["make-random", "-o", str(blocker / "r.gguf"), "--tiny", "-q"]) == 2  # no traceback
+    err = capsys.readouterr().err
+    assert err.startswith("fluxmini: error: cannot write ") and "r.gguf" in err
+
+
+def test_failed_write_keeps_the_existing_file(tmp_path):
+    """A write that fails part-way (here: a tensor missing at close) leaves PATH as it was and no
+    partial file beside it."""
+    out = tmp_path / "model.gguf"
+    out.write_bytes(b"the user's old model")
+    w = C.StreamingWriter(out)
+    w.declare("a", (4, 32), "f32")
+    w.declare("b", (4, 32), "f32")
+    w.begin()
+    w.write(np.zeros((4, 32), np.float32))
+    with pytest.raises(FluxMiniValueError, match="closed after 1 of 2 tensors"):
+        w.close()
+    assert out.read_bytes() == b"the user's old model"
+    assert sorted(os.listdir(tmp_path)) == ["model.gguf"]
+
+
+def test_disk_full_is_a_file_error_and_keeps_the_existing_file(tmp_path):
+    """The file-size limit (RLIMIT_FSIZE, in a child process) makes writes fail as a full disk
+    does: make_random raises FluxMiniFileError, the old file stays, no partial file is left."""
+    import subprocess
+    import sys
+
+    out = tmp_path / "model.gguf"
+    out.write_bytes(b"old")
+    code = f"""
+import resource, signal
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # else the limit kills the process
+resource.setrlimit(resource.RLIMIT_FSIZE, (65536, 65536))
+from fluxmini import convert as C
+from fluxmini.errors import FluxMiniFileError
+from fluxmini.inventory import tiny_dims
+try:
+    C.make_random({str(out)!r}, "F16", dims=tiny_dims(), progress=False)
+except FluxMiniFileError as e:
+    print("FluxMiniFileError:", e)
+"""
+    assert C.predict_file_size(tiny_dims(), "F16") > 65536  # (the write must hit the limit)
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.startswith("FluxMiniFileError: writing ") and "File too large" in r.stdout, r.stdout
+    assert "nothing was written" in r.stdout
+    assert out.read_bytes() == b"old"
+    assert sorted(os.listdir(tmp_path)) == ["model.gguf"]
+
+
 # ---------------------------------------------------------------------------------------------
 # diffusers-named sources, checked with diffusers' own BFL -> diffusers conversion
 

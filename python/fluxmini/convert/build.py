@@ -227,8 +227,7 @@ def convert(output: str | os.PathLike, *, diffusion: str | os.PathLike | None = 
 
 def _write_items(output: str, items: list[_Item], meta: dict, types: dict, layout: str, dims: ModelDims,
                  progress: bool, desc: str) -> ConvertResult:
-    tmp = output + ".part"
-    w = StreamingWriter(tmp, meta)
+    w = StreamingWriter(output, meta)  # (writes OUTPUT.part, renamed when complete)
     for it in items:
         w.declare(it.full, it.shape, it.type)
     total = sum(tensor_nbytes(it.shape, it.type) for it in items)
@@ -240,7 +239,6 @@ def _write_items(output: str, items: list[_Item], meta: dict, types: dict, layou
                 w.write_part(raw)
                 bar.update(raw.nbytes)
         w.close()
-        os.replace(tmp, output)
     except BaseException:
         w.abort()
         raise

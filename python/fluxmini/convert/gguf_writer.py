@@ -8,7 +8,7 @@ from typing import Sequence
 
 import numpy as np
 
-from ..errors import FluxMiniValueError
+from ..errors import FluxMiniFileError, FluxMiniValueError
 from .type_rules import ALIGNMENT, _any_ggml_type, _block, tensor_nbytes
 
 
@@ -93,8 +93,27 @@ class StreamingWriter:
         return len(head) + data
 
     def begin(self) -> None:
-        self._f = open(self.path, "wb")
-        self._f.write(self.header())
+        """Opens ``PATH.part`` (creating missing folders); ``close`` renames it to PATH, so a failed
+        or interrupted write never leaves a truncated model behind nor destroys an existing one."""
+        try:
+            os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
+            self._f = open(self._part, "wb")
+            self._f.write(self.header())
+        except OSError as e:
+            self.abort()
+            raise FluxMiniFileError(f"cannot write {self.path}: {e.strerror or e} (choose a writable folder)") from e
+
+    @property
+    def _part(self) -> str:
+        return self.path + ".part"
+
+    def _write_raw(self, data) -> None:
+        try:
+            self._f.write(data)
+        except OSError as e:
+            self.abort()
+            raise FluxMiniFileError(f"writing {self.path} failed: {e.strerror or e} (it needs "
+                                    f"{self.file_size() / 2**30:.2f} GiB of free space); nothing was written") from e
 
     def write_part(self, raw: np.ndarray) -> None:
         """Append bytes of the current tensor; moves to the next one when this one is complete."""
@@ -105,10 +124,10 @@ class StreamingWriter:
         if buf.nbytes > need:
             raise FluxMiniValueError(f"{self._infos[self._i][0]}: {self._done + buf.nbytes} bytes of data for a "
                                      f"tensor of {self._sizes[self._i]} bytes")
-        self._f.write(memoryview(buf))
+        self._write_raw(memoryview(buf))
         self._done += buf.nbytes
         if self._done == self._sizes[self._i]:
-            self._f.write(b"\0" * (_pad(self._done) - self._done))
+            self._write_raw(b"\0" * (_pad(self._done) - self._done))
             self._i += 1
             self._done = 0
 
@@ -124,15 +143,27 @@ class StreamingWriter:
         f, self._f = self._f, None
         if f is None:
             return
-        f.close()
-        if self._i != len(self._infos):
-            raise FluxMiniValueError(f"{self.path}: closed after {self._i} of {len(self._infos)} tensors")
+        try:
+            f.close()
+            if self._i != len(self._infos):
+                raise FluxMiniValueError(f"{self.path}: closed after {self._i} of {len(self._infos)} tensors")
+            os.replace(self._part, self.path)
+        except OSError as e:
+            self.abort()
+            raise FluxMiniFileError(f"writing {self.path} failed: {e.strerror or e}; nothing was written") from e
+        except BaseException:
+            self.abort()
+            raise
 
     def abort(self) -> None:
+        """Drops what was written (PATH itself, if it existed before, stays as it was)."""
         f, self._f = self._f, None
         if f is not None:
-            f.close()
+            try:
+                f.close()
+            except OSError:
+                pass
         try:
-            os.remove(self.path)
+            os.remove(self._part)
         except OSError:
             pass
