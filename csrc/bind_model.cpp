@@ -35,10 +35,11 @@ Component component_arg(const std::string &name) {
     fail_value("unknown component '%s'; components are diffusion, clip_l, t5xxl, vae", name.c_str());
 }
 
-VaeTiling tiling_from(int mode, int tile, int overlap) {
+VaeTiling tiling_from(int mode, int tile, int tile_w, int overlap) {
     VaeTiling t;
     t.mode = mode;
     if (tile > 0) t.tile = tile;
+    if (tile_w > 0) t.tile_w = tile_w;
     if (overlap >= 0) t.overlap = overlap;
     return t;
 }
@@ -184,6 +185,7 @@ void bind_model(py::module_ &m) {
                  if (component == "vae") {
                      d["vae_tiles"] = self.vae().last_tiles();
                      d["vae_tile"] = self.vae().last_tile();
+                     d["vae_tile_w"] = self.vae().last_tile_w();
                      d["vae_compute_bytes"] = self.vae().last_compute_bytes();
                  }
                  return d;
@@ -286,7 +288,7 @@ void bind_model(py::module_ &m) {
              },
              py::arg("ids"), py::arg("sdcpp") = false, py::arg("cancel") = nullptr)
         .def("vae_decode",
-             [](Model &self, F32Array z, int tiling, int tile, int overlap, const CancelToken *cancel) {
+             [](Model &self, F32Array z, int tiling, int tile, int tile_w, int overlap, const CancelToken *cancel) {
                  need_ndim(z, 3, "z", "[16, h, w]");
                  std::vector<float> out;
                  int64_t oc = 0, scale = 1;
@@ -300,14 +302,14 @@ void bind_model(py::module_ &m) {
                                     (long long)vae.config().z_channels);
                      oc = vae.config().out_channels;
                      scale = vae.config().scale();
-                     out = vae.decode(z.data(), z.shape(1), z.shape(2), tiling_from(tiling, tile, overlap), cancel);
+                     out = vae.decode(z.data(), z.shape(1), z.shape(2), tiling_from(tiling, tile, tile_w, overlap), cancel);
                  }
                  return to_numpy(std::move(out), {py::ssize_t(oc), z.shape(1) * scale, z.shape(2) * scale});
              },
-             py::arg("z"), py::arg("tiling") = -1, py::arg("tile") = 0, py::arg("overlap") = -1,
+             py::arg("z"), py::arg("tiling") = -1, py::arg("tile") = 0, py::arg("tile_w") = 0, py::arg("overlap") = -1,
              py::arg("cancel") = nullptr)
         .def("vae_encode",
-             [](Model &self, F32Array image, int tiling, int tile, int overlap, const CancelToken *cancel) {
+             [](Model &self, F32Array image, int tiling, int tile, int tile_w, int overlap, const CancelToken *cancel) {
                  need_ndim(image, 3, "image", "[3, H, W]");
                  std::vector<float> out;
                  int64_t zc = 0, scale = 1;
@@ -321,12 +323,12 @@ void bind_model(py::module_ &m) {
                                     (long long)vae.config().in_channels);
                      zc = vae.config().z_channels;
                      scale = vae.config().scale();
-                     out = vae.encode(image.data(), image.shape(1), image.shape(2), tiling_from(tiling, tile, overlap),
+                     out = vae.encode(image.data(), image.shape(1), image.shape(2), tiling_from(tiling, tile, tile_w, overlap),
                                       cancel);
                  }
                  return to_numpy(std::move(out), {py::ssize_t(zc), image.shape(1) / scale, image.shape(2) / scale});
              },
-             py::arg("image"), py::arg("tiling") = -1, py::arg("tile") = 0, py::arg("overlap") = -1,
+             py::arg("image"), py::arg("tiling") = -1, py::arg("tile") = 0, py::arg("tile_w") = 0, py::arg("overlap") = -1,
              py::arg("cancel") = nullptr)
         .def("linears",
              [](Model &self, const std::string &component) {

@@ -26,8 +26,10 @@ struct VaeTiling {
     int tile = 72;           // largest tile side in latent pixels (decode and encode); tiles are
                              // shrunk to cover the image evenly. 72 covers 1024 px (128 latent)
                              // with 2x2 tiles at overlap 16; each tile's decode needs ~1 GiB
+    int tile_w = 0;          // largest tile width when it differs from `tile` (then `tile` is the
+                             // height); 0: square
     int overlap = -1;        // least overlap of neighbouring tiles in latent pixels (0 <= overlap < tile);
-                             // -1: min(16, tile / 4)
+                             // -1: min(16, tile / 4), per axis
 };
 
 // Largest latent side the VAE accepts (8192 image pixels), and the smallest tile side.
@@ -51,7 +53,8 @@ public:
     // What the last decode/encode did (for tests and benchmarks): tiles run (1 = untiled) and the
     // compute buffer of its graph in bytes.
     int last_tiles() const;
-    int64_t last_tile() const;  // the tile side in latent pixels (0: untiled)
+    int64_t last_tile() const;    // the largest tile height it allowed, in latent pixels (0: untiled)
+    int64_t last_tile_w() const;  // and width
     size_t last_compute_bytes() const;
     // Whether F32/F16 convolutions run fluxmini's CPU kernel (cpu_conv.h) rather than ggml's.
     bool own_conv() const;

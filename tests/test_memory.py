@@ -101,11 +101,32 @@ def test_vae_tiles_to_fit_the_budget(monkeypatch):
     assert m.info()["memory"]["vae_budget_bytes"] == budget_mib * MIB
     auto = m.vae_decode(z)
     st = m._m.stats("vae")
-    assert st["vae_tiles"] > 1 and 8 <= st["vae_tile"] < 72, st
+    assert st["vae_tiles"] > 1 and 8 <= min(st["vae_tile"], st["vae_tile_w"]) < 72, st
     assert st["vae_compute_bytes"] <= budget_mib * MIB
-    explicit = m.vae_decode(z, tiling=True, tile=st["vae_tile"])
+    explicit = m.vae_decode(z, tiling=True, tile=(st["vae_tile"], st["vae_tile_w"]))
     np.testing.assert_array_equal(auto, explicit)
     assert auto.shape == untiled.shape
+
+
+def test_vae_tiles_as_strips_when_strips_fit(monkeypatch):
+    # A 40x40 latent whose VAE budget fits a pass over half of it (two strips of 40x24, overlap
+    # 7) but not the whole: the automatic choice runs those two strips (1.2x the pixels), not the
+    # four 24x24 tiles (1.44x) that square tiles would need.
+    z = np.random.default_rng(4).standard_normal((16, 40, 40)).astype(np.float32)
+    free = _load(ref.model_path(), monkeypatch, "auto")
+    free.vae_decode(z)
+    need = free._m.stats("vae")["vae_compute_bytes"]
+    free.vae_decode(z, tiling=True, tile=(40, 30))
+    st = free._m.stats("vae")
+    assert st["vae_tiles"] == 2
+    budget_mib = -(-st["vae_compute_bytes"] // MIB)
+    assert budget_mib * MIB < need  # (the untiled pass must not fit)
+    monkeypatch.setenv("FLUXMINI_VAE_BUDGET_MB", str(budget_mib))
+    m = _load(ref.model_path(), monkeypatch, "auto", max_memory=256)
+    auto = m.vae_decode(z)
+    st = m._m.stats("vae")
+    assert st["vae_tiles"] == 2 and st["vae_compute_bytes"] <= budget_mib * MIB, st
+    np.testing.assert_array_equal(auto, m.vae_decode(z, tiling=True, tile=(st["vae_tile"], st["vae_tile_w"])))
 
 
 _VAE_ADDRESS_SPACE = """

@@ -44,6 +44,15 @@ def _token_ids(ids) -> np.ndarray:
     return a.astype(np.int32)
 
 
+def _tile_arg(tile) -> tuple[int, int]:
+    """vae_decode/vae_encode's tile: a side or (height, width) -> (tile, tile_w) for the engine."""
+    if isinstance(tile, (tuple, list)):
+        if len(tile) != 2:
+            raise FluxMiniValueError(f"tile must be a side or (height, width) in latent pixels, not {tile!r}")
+        return int(tile[0]), int(tile[1])
+    return int(tile), 0
+
+
 def _path_arg(value, what: str) -> str:
     if value is None:
         return ""
@@ -253,24 +262,24 @@ class FluxMini(Engine):
         with self._call(cancel) as token:
             return self._m.encode_t5(ids, sdcpp, cancel=token)
 
-    def vae_decode(self, z, *, tiling=None, tile: int = 0, overlap: int = -1, cancel=None) -> np.ndarray:
+    def vae_decode(self, z, *, tiling=None, tile=0, overlap: int = -1, cancel=None) -> np.ndarray:
         """VAE decode: z [16, h, w] in VAE space -> image [3, 8h, 8w] (unclamped, about [-1, 1]).
 
         tiling: None = automatic (tiles when an untiled pass would need too much memory), True, False.
-        tile: largest tile side in latent pixels (0 = default 72); overlap: least overlap of
-        neighbouring tiles in latent pixels (-1 = default min(16, tile / 4)).
+        tile: largest tile side in latent pixels, or (height, width) (0 = default 72); overlap: least
+        overlap of neighbouring tiles in latent pixels (-1 = default min(16, tile / 4) per axis).
         """
         mode = -1 if tiling is None else int(bool(tiling))
         z = np.asarray(z, np.float32)
         with self._call(cancel) as token:
-            return self._m.vae_decode(z, mode, int(tile), int(overlap), cancel=token)
+            return self._m.vae_decode(z, mode, *_tile_arg(tile), int(overlap), cancel=token)
 
-    def vae_encode(self, image, *, tiling=None, tile: int = 0, overlap: int = -1, cancel=None) -> np.ndarray:
+    def vae_encode(self, image, *, tiling=None, tile=0, overlap: int = -1, cancel=None) -> np.ndarray:
         """VAE encode: image [3, H, W] in [-1, 1] -> latent mean [16, H/8, W/8] (tiling as vae_decode)."""
         mode = -1 if tiling is None else int(bool(tiling))
         image = np.asarray(image, np.float32)
         with self._call(cancel) as token:
-            return self._m.vae_encode(image, mode, int(tile), int(overlap), cancel=token)
+            return self._m.vae_encode(image, mode, *_tile_arg(tile), int(overlap), cancel=token)
 
     def tokenize_clip(self, prompt: str) -> np.ndarray:
         from .tokenizers import tokenize_clip
