@@ -547,6 +547,7 @@ struct VaeNet::Impl {
                 };
                 struct Choice {
                     int64_t th, tw, h, w, work;  // limits, tile shape, latent pixels computed
+                    bool thin;                   // more than 2:1
                 };
                 std::vector<Choice> choices;
                 for (int64_t a : limits(Th))
@@ -554,28 +555,27 @@ struct VaeNet::Impl {
                         const AxisTiles ty = axis_tiles(lat_h, a, overlap_for(a)), tx = axis_tiles(lat_w, b, overlap_for(b));
                         if (ty.starts.size() == 1 && tx.starts.size() == 1) continue;  // the untiled pass
                         choices.push_back({a, b, ty.size, tx.size,
-                                           int64_t(ty.starts.size() * tx.starts.size()) * ty.size * tx.size});
+                                           int64_t(ty.starts.size() * tx.starts.size()) * ty.size * tx.size,
+                                           std::max(ty.size, tx.size) > 2 * std::min(ty.size, tx.size)});
                     }
-                // fewest pixels, then fewest passes (larger tiles), then the larger limits
+                // tiles at most 2:1 first; then fewest pixels, then fewest passes (larger tiles),
+                // then the larger limits
                 std::stable_sort(choices.begin(), choices.end(), [](const Choice &x, const Choice &y) {
+                    if (x.thin != y.thin) return y.thin;
                     if (x.work != y.work) return x.work < y.work;
                     return x.h * x.w > y.h * y.w;
                 });
                 std::vector<std::pair<int64_t, int64_t>> too_big;  // tile shapes (h, w) that did not fit
                 bool found = false;
-                for (int pass = 0; pass < 2 && !found; ++pass) {  // 0: tiles at most 2:1, 1: any
-                    for (const Choice &c : choices) {
-                        const bool squarish = std::max(c.h, c.w) <= 2 * std::min(c.h, c.w);
-                        if (squarish != (pass == 0)) continue;
-                        bool dominated = false;
-                        for (auto &f : too_big) dominated |= c.h >= f.first && c.w >= f.second;
-                        if (dominated) continue;
-                        if (measure(decoder, c.w * fin, c.h * fin) <= budget) {
-                            Th = c.th, Tw = c.tw, found = true;
-                            break;
-                        }
-                        too_big.emplace_back(c.h, c.w);
+                for (const Choice &c : choices) {
+                    bool dominated = false;
+                    for (auto &f : too_big) dominated |= c.h >= f.first && c.w >= f.second;
+                    if (dominated) continue;
+                    if (measure(decoder, c.w * fin, c.h * fin) <= budget) {
+                        Th = c.th, Tw = c.tw, found = true;
+                        break;
                     }
+                    too_big.emplace_back(c.h, c.w);
                 }
                 if (!found) Th = Tw = kVaeMinTile;  // nothing fits: the smallest tiles
             }
