@@ -153,9 +153,17 @@ void bind_testing(py::module_ &m) {
     // The CPU convolution kernel on its own, for tests against a numpy reference: x [Cin, H, W],
     // kernel [Cout, Cin, k, k] (torch's layout), bias [Cout] or None -> [Cout, OH, OW]; the
     // output pixels are split over `threads` threads as the graph op splits them; on path
-    // `kernels` (default: the engine's).
-    m.def("conv2d_f32", [](f32_array x, f32_array kernel, std::optional<f32_array> bias, int stride, int pad,
+    // `kernels` (default: the engine's). A float16 kernel runs as F16 (as F16 VAE files do).
+    m.def("conv2d_f32", [](f32_array x, py::array kernel_in, std::optional<f32_array> bias, int stride, int pad,
                            int threads, std::optional<std::string> kernels) {
+        using f16_array = py::array_t<uint16_t, py::array::c_style>;
+        const bool f16 = kernel_in.dtype().is(py::dtype("float16"));
+        f16_array kernel16 =
+            f16 ? f16_array(py::module_::import("numpy").attr("ascontiguousarray")(kernel_in).attr("view")("uint16"))
+                : f16_array();
+        f32_array kernel32 = f16 ? f32_array() : f32_array::ensure(kernel_in);
+        if (!f16 && !kernel32) fm::fail_value("conv2d_f32: the kernel must be a float32 or float16 array");
+        const py::array &kernel = f16 ? static_cast<const py::array &>(kernel16) : kernel32;
         fm::ConvPath path = fm::conv_engine_path();
         if (kernels) {
             bool found = false;
@@ -172,7 +180,9 @@ void bind_testing(py::module_ &m) {
             fm::fail_value("bad stride, padding or thread count");
         const int64_t oh = (h + 2 * pad - k) / stride + 1, ow = (w + 2 * pad - k) / stride + 1;
         f32_array out({cout, oh, ow});
-        const float *xp = x.data(), *kp = kernel.data(), *bp = bias ? bias->data() : nullptr;
+        const fm::ConvKernel kp = f16 ? fm::ConvKernel{nullptr, reinterpret_cast<const ggml_fp16_t *>(kernel16.data())}
+                                      : fm::ConvKernel{kernel32.data(), nullptr};
+        const float *xp = x.data(), *bp = bias ? bias->data() : nullptr;
         float *op = out.mutable_data();
         {
             py::gil_scoped_release nogil;

@@ -1,12 +1,16 @@
 // F32 convolution for the CPU (see cpu_conv.h): a register-blocked GEMM in the style of BLIS over the
 // im2col matrix, which is packed panel by panel from the image and never stored whole.
 //
-// The output is cut into tiles of kRows channels x 16 pixels held in 12 AVX registers. Each
-// thread owns a range of 16-pixel panels; per block of kKc values of k it packs a chunk of its
-// panels k-major (so one k step loads 16 pixels with two aligned loads), then sweeps the
-// channels in groups of kRows, whose kKc weights stay in L1 while the packed chunk streams from
-// L2. Sums are kept in the same order for every output (k blocks in order, k ascending inside),
-// whatever the pixel range, so thread counts do not change results.
+// The output is cut into tiles of kRows channels x 16 pixels held in 12 AVX registers (16 x 16 in
+// 16 zmm registers with AVX-512). Each thread owns a range of 16-pixel panels; per block of kKc
+// values of k it packs a chunk of its panels k-major (so one k step loads 16 pixels with aligned
+// loads), then sweeps the channels in groups of kRows, whose kKc weights (packed per group and
+// block, widened from F16 there) stay in L1 while the packed chunk streams from L2. The tiles
+// accumulate in a contiguous buffer per chunk, copied out once all k blocks are done: written in
+// place, a tile's 16 rows lie OW·OH floats apart, share one L1 set and miss the caches on every
+// k block (measured: a third of the kernel's time at 64² x 512 channels). Sums are kept in the
+// same order for every output (k blocks in order, k ascending inside), whatever the pixel range,
+// so thread counts do not change results.
 #include "cpu_conv.h"
 
 #include "common.h"
@@ -27,7 +31,8 @@ constexpr int kRows = 6;         // output channels per register tile (AVX2: 12 
 constexpr int kRowsZmm = 16;     // output channels per register tile (AVX-512: 16 zmm accumulators)
 constexpr int kCols = 16;        // output columns per register tile (two 8-float registers, one zmm)
 constexpr int64_t kKc = 256;     // k per block: kRows·kKc weights (6 KiB) stay in L1
-constexpr int64_t kChunk = 24;   // panels packed together: 24·16·kKc floats (384 KiB) in L2
+constexpr int64_t kChunk = 24;   // panels packed together: 24·16·kKc floats (384 KiB) in L2, with their
+                                 // accumulators (24·16 per channel: 768 KiB at 512 channels)
 }  // namespace
 
 #ifdef FM_CONV_X86
@@ -122,6 +127,7 @@ struct ConvPanels {
     __attribute__((target("avx2,fma"))) void pack(int64_t q, int64_t k0, int64_t kc, float *dst) const {
         const int64_t oy = q / per_row(), ox0 = (q % per_row()) * kCols, n = width(q);
         int64_t kx = k0 % k, ky = (k0 / k) % k, ci = k0 / (k * k);
+        const __m256i iota0 = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7), iota1 = _mm256_add_epi32(iota0, _mm256_set1_epi32(8));
         for (int64_t kk = 0; kk < kc; ++kk, dst += kCols) {
             const int64_t iy = oy * s + ky - pad, ix0 = ox0 * s + kx - pad;
             if (iy < 0 || iy >= H) {
@@ -131,6 +137,15 @@ struct ConvPanels {
                 if (s == 1 && n == kCols && ix0 >= 0 && ix0 + kCols <= W) {
                     _mm256_store_ps(dst, _mm256_loadu_ps(row + ix0));
                     _mm256_store_ps(dst + 8, _mm256_loadu_ps(row + ix0 + 8));
+                } else if (s == 1) {  // a row's edge: columns j with 0 <= ix0 + j < W and j < n, masked loads
+                    const __m256i lo = _mm256_set1_epi32(int(std::max<int64_t>(0, -ix0)) - 1),
+                                  hi = _mm256_set1_epi32(int(std::min<int64_t>(n, W - ix0)));
+                    const __m256i m0 = _mm256_and_si256(_mm256_cmpgt_epi32(iota0, lo), _mm256_cmpgt_epi32(hi, iota0)),
+                                  m1 = _mm256_and_si256(_mm256_cmpgt_epi32(iota1, lo), _mm256_cmpgt_epi32(hi, iota1));
+                    // masked lanes are never read, so the address may point before the row
+                    const float *base = reinterpret_cast<const float *>(reinterpret_cast<uintptr_t>(row) + ix0 * 4);
+                    _mm256_store_ps(dst, _mm256_maskload_ps(base, m0));
+                    _mm256_store_ps(dst + 8, _mm256_maskload_ps(base + 8, m1));
                 } else {
                     for (int64_t j = 0; j < kCols; ++j) {
                         const int64_t ix = ix0 + j * s;
@@ -146,85 +161,138 @@ struct ConvPanels {
     }
 };
 
+// 16 x 16 floats transposed in registers: r[i] holds row i on entry, column i on return.
+__attribute__((target("avx2,fma,avx512f"))) inline void transpose16(__m512 r[16]) {
+    __m512 t[16];
+    for (int i = 0; i < 8; ++i) {
+        t[2 * i] = _mm512_unpacklo_ps(r[2 * i], r[2 * i + 1]);
+        t[2 * i + 1] = _mm512_unpackhi_ps(r[2 * i], r[2 * i + 1]);
+    }
+    for (int i = 0; i < 4; ++i) {
+        r[4 * i] = _mm512_shuffle_ps(t[4 * i], t[4 * i + 2], _MM_SHUFFLE(1, 0, 1, 0));
+        r[4 * i + 1] = _mm512_shuffle_ps(t[4 * i], t[4 * i + 2], _MM_SHUFFLE(3, 2, 3, 2));
+        r[4 * i + 2] = _mm512_shuffle_ps(t[4 * i + 1], t[4 * i + 3], _MM_SHUFFLE(1, 0, 1, 0));
+        r[4 * i + 3] = _mm512_shuffle_ps(t[4 * i + 1], t[4 * i + 3], _MM_SHUFFLE(3, 2, 3, 2));
+    }
+    for (int i = 0; i < 2; ++i)
+        for (int j = 0; j < 4; ++j) {
+            t[8 * i + j] = _mm512_shuffle_f32x4(r[8 * i + j], r[8 * i + 4 + j], 0x88);
+            t[8 * i + 4 + j] = _mm512_shuffle_f32x4(r[8 * i + j], r[8 * i + 4 + j], 0xdd);
+        }
+    for (int j = 0; j < 8; ++j) {
+        r[j] = _mm512_shuffle_f32x4(t[j], t[j + 8], 0x88);
+        r[j + 8] = _mm512_shuffle_f32x4(t[j], t[j + 8], 0xdd);
+    }
+}
+
+// The kernel's weights, one block (a group of output channels x kc values of k) at a time, as the
+// tiles read them; channels past C are zero rows, F16 values are widened exactly. Packed per
+// chunk of panels, so the packing must cost little next to the chunk's products (each weight
+// meets 24 panels: 384 FMAs).
+struct WeightBlocks {
+    ConvKernel w;
+    int64_t C, K;
+    float at(int64_t c, int64_t k) const { return w.f32 ? w.f32[c * K + k] : ggml_fp16_to_fp32(w.f16[c * K + k]); }
+
+    // AVX2 tile: kRows rows of kc weights, *ldw apart; F32 rows are read in place.
+    const float *rows(int64_t c0, int64_t k0, int64_t kc, float *buf, int64_t *ldw) const {
+        if (w.f32 && c0 + kRows <= C) {
+            *ldw = K;
+            return w.f32 + c0 * K + k0;
+        }
+        for (int r = 0; r < kRows; ++r) {
+            float *dst = buf + r * kc;
+            const int64_t c = c0 + r;
+            if (c >= C) std::fill(dst, dst + kc, 0.0f);
+            else if (w.f16) ggml_fp16_to_fp32_row(w.f16 + c * K + k0, dst, kc);
+            else std::memcpy(dst, w.f32 + c * K + k0, size_t(kc) * sizeof(float));
+        }
+        *ldw = kc;
+        return buf;
+    }
+
+    // AVX-512 tile: dst[k·16 + r] = w[c0 + r][k0 + k], 16 values of k per register transpose.
+    __attribute__((target("avx2,fma,avx512f"))) void k_major16(int64_t c0, int64_t k0, int64_t kc, float *dst) const {
+        const int rows = int(std::min<int64_t>(kRowsZmm, C - c0));
+        int64_t k = 0;
+        for (; k + 16 <= kc; k += 16) {
+            __m512 r[16];
+            for (int i = 0; i < 16; ++i) {
+                const int64_t off = (c0 + i) * K + k0 + k;
+                r[i] = i >= rows ? _mm512_setzero_ps()
+                       : w.f32   ? _mm512_loadu_ps(w.f32 + off)
+                                 : _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i *>(w.f16 + off)));
+            }
+            transpose16(r);
+            for (int i = 0; i < 16; ++i) _mm512_store_ps(dst + (k + i) * kRowsZmm, r[i]);
+        }
+        for (; k < kc; ++k)
+            for (int i = 0; i < kRowsZmm; ++i) dst[k * kRowsZmm + i] = i < rows ? at(c0 + i, k0 + k) : 0.0f;
+    }
+};
+
 // out[c·ldo + first(q) + j] = bias[c] + Σ_k w[c·K + k] · panel_q[k][j]: this thread's panels.
-// kZmm: the AVX-512 tile (16 channels), the weights first rearranged k-major per 16 channels.
+// kZmm: the AVX-512 tile (16 channels).
 template <bool kZmm, class Panels>
-void gemm_driver(const Panels &src, const float *w, const float *bias, float *out, int64_t ldo, int64_t C, int64_t K,
-                 int ith, int nth) {
+void gemm_driver(const Panels &src, const WeightBlocks &w, const float *bias, float *out, int64_t ldo, int ith,
+                 int nth) {
     constexpr int R = kZmm ? kRowsZmm : kRows;
+    const int64_t C = w.C, K = w.K;
     const int64_t panels = src.count();
     const int64_t pa = panels * ith / nth, pb = panels * (ith + 1) / nth;
     if (pa >= pb) return;
     const int64_t nkb = (K + kKc - 1) / kKc;
-    const int64_t kc_max = (K + nkb - 1) / nkb;  // equal k blocks
+    const int64_t kc_max = ((K + nkb - 1) / nkb + 15) / 16 * 16;  // about equal k blocks, whole transposes
+    const int64_t groups = (C + R - 1) / R, cpad = groups * R;
+    // One buffer per thread: the chunk's packed panels, its accumulators (per panel cpad rows of
+    // 16 pixels) and one weight block; each part a multiple of 16 floats, so all stay 64-byte
+    // aligned.
+    const int64_t n_pack = kChunk * kCols * kc_max, n_acc = kChunk * cpad * kCols, n_w = R * kc_max;
     thread_local std::vector<float> buf;
-    const size_t need = size_t(kChunk * kCols * kc_max) + 16;
+    const size_t need = size_t(n_pack + n_acc + n_w) + 16;
     if (buf.size() < need) buf.resize(need);
     float *packed = reinterpret_cast<float *>((reinterpret_cast<uintptr_t>(buf.data()) + 63) & ~uintptr_t(63));
-    alignas(64) float tmp[R * kCols];
-    std::vector<float> wpad(kZmm ? 0 : size_t(R * kc_max));
-    float bpad[R];
-    // kZmm: wt[(c / 16)·K·16 + k·16 + c % 16] = w[c·K + k], channels past C zero; bias padded too.
-    std::vector<float> wt, bt;
-    if (kZmm) {
-        const int64_t cpad = (C + R - 1) / R * R;
-        wt.assign(size_t(cpad * K), 0.0f);
-        for (int64_t c = 0; c < C; ++c)
-            for (int64_t k = 0; k < K; ++k) wt[size_t((c / R) * K * R + k * R + c % R)] = w[c * K + k];
-        if (bias) {
-            bt.assign(size_t(cpad), 0.0f);
-            std::copy(bias, bias + C, bt.begin());
-        }
+    float *acc = packed + n_pack, *wblock = acc + n_acc;
+    float bpad[R];  // the last group's bias, padded with zeros
+    if (bias) {
+        std::fill(bpad, bpad + R, 0.0f);
+        std::copy(bias + (groups - 1) * R, bias + C, bpad);
     }
 
     for (int64_t q0 = pa; q0 < pb; q0 += kChunk) {
         const int64_t q1 = std::min(pb, q0 + kChunk);
-        for (int64_t kb = 0; kb < nkb; ++kb) {
-            const int64_t k0 = kb * kc_max, kc = std::min(kc_max, K - k0);
+        for (int64_t k0 = 0; k0 < K; k0 += kc_max) {
+            const int64_t kc = std::min(kc_max, K - k0);
             for (int64_t q = q0; q < q1; ++q) src.pack(q, k0, kc, packed + (q - q0) * kCols * kc);
-            const bool init = kb == 0;
+            const bool init = k0 == 0;
             for (int64_t c0 = 0; c0 < C; c0 += R) {
-                const int rows = int(std::min<int64_t>(R, C - c0));
-                const float *wr = kZmm ? wt.data() + c0 * K + k0 * R : w + c0 * K + k0;
-                int64_t ldw = K;
-                const float *br = kZmm ? (bias ? bt.data() + c0 : nullptr) : bias ? bias + c0 : nullptr;
-                if (!kZmm && rows < R) {  // the last channels: weights and bias padded with zero rows
-                    std::fill(wpad.begin(), wpad.end(), 0.0f);
-                    for (int r = 0; r < rows; ++r) std::memcpy(&wpad[size_t(r * kc)], wr + r * K, size_t(kc) * sizeof(float));
-                    std::fill(bpad, bpad + R, 0.0f);
-                    if (br) std::memcpy(bpad, br, size_t(rows) * sizeof(float));
-                    wr = wpad.data();
-                    ldw = kc;
-                    br = br ? bpad : nullptr;
-                }
-                auto tile = [&](const float *xp, float *c, int64_t ldc) {
-                    if constexpr (kZmm) tile_kernel_zmm(xp, wr, kc, c, ldc, init, br);
-                    else tile_kernel(xp, wr, ldw, kc, c, ldc, init, br);
-                };
-                for (int64_t q = q0; q < q1; ++q) {
-                    const int64_t n = src.width(q);
-                    float *c = out + c0 * ldo + src.first(q);
+                const float *br = !bias ? nullptr : c0 + R <= C ? bias + c0 : bpad;
+                const float *wr = wblock;
+                int64_t ldw = kc;
+                if constexpr (kZmm) w.k_major16(c0, k0, kc, wblock);
+                else wr = w.rows(c0, k0, kc, wblock, &ldw);
+                for (int64_t q = q0; q < q1; ++q) {  // pixels past a row's end: zero columns, never copied out
+                    float *c = acc + ((q - q0) * cpad + c0) * kCols;
                     const float *xp = packed + (q - q0) * kCols * kc;
-                    if (n == kCols && rows == R) {
-                        tile(xp, c, ldo);
-                    } else {  // a partial tile goes through a full one
-                        if (!init)
-                            for (int r = 0; r < rows; ++r) std::memcpy(tmp + r * kCols, c + r * ldo, size_t(n) * sizeof(float));
-                        tile(xp, tmp, kCols);
-                        for (int r = 0; r < rows; ++r) std::memcpy(c + r * ldo, tmp + r * kCols, size_t(n) * sizeof(float));
-                    }
+                    if constexpr (kZmm) tile_kernel_zmm(xp, wr, kc, c, kCols, init, br);
+                    else tile_kernel(xp, wr, ldw, kc, c, kCols, init, br);
                 }
             }
+        }
+        for (int64_t q = q0; q < q1; ++q) {
+            const int64_t n = src.width(q), first = src.first(q);
+            const float *a = acc + (q - q0) * cpad * kCols;
+            for (int64_t c = 0; c < C; ++c) std::memcpy(out + c * ldo + first, a + c * kCols, size_t(n) * sizeof(float));
         }
     }
 }
 
 template <bool kZmm>
-void conv2d_simd(const float *kernel, const float *x, const float *bias, float *out, int64_t W, int64_t H, int64_t Cin,
+void conv2d_simd(ConvKernel kernel, const float *x, const float *bias, float *out, int64_t W, int64_t H, int64_t Cin,
                  int64_t Cout, int64_t k, int64_t stride, int64_t pad, int ith, int nth) {
     const int64_t OW = (W + 2 * pad - k) / stride + 1, OH = (H + 2 * pad - k) / stride + 1;
-    gemm_driver<kZmm>(ConvPanels{x, W, H, Cin, k, stride, pad, OW, OH}, kernel, bias, out, OW * OH, Cout, k * k * Cin,
-                      ith, nth);
+    gemm_driver<kZmm>(ConvPanels{x, W, H, Cin, k, stride, pad, OW, OH}, WeightBlocks{kernel, Cout, k * k * Cin}, bias,
+                      out, OW * OH, ith, nth);
 }
 
 }  // namespace
@@ -243,23 +311,26 @@ const char *conv_path_name(ConvPath path) {
 
 namespace {
 // Plain C++ (CPUs without AVX2; tests): the same sums, one output at a time.
-void conv2d_portable(const float *kernel, const float *x, const float *bias, float *out, int64_t W, int64_t H,
+void conv2d_portable(ConvKernel kernel, const float *x, const float *bias, float *out, int64_t W, int64_t H,
                      int64_t Cin, int64_t Cout, int64_t k, int64_t stride, int64_t pad, int ith, int nth) {
     const int64_t OW = (W + 2 * pad - k) / stride + 1, OH = (H + 2 * pad - k) / stride + 1, K = k * k * Cin;
+    std::vector<float> wrow(kernel.f16 ? static_cast<size_t>(K) : 0);  // one widened F16 row
     for (int64_t p = OW * OH * ith / nth; p < OW * OH * (ith + 1) / nth; ++p)
         for (int64_t c = 0; c < Cout; ++c) {
+            const float *wc = kernel.f32 ? kernel.f32 + c * K : wrow.data();
+            if (kernel.f16) ggml_fp16_to_fp32_row(kernel.f16 + c * K, wrow.data(), K);
             float sum = bias ? bias[c] : 0.0f;
             for (int64_t kk = 0; kk < K; ++kk) {
                 const int64_t kx = kk % k, ky = (kk / k) % k, ci = kk / (k * k);
                 const int64_t iy = (p / OW) * stride + ky - pad, ix = (p % OW) * stride + kx - pad;
-                if (iy >= 0 && iy < H && ix >= 0 && ix < W) sum += kernel[c * K + kk] * x[(ci * H + iy) * W + ix];
+                if (iy >= 0 && iy < H && ix >= 0 && ix < W) sum += wc[kk] * x[(ci * H + iy) * W + ix];
             }
             out[c * OW * OH + p] = sum;
         }
 }
 }  // namespace
 
-void conv2d_f32(const float *kernel, const float *x, const float *bias, float *out, int64_t W, int64_t H, int64_t Cin,
+void conv2d_f32(ConvKernel kernel, const float *x, const float *bias, float *out, int64_t W, int64_t H, int64_t Cin,
                 int64_t Cout, int64_t k, int64_t stride, int64_t pad, int ith, int nth, ConvPath path) {
 #ifdef FM_CONV_X86
     if (path == ConvPath::Avx512 && conv_path_supported(path))
@@ -279,13 +350,8 @@ void conv_node(ggml_tensor *dst, int ith, int nth, void *userdata) {
     const ggml_tensor *x = dst->src[0], *kw = dst->src[1], *b = dst->src[2];
     const auto geometry = reinterpret_cast<uintptr_t>(userdata);
     const int64_t stride = int64_t(geometry & 0xffff), pad = int64_t(geometry >> 16);
-    const float *kernel = static_cast<const float *>(kw->data);
-    std::vector<float> widened;
-    if (kw->type == GGML_TYPE_F16) {  // F16 kernels: each thread widens its own copy (≤ 9.4 MB, ~1 ms)
-        widened.resize(size_t(ggml_nelements(kw)));
-        ggml_fp16_to_fp32_row(static_cast<const ggml_fp16_t *>(kw->data), widened.data(), ggml_nelements(kw));
-        kernel = widened.data();
-    }
+    const ConvKernel kernel = kw->type == GGML_TYPE_F16 ? ConvKernel{nullptr, static_cast<const ggml_fp16_t *>(kw->data)}
+                                                        : ConvKernel{static_cast<const float *>(kw->data), nullptr};
     conv2d_f32(kernel, static_cast<const float *>(x->data), b ? static_cast<const float *>(b->data) : nullptr,
                static_cast<float *>(dst->data), x->ne[0], x->ne[1], x->ne[2], kw->ne[3], kw->ne[0], stride, pad, ith,
                nth, conv_engine_path());

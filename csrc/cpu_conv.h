@@ -24,16 +24,23 @@ ConvPath conv_engine_path();
 // elsewhere callers keep ggml's convolution.
 bool cpu_conv2d_available();
 
+// A convolution kernel [k, k, Cin, Cout] (ggml's order; torch's [Cout, Cin, k, k]) in F32 or
+// F16: exactly one of the two pointers is set. F16 values are widened exactly as they are used.
+struct ConvKernel {
+    const float *f32 = nullptr;
+    const ggml_fp16_t *f16 = nullptr;
+};
+
 // out [OW, OH, Cout] = conv(x [W, H, Cin], kernel [k, k, Cin, Cout]) + bias, one thread's share
 // (output pixels split over nth threads): im2col + GEMM, with the patch matrix packed straight
 // from x (no k²·Cin x OW·OH matrix in memory, no im2col pass). Every output sums its k²·Cin
 // products in one fixed order, so results do not depend on the thread count. A path this CPU lacks
 // runs the plain C++ code.
-void conv2d_f32(const float *kernel, const float *x, const float *bias, float *out, int64_t W, int64_t H, int64_t Cin,
+void conv2d_f32(ConvKernel kernel, const float *x, const float *bias, float *out, int64_t W, int64_t H, int64_t Cin,
                 int64_t Cout, int64_t k, int64_t stride, int64_t pad, int ith, int nth, ConvPath path);
 
 // ggml graph node computing conv2d_f32 on the CPU backend: x [W, H, Cin, 1] F32 contiguous,
-// kernel [k, k, Cin, Cout] F32 or F16 (widened to F32 exactly, per call) contiguous, bias [Cout]
+// kernel [k, k, Cin, Cout] F32 or F16 contiguous, bias [Cout]
 // F32 or null -> [OW, OH, Cout, 1].
 ggml_tensor *conv2d_f32_op(ggml_context *ctx, ggml_tensor *x, ggml_tensor *kernel, ggml_tensor *bias, int stride,
                            int pad);

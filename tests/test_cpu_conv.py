@@ -4,7 +4,8 @@ The kernel is a blocked F32 GEMM over an im2col matrix it packs from the image p
 (16 output pixels of one row), so the cases cover: widths that are and are not multiples of 16
 (partial panels), output channels that are not multiples of the register tile's rows (6 on the
 AVX2 path, 16 on the AVX-512 path), stride 2, 1x1 kernels, padding larger than the image, and
-K = k²·Cin large enough for several k blocks whose length is not a multiple of 8. Every path this
+K = k²·Cin large enough for several k blocks, the last not a multiple of 16 (the weights are
+transposed 16 x 16 in registers, the rest one by one); F16 kernels as F16 files hold them. Every path this
 CPU runs (avx512, avx2, portable) is forced in turn; the two vector paths multiply and add the
 same products in the same order, so they must agree bit for bit.
 
@@ -51,7 +52,7 @@ CASES = [  # (Cin, H, W, Cout, k, stride, pad)
     (5, 16, 16, 6, 3, 1, 1),    # whole panels and tiles only
     (4, 9, 33, 12, 3, 2, 0),    # stride 2 without padding (the encoder's downsampling)
     (8, 5, 17, 7, 1, 1, 0),     # 1x1 (the resnet shortcuts)
-    (300, 6, 20, 5, 3, 1, 1),   # K = 2700: 11 k blocks of 246 (not a multiple of 8), Cout < 6
+    (300, 6, 20, 5, 3, 1, 1),   # K = 2700: k blocks of 256 and one of 140 (not a multiple of 16), Cout < 6
     (2, 1, 1, 3, 3, 1, 1),      # one pixel, all neighbours padding
     (16, 12, 40, 32, 3, 2, 1),  # stride 2 with padding
     (2, 3, 4, 4, 3, 1, 2),      # padding of 2: whole rows and columns of zeros
@@ -94,6 +95,24 @@ def test_without_bias_and_thread_counts_give_identical_results(path):
                                                                kernels=path), one)
     ref, mag = conv_ref(x, kern, None, 1, 1)
     assert np.all(np.abs(one - ref) <= 2e-6 * mag)
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_f16_kernels_match_their_widened_values(path):
+    """F16 kernels are widened as blocks are packed (F16 VAE files): the result is the float64
+    convolution of the F16 values themselves, within the F32 bound above, and equals the F32
+    kernel holding the same values bit for bit (the same products in the same order)."""
+    require(path)
+    rng = np.random.default_rng(11)
+    for cin, h, w, cout, k, s, p in [(40, 9, 37, 21, 3, 1, 1), (300, 6, 20, 5, 3, 1, 1), (8, 5, 17, 16, 1, 1, 0)]:
+        x = rng.standard_normal((cin, h, w)).astype(np.float32)
+        kern16 = rng.standard_normal((cout, cin, k, k)).astype(np.float16)
+        bias = rng.standard_normal(cout).astype(np.float32)
+        ref, mag = conv_ref(x, kern16.astype(np.float64), bias, s, p)
+        got = _core.testing.conv2d_f32(x, kern16, bias, stride=s, pad=p, threads=2, kernels=path)
+        assert np.all(np.abs(got - ref) <= 2e-6 * mag + 1e-30), float(np.max(np.abs(got - ref) / mag))
+        same = _core.testing.conv2d_f32(x, kern16.astype(np.float32), bias, stride=s, pad=p, threads=2, kernels=path)
+        np.testing.assert_array_equal(got, same)
 
 
 def test_vector_paths_agree_bit_for_bit():
