@@ -3,6 +3,7 @@
 #include "common.h"
 #include "cpu_attention.h"
 #include "cpu_conv.h"
+#include "cpu_norm.h"
 #include "cpu_lora.h"
 #include "cpu_qmatmul.h"
 #include "memory.h"
@@ -195,6 +196,44 @@ void bind_testing(py::module_ &m) {
         return out;
     }, py::arg("x"), py::arg("kernel"), py::arg("bias"), py::arg("stride") = 1, py::arg("pad") = 0, py::arg("threads") = 1,
        py::arg("kernels") = py::none());
+    // GroupNorm (+ scale and shift, + SiLU) on its own, for tests: x [C, H, W], gamma and beta [C]
+    // or None -> [C, H, W]; groups split over `threads` threads as the graph op splits them; on
+    // path `kernels` (default: the engine's).
+    m.def("group_norm_f32", [](f32_array x, std::optional<f32_array> gamma, std::optional<f32_array> beta, int groups,
+                               float eps, bool silu, int threads, std::optional<std::string> kernels) {
+        fm::NormPath path = fm::norm_engine_path();
+        if (kernels) {
+            bool found = false;
+            for (fm::NormPath p : {fm::NormPath::Avx2, fm::NormPath::Portable})
+                if (*kernels == fm::norm_path_name(p)) path = p, found = true;
+            if (!found || !fm::norm_path_supported(path))
+                fm::fail_value("group_norm_f32: kernels '%s' is not a path this CPU runs (avx2, portable)", kernels->c_str());
+        }
+        if (x.ndim() != 3 || groups < 1 || x.shape(0) % groups != 0 || threads < 1)
+            fm::fail_value("group_norm_f32 takes x [C, H, W] with C a multiple of groups, threads >= 1");
+        const int64_t c = x.shape(0), plane = x.shape(1) * x.shape(2);
+        for (const auto *v : {&gamma, &beta})
+            if (*v && ((*v)->ndim() != 1 || (*v)->shape(0) != c)) fm::fail_value("gamma and beta must be [C]");
+        f32_array out({x.shape(0), x.shape(1), x.shape(2)});
+        const float *xp = x.data(), *gp = gamma ? gamma->data() : nullptr, *bp = beta ? beta->data() : nullptr;
+        float *op = out.mutable_data();
+        {
+            py::gil_scoped_release nogil;
+            std::vector<std::thread> pool;
+            for (int t = 1; t < threads; ++t)
+                pool.emplace_back([&, t] { fm::group_norm_f32(xp, gp, bp, op, plane, c, groups, eps, silu, t, threads, path); });
+            fm::group_norm_f32(xp, gp, bp, op, plane, c, groups, eps, silu, 0, threads, path);
+            for (auto &th : pool) th.join();
+        }
+        return out;
+    }, py::arg("x"), py::arg("gamma"), py::arg("beta"), py::arg("groups"), py::arg("eps") = 1e-6f,
+       py::arg("silu") = false, py::arg("threads") = 1, py::arg("kernels") = py::none());
+    m.def("norm_paths", [] {
+        std::vector<std::string> out;
+        for (fm::NormPath p : {fm::NormPath::Avx2, fm::NormPath::Portable})
+            if (fm::norm_path_supported(p)) out.push_back(fm::norm_path_name(p));
+        return out;
+    });
     m.def("cpu_conv2d_available", &fm::cpu_conv2d_available);
     // The convolution's paths this CPU runs, fastest first, and the engine's (kernels: default).
     m.def("conv_paths", [] {

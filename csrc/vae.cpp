@@ -20,6 +20,7 @@
 
 #include "common.h"
 #include "cpu_conv.h"
+#include "cpu_norm.h"
 #include "layers.h"
 
 #include <ggml-alloc.h>
@@ -353,11 +354,20 @@ struct VaeNet::Impl {
         return ggml_reshape_4d(ctx, y, OW, OH, cout, 1);
     }
 
-    static ggml_tensor *norm(const Ops &o, ggml_tensor *x, const Norm &n) { return group_norm(o, x, n, kGroups, kEps); }
+    // GroupNorm with its scale and shift, then SiLU where `act`: one op of ours (cpu_norm.h) where
+    // our convolution runs (the CPU backend), else ggml's four.
+    ggml_tensor *norm(const Ops &o, ggml_tensor *x, const Norm &n, bool act) const {
+        if (own_conv() && n.w && n.b && n.w->type == GGML_TYPE_F32 && n.b->type == GGML_TYPE_F32) {
+            if (!ggml_is_contiguous(x)) x = ggml_cont(o.ctx, x);
+            return group_norm_op(o.ctx, x, n.w, n.b, kGroups, kEps, act);
+        }
+        ggml_tensor *y = group_norm(o, x, n, kGroups, kEps);
+        return act ? silu(o, y) : y;
+    }
 
     ggml_tensor *resnet(const Ops &o, ggml_tensor *x, const ResnetP &r) const {
-        ggml_tensor *h = conv(o, silu(o, norm(o, x, r.norm1)), r.conv1, 1, 1);
-        h = conv(o, silu(o, norm(o, h, r.norm2)), r.conv2, 1, 1);
+        ggml_tensor *h = conv(o, norm(o, x, r.norm1, true), r.conv1, 1, 1);
+        h = conv(o, norm(o, h, r.norm2, true), r.conv2, 1, 1);
         ggml_tensor *skip = r.skip.w ? conv(o, x, r.skip, 1, 0) : x;
         return ggml_add(o.ctx, skip, h);
     }
@@ -366,7 +376,7 @@ struct VaeNet::Impl {
     ggml_tensor *attn(const Ops &o, ggml_tensor *x, const AttnP &a) const {
         ggml_context *ctx = o.ctx;
         const int64_t W = x->ne[0], H = x->ne[1], C = x->ne[2], L = W * H;
-        ggml_tensor *h = norm(o, x, a.norm);
+        ggml_tensor *h = norm(o, x, a.norm, false);
         ggml_tensor *t = ggml_cont(ctx, ggml_transpose(ctx, ggml_reshape_2d(ctx, h, L, C)));  // [C, L]
         auto proj = [&](const ConvP &c, ggml_tensor *in) {  // 1x1 conv on tokens = linear
             Linear l;
@@ -427,7 +437,7 @@ struct VaeNet::Impl {
                 x = conv(o, x, lv.resample, 1, 1);
             }
         }
-        x = conv(o, silu(o, norm(o, x, dec.norm_out)), dec.conv_out, 1, 1);
+        x = conv(o, norm(o, x, dec.norm_out, true), dec.conv_out, 1, 1);
         ggml_set_name(x, "out");
         ggml_set_output(x);
         ggml_cgraph *g = ggml_new_graph_custom(ctx, kMaxNodes, false);
@@ -453,7 +463,7 @@ struct VaeNet::Impl {
         x = resnet(o, x, enc.mid1);
         x = attn(o, x, enc.attn);
         x = resnet(o, x, enc.mid2);
-        x = conv(o, silu(o, norm(o, x, enc.norm_out)), enc.conv_out, 1, 1);  // mean ‖ logvar
+        x = conv(o, norm(o, x, enc.norm_out, true), enc.conv_out, 1, 1);  // mean ‖ logvar
         ggml_set_name(x, "moments");
         ggml_set_output(x);
         ggml_cgraph *g = ggml_new_graph_custom(ctx, kMaxNodes, false);
