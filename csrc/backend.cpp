@@ -407,6 +407,11 @@ struct OpProfiler {
         if (t->op == GGML_OP_FLASH_ATTN_EXT)  // Q·Kᵀ and P·V: 4·d·Lq·Lk·heads
             return 4.0 * double(t->src[0]->ne[0]) * double(t->src[0]->ne[1]) * double(t->src[1]->ne[1]) *
                    double(t->src[0]->ne[2]);
+        if (t->op == GGML_OP_CUSTOM && std::strcmp(t->name, "fm.attention") == 0)  // q [d, H, Lq], k [d, H, Lk]
+            return 4.0 * double(t->src[0]->ne[0]) * double(t->src[0]->ne[1]) * double(t->src[0]->ne[2]) *
+                   double(t->src[1]->ne[2]);
+        if (t->op == GGML_OP_CUSTOM && std::strcmp(t->name, "fm.conv") == 0)  // 2·k²·Cin·Cout per output pixel
+            return 2.0 * double(ggml_nelements(t->src[1])) * double(t->ne[0]) * double(t->ne[1]);
         return 0;
     }
     static bool eval(ggml_tensor *t, bool ask, void *user) {
@@ -422,7 +427,7 @@ struct OpProfiler {
             key += strfmt("(%s%s, n=%lld)", ggml_type_name(w->type), std::strstr(buf, "REPACK") ? " repacked" : "",
                           (long long)(ggml_nelements(t) / t->ne[0]));
         } else if (t->op == GGML_OP_CUSTOM && std::strncmp(t->name, "fm.", 3) == 0) {
-            key += strfmt("(%s)", t->name + 3);  // our kernels that name their nodes (cpu_lora.cpp)
+            key += strfmt("(%s)", t->name + 3);  // our kernels name their nodes (fm.conv, fm.norm, ...)
         }
         Row &r = p->rows[key];
         r.seconds += std::chrono::duration<double>(clock::now() - p->start).count();

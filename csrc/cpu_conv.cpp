@@ -371,8 +371,10 @@ ggml_tensor *conv2d_f32_op(ggml_context *ctx, ggml_tensor *x, ggml_tensor *kerne
     const int64_t k = kernel->ne[0];
     const int64_t OW = (x->ne[0] + 2 * pad - k) / stride + 1, OH = (x->ne[1] + 2 * pad - k) / stride + 1;
     ggml_tensor *args[3] = {x, kernel, bias};
-    return ggml_custom_4d(ctx, GGML_TYPE_F32, OW, OH, kernel->ne[3], 1, args, bias ? 3 : 2, conv_node, GGML_N_TASKS_MAX,
-                          conv_geometry(stride, pad));
+    ggml_tensor *out = ggml_custom_4d(ctx, GGML_TYPE_F32, OW, OH, kernel->ne[3], 1, args, bias ? 3 : 2, conv_node,
+                                      GGML_N_TASKS_MAX, conv_geometry(stride, pad));
+    ggml_set_name(out, "fm.conv");  // for FLUXMINI_PROFILE's table
+    return out;
 }
 
 }  // namespace fm
