@@ -6,12 +6,14 @@
 // activation block. Q4_1 (d·q + m) adds m·d_a·Σq_a per block instead.
 //
 // Layout of the work: each thread owns a range of column units (8 columns for the ymm paths, 16
-// for zmm). Per pass of kBlocksPerPass blocks (256 values of k) it unpacks the weights of 64
+// for zmm). Per pass of kBlocksPerPass blocks (1024 values of k) it unpacks the weights of 64
 // columns into a "panel": for every block and unit, 8 registers, register g holding values
 // 4g..4g+3 of each of the unit's columns (what one dot-product instruction multiplies with 4
 // bytes of one activation row, broadcast), then the unit's weight scales and (Q4_1) minimums.
-// The weights are read in place from the file mapping: the panel is a small per-thread buffer
-// (20 KiB, in L1), refilled per pass. The register tiles are 6 activation rows x 8 columns
+// The weights are read in place from the file mapping: the panel is a per-thread buffer (80 KiB,
+// in L2), refilled per pass. Each pass reloads and stores the F32 accumulators of every row tile:
+// 32 blocks a pass ran the Q4_0 GEMM 1.1-1.2x faster than 8 (a 20 KiB panel in L1) on every
+// path (benchmarks/bench_qmatmul.py, Sapphire Rapids). The register tiles are 6 activation rows x 8 columns
 // (ymm) or 6 x 32 (two zmm units): integer accumulators for a block's sums, and F32 accumulators
 // they are scaled into. Activations are quantized once per matmul, by their own graph node.
 //
@@ -37,7 +39,7 @@
 namespace fm {
 
 namespace {
-constexpr int64_t kBlocksPerPass = 8;  // blocks (of 32 values) per pass over k
+constexpr int64_t kBlocksPerPass = 32;  // blocks (of 32 values) per pass over k
 constexpr int64_t kChunkColumns = 64;  // columns unpacked together
 
 // ggml's blocks: Q4_0 {F16 d; 16 bytes of nibbles} (value d·(q − 8)), Q4_1 {F16 d, m; 16 bytes of

@@ -58,7 +58,8 @@ def require(path: str):
 
 SHAPES = [  # (rows, k, n)
     (1, 32, 8),       # one block, one row (the modulation vectors are single rows)
-    (7, 288, 24),     # 9 blocks: two passes over k of 5 + 4 blocks; 7 rows = a tile of 6 and one of 1
+    (7, 288, 24),     # 9 blocks, one pass over k; 7 rows = a tile of 6 and one of 1
+    (7, 2336, 24),    # 73 blocks: three passes over k of 25 + 25 + 23 blocks (F32 sums carried across)
     (13, 1024, 72),   # 72 columns: a chunk of 64 and one of 8 (zmm: units of 16 and a half unit)
     (64, 256, 136),
     (20, 512, 40),    # zmm: one tile of two units and one of a half unit
