@@ -412,6 +412,8 @@ struct OpProfiler {
                    double(t->src[1]->ne[2]);
         if (t->op == GGML_OP_CUSTOM && std::strcmp(t->name, "fm.conv") == 0)  // 2·k²·Cin·Cout per output pixel
             return 2.0 * double(ggml_nelements(t->src[1])) * double(t->ne[0]) * double(t->ne[1]);
+        if (t->op == GGML_OP_CUSTOM && std::strcmp(t->name, "fm.upconv") == 0)  // 2x2 kernels: 2·4·Cin·Cout a pixel
+            return 2.0 * double(ggml_nelements(t->src[1])) * 4.0 / 9.0 * double(t->ne[0]) * double(t->ne[1]);
         return 0;
     }
     static bool eval(ggml_tensor *t, bool ask, void *user) {

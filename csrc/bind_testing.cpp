@@ -234,6 +234,37 @@ void bind_testing(py::module_ &m) {
             if (fm::norm_path_supported(p)) out.push_back(fm::norm_path_name(p));
         return out;
     });
+    // conv3x3(upsample2x(x)) with padding 1 on its own (the VAE decoder's Upsample2D), for tests:
+    // x [Cin, H, W], kernel [Cout, Cin, 3, 3] float32 -> [Cout, 2H, 2W]; as conv2d_f32 above.
+    m.def("upsample_conv2d_f32", [](f32_array x, f32_array kernel, std::optional<f32_array> bias, int threads,
+                                    std::optional<std::string> kernels) {
+        fm::ConvPath path = fm::conv_engine_path();
+        if (kernels) {
+            bool found = false;
+            for (fm::ConvPath p : {fm::ConvPath::Avx512, fm::ConvPath::Avx2, fm::ConvPath::Portable})
+                if (*kernels == fm::conv_path_name(p)) path = p, found = true;
+            if (!found || !fm::conv_path_supported(path))
+                fm::fail_value("upsample_conv2d_f32: kernels '%s' is not a path this CPU runs", kernels->c_str());
+        }
+        if (x.ndim() != 3 || kernel.ndim() != 4 || kernel.shape(1) != x.shape(0) || kernel.shape(2) != 3 ||
+            kernel.shape(3) != 3 || threads < 1)
+            fm::fail_value("upsample_conv2d_f32 takes x [Cin, H, W] and kernel [Cout, Cin, 3, 3], threads >= 1");
+        const int64_t cin = x.shape(0), h = x.shape(1), w = x.shape(2), cout = kernel.shape(0);
+        if (bias && (bias->ndim() != 1 || bias->shape(0) != cout)) fm::fail_value("bias must be [Cout]");
+        f32_array out({cout, 2 * h, 2 * w});
+        const fm::ConvKernel kp{kernel.data(), nullptr};
+        const float *xp = x.data(), *bp = bias ? bias->data() : nullptr;
+        float *op = out.mutable_data();
+        {
+            py::gil_scoped_release nogil;
+            std::vector<std::thread> pool;
+            for (int t = 1; t < threads; ++t)
+                pool.emplace_back([&, t] { fm::upsample_conv2d_f32(kp, xp, bp, op, w, h, cin, cout, t, threads, path); });
+            fm::upsample_conv2d_f32(kp, xp, bp, op, w, h, cin, cout, 0, threads, path);
+            for (auto &th : pool) th.join();
+        }
+        return out;
+    }, py::arg("x"), py::arg("kernel"), py::arg("bias"), py::arg("threads") = 1, py::arg("kernels") = py::none());
     m.def("cpu_conv2d_available", &fm::cpu_conv2d_available);
     // The convolution's paths this CPU runs, fastest first, and the engine's (kernels: default).
     m.def("conv_paths", [] {

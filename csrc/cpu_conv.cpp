@@ -35,6 +35,33 @@ constexpr int64_t kChunk = 24;   // panels packed together: 24·16·kKc floats (
                                  // accumulators (24·16 per channel: 768 KiB at 512 channels)
 }  // namespace
 
+namespace {
+// A 3x3 convolution (padding 1) of the 2x nearest-neighbour upsampling of x equals, for each
+// output parity (a, b) — outputs (2i + a, 2j + b) — a 2x2 convolution of x itself: output row
+// 2i + a reads upsampled rows 2i + a − 1 .. 2i + a + 1, which are x's rows i − 1, i, i (a = 0) or
+// i, i, i + 1 (a = 1), so kernel rows that meet the same row of x add up. Taps: row ty ∈ {0, 1} of
+// the 2x2 kernel is x's row i + ty − 1 + a and sums the 3x3 kernel's rows kTaps[a][ty]; columns
+// alike. 4·Cin products an output instead of 9·Cin.
+constexpr int kTaps[2][2][2] = {{{0, 0}, {1, 2}}, {{0, 1}, {2, 2}}};  // [parity][tap]: first, last 3x3 row
+
+// wc [Cout][Cin][2][2] (F32) for parity (a, b) from the 3x3 kernel [Cout][Cin][3][3].
+void upsample_kernel(ConvKernel kernel, int64_t Cin, int64_t Cout, int a, int b, std::vector<float> *wc) {
+    wc->resize(size_t(Cout * Cin * 4));
+    for (int64_t oc = 0; oc < Cout * Cin; ++oc) {
+        float k9[9];
+        if (kernel.f32) std::memcpy(k9, kernel.f32 + oc * 9, sizeof(k9));
+        else ggml_fp16_to_fp32_row(kernel.f16 + oc * 9, k9, 9);
+        for (int ty = 0; ty < 2; ++ty)
+            for (int tx = 0; tx < 2; ++tx) {
+                float sum = 0.0f;
+                for (int ky = kTaps[a][ty][0]; ky <= kTaps[a][ty][1]; ++ky)
+                    for (int kx = kTaps[b][tx][0]; kx <= kTaps[b][tx][1]; ++kx) sum += k9[ky * 3 + kx];
+                (*wc)[size_t(oc * 4 + ty * 2 + tx)] = sum;
+            }
+    }
+}
+}  // namespace
+
 #ifdef FM_CONV_X86
 
 bool conv_path_supported(ConvPath path) {
@@ -119,17 +146,24 @@ __attribute__((target("avx2,fma,avx512f"))) void tile_kernel_zmm(const float *xp
 // ky, then the input channel), so results equal im2col + gemm bit for bit.
 struct ConvPanels {
     const float *x;
-    int64_t W, H, Cin, k, s, pad, OW, OH;
+    int64_t W, H, Cin, k, s, pad_x, pad_y, OW, OH;  // left / top padding (right / bottom: implied by OW, OH)
+    int64_t up_a = -1, up_b = 0;  // ≥ 0: output (i, j) lands at (2i + up_a, 2j + up_b) of a 2OW x 2OH map
     int64_t per_row() const { return (OW + kCols - 1) / kCols; }
     int64_t count() const { return OH * per_row(); }
     int64_t width(int64_t q) const { return std::min<int64_t>(kCols, OW - (q % per_row()) * kCols); }
-    int64_t first(int64_t q) const { return (q / per_row()) * OW + (q % per_row()) * kCols; }
+    // Panel q's n outputs of one channel from src to that channel's output plane.
+    void copy_out(int64_t q, const float *src, float *plane) const {
+        const int64_t oy = q / per_row(), ox0 = (q % per_row()) * kCols, n = width(q);
+        if (up_a < 0) return (void)std::memcpy(plane + oy * OW + ox0, src, size_t(n) * sizeof(float));
+        float *dst = plane + (2 * oy + up_a) * (2 * OW) + 2 * ox0 + up_b;
+        for (int64_t j = 0; j < n; ++j) dst[2 * j] = src[j];
+    }
     __attribute__((target("avx2,fma"))) void pack(int64_t q, int64_t k0, int64_t kc, float *dst) const {
         const int64_t oy = q / per_row(), ox0 = (q % per_row()) * kCols, n = width(q);
         int64_t kx = k0 % k, ky = (k0 / k) % k, ci = k0 / (k * k);
         const __m256i iota0 = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7), iota1 = _mm256_add_epi32(iota0, _mm256_set1_epi32(8));
         for (int64_t kk = 0; kk < kc; ++kk, dst += kCols) {
-            const int64_t iy = oy * s + ky - pad, ix0 = ox0 * s + kx - pad;
+            const int64_t iy = oy * s + ky - pad_y, ix0 = ox0 * s + kx - pad_x;
             if (iy < 0 || iy >= H) {
                 std::memset(dst, 0, kCols * sizeof(float));
             } else {
@@ -280,9 +314,8 @@ void gemm_driver(const Panels &src, const WeightBlocks &w, const float *bias, fl
             }
         }
         for (int64_t q = q0; q < q1; ++q) {
-            const int64_t n = src.width(q), first = src.first(q);
             const float *a = acc + (q - q0) * cpad * kCols;
-            for (int64_t c = 0; c < C; ++c) std::memcpy(out + c * ldo + first, a + c * kCols, size_t(n) * sizeof(float));
+            for (int64_t c = 0; c < C; ++c) src.copy_out(q, a + c * kCols, out + c * ldo);
         }
     }
 }
@@ -291,8 +324,22 @@ template <bool kZmm>
 void conv2d_simd(ConvKernel kernel, const float *x, const float *bias, float *out, int64_t W, int64_t H, int64_t Cin,
                  int64_t Cout, int64_t k, int64_t stride, int64_t pad, int ith, int nth) {
     const int64_t OW = (W + 2 * pad - k) / stride + 1, OH = (H + 2 * pad - k) / stride + 1;
-    gemm_driver<kZmm>(ConvPanels{x, W, H, Cin, k, stride, pad, OW, OH}, WeightBlocks{kernel, Cout, k * k * Cin}, bias,
-                      out, OW * OH, ith, nth);
+    gemm_driver<kZmm>(ConvPanels{x, W, H, Cin, k, stride, pad, pad, OW, OH}, WeightBlocks{kernel, Cout, k * k * Cin},
+                      bias, out, OW * OH, ith, nth);
+}
+
+template <bool kZmm>
+void upsample_conv_simd(ConvKernel kernel, const float *x, const float *bias, float *out, int64_t W, int64_t H,
+                        int64_t Cin, int64_t Cout, int ith, int nth) {
+    thread_local std::vector<float> wc;
+    for (int a = 0; a < 2; ++a)
+        for (int b = 0; b < 2; ++b) {
+            upsample_kernel(kernel, Cin, Cout, a, b, &wc);
+            ConvPanels panels{x, W, H, Cin, 2, 1, 1 - b, 1 - a, W, H};
+            panels.up_a = a, panels.up_b = b;
+            gemm_driver<kZmm>(panels, WeightBlocks{ConvKernel{wc.data(), nullptr}, Cout, 4 * Cin}, bias, out,
+                              4 * W * H, ith, nth);
+        }
 }
 
 }  // namespace
@@ -341,6 +388,34 @@ void conv2d_f32(ConvKernel kernel, const float *x, const float *bias, float *out
     conv2d_portable(kernel, x, bias, out, W, H, Cin, Cout, k, stride, pad, ith, nth);
 }
 
+void upsample_conv2d_f32(ConvKernel kernel, const float *x, const float *bias, float *out, int64_t W, int64_t H,
+                         int64_t Cin, int64_t Cout, int ith, int nth, ConvPath path) {
+#ifdef FM_CONV_X86
+    if (path == ConvPath::Avx512 && conv_path_supported(path))
+        return upsample_conv_simd<true>(kernel, x, bias, out, W, H, Cin, Cout, ith, nth);
+    if (path == ConvPath::Avx2 && conv_path_supported(path))
+        return upsample_conv_simd<false>(kernel, x, bias, out, W, H, Cin, Cout, ith, nth);
+#endif
+    // Plain C++: the same parities and combined kernels, one output at a time.
+    std::vector<float> wc;
+    for (int a = 0; a < 2; ++a)
+        for (int b = 0; b < 2; ++b) {
+            upsample_kernel(kernel, Cin, Cout, a, b, &wc);
+            for (int64_t p = W * H * ith / nth; p < W * H * (ith + 1) / nth; ++p) {
+                const int64_t i = p / W, j = p % W;
+                for (int64_t c = 0; c < Cout; ++c) {
+                    float sum = bias ? bias[c] : 0.0f;
+                    for (int64_t kk = 0; kk < 4 * Cin; ++kk) {
+                        const int64_t tx = kk % 2, ty = (kk / 2) % 2, ci = kk / 4;
+                        const int64_t iy = i + ty - 1 + a, ix = j + tx - 1 + b;
+                        if (iy >= 0 && iy < H && ix >= 0 && ix < W) sum += wc[size_t(c * 4 * Cin + kk)] * x[(ci * H + iy) * W + ix];
+                    }
+                    out[c * 4 * W * H + (2 * i + a) * 2 * W + 2 * j + b] = sum;
+                }
+            }
+        }
+}
+
 namespace {
 // The custom op's own parameters hold its function; stride and padding travel in the userdata
 // pointer's value (nothing to allocate or free).
@@ -357,7 +432,29 @@ void conv_node(ggml_tensor *dst, int ith, int nth, void *userdata) {
                nth, conv_engine_path());
 }
 
+void upsample_conv_node(ggml_tensor *dst, int ith, int nth, void *) {
+    const ggml_tensor *x = dst->src[0], *kw = dst->src[1], *b = dst->src[2];
+    const ConvKernel kernel = kw->type == GGML_TYPE_F16 ? ConvKernel{nullptr, static_cast<const ggml_fp16_t *>(kw->data)}
+                                                        : ConvKernel{static_cast<const float *>(kw->data), nullptr};
+    upsample_conv2d_f32(kernel, static_cast<const float *>(x->data), b ? static_cast<const float *>(b->data) : nullptr,
+                        static_cast<float *>(dst->data), x->ne[0], x->ne[1], x->ne[2], kw->ne[3], ith, nth,
+                        conv_engine_path());
+}
+
 }  // namespace
+
+ggml_tensor *upsample_conv2d_f32_op(ggml_context *ctx, ggml_tensor *x, ggml_tensor *kernel, ggml_tensor *bias) {
+    if ((kernel->type != GGML_TYPE_F32 && kernel->type != GGML_TYPE_F16) || x->type != GGML_TYPE_F32 ||
+        !ggml_is_contiguous(x) || !ggml_is_contiguous(kernel) || kernel->ne[0] != 3 || kernel->ne[1] != 3 ||
+        kernel->ne[2] != x->ne[2] || x->ne[3] != 1 || (bias && (bias->type != GGML_TYPE_F32 || bias->ne[0] != kernel->ne[3])))
+        fail_runtime("internal error: upsample_conv2d_f32_op takes contiguous F32 x [W, H, Cin, 1], F32/F16 kernel "
+                     "[3, 3, Cin, Cout], F32 bias [Cout]");
+    ggml_tensor *args[3] = {x, kernel, bias};
+    ggml_tensor *out = ggml_custom_4d(ctx, GGML_TYPE_F32, 2 * x->ne[0], 2 * x->ne[1], kernel->ne[3], 1, args, bias ? 3 : 2,
+                                      upsample_conv_node, GGML_N_TASKS_MAX, nullptr);
+    ggml_set_name(out, "fm.upconv");  // for FLUXMINI_PROFILE's table
+    return out;
+}
 
 ggml_tensor *conv2d_f32_op(ggml_context *ctx, ggml_tensor *x, ggml_tensor *kernel, ggml_tensor *bias, int stride,
                            int pad) {

@@ -39,10 +39,19 @@ struct ConvKernel {
 void conv2d_f32(ConvKernel kernel, const float *x, const float *bias, float *out, int64_t W, int64_t H, int64_t Cin,
                 int64_t Cout, int64_t k, int64_t stride, int64_t pad, int ith, int nth, ConvPath path);
 
+// conv3x3(upsample2x(x)) with padding 1 (nearest-neighbour upsampling, as the VAE decoder's
+// Upsample2D): out [2W, 2H, Cout] from x [W, H, Cin] and a 3x3 kernel, computed per output parity
+// as a 2x2 convolution of x itself with kernel taps summed (4·Cin products an output instead of
+// 9·Cin, and no upsampled map in memory). Same rounding as the two ops up to the summed taps.
+void upsample_conv2d_f32(ConvKernel kernel, const float *x, const float *bias, float *out, int64_t W, int64_t H,
+                         int64_t Cin, int64_t Cout, int ith, int nth, ConvPath path);
+
 // ggml graph node computing conv2d_f32 on the CPU backend: x [W, H, Cin, 1] F32 contiguous,
 // kernel [k, k, Cin, Cout] F32 or F16 contiguous, bias [Cout]
 // F32 or null -> [OW, OH, Cout, 1].
 ggml_tensor *conv2d_f32_op(ggml_context *ctx, ggml_tensor *x, ggml_tensor *kernel, ggml_tensor *bias, int stride,
                            int pad);
+// The same for upsample_conv2d_f32: x [W, H, Cin, 1], kernel [3, 3, Cin, Cout] -> [2W, 2H, Cout, 1].
+ggml_tensor *upsample_conv2d_f32_op(ggml_context *ctx, ggml_tensor *x, ggml_tensor *kernel, ggml_tensor *bias);
 
 }  // namespace fm

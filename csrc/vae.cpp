@@ -305,6 +305,16 @@ struct VaeNet::Impl {
         return ggml_add(o.ctx, y, ggml_reshape_4d(o.ctx, c.b, 1, 1, c.b->ne[0], 1));
     }
 
+    // Upsample2D: 2x nearest-neighbour upsampling, then a 3x3 convolution; one op of ours where our
+    // convolution runs (2x2 kernels per output parity, no upsampled map: cpu_conv.h).
+    ggml_tensor *upsample_conv(const Ops &o, ggml_tensor *x, const ConvP &c) const {
+        if (use_own_conv(c.w) && c.w->ne[0] == 3 && c.w->ne[1] == 3) {
+            if (!ggml_is_contiguous(x)) x = ggml_cont(o.ctx, x);
+            return upsample_conv2d_f32_op(o.ctx, x, c.w, c.b);
+        }
+        return conv(o, ggml_upscale(o.ctx, x, 2, GGML_SCALE_MODE_NEAREST), c, 1, 1);
+    }
+
     bool own_conv() const { return conv_own && backend.is_cpu() && cpu_conv2d_available(); }
     bool use_own_conv(const ggml_tensor *kernel) const {
         return own_conv() && (kernel->type == GGML_TYPE_F32 || kernel->type == GGML_TYPE_F16);
@@ -432,10 +442,7 @@ struct VaeNet::Impl {
         for (int64_t i = cfg.levels - 1; i >= 0; --i) {
             const LevelP &lv = dec.up[size_t(i)];
             for (const ResnetP &r : lv.blocks) x = resnet(o, x, r);
-            if (i != 0) {
-                x = ggml_upscale(ctx, x, 2, GGML_SCALE_MODE_NEAREST);
-                x = conv(o, x, lv.resample, 1, 1);
-            }
+            if (i != 0) x = upsample_conv(o, x, lv.resample);
         }
         x = conv(o, norm(o, x, dec.norm_out, true), dec.conv_out, 1, 1);
         ggml_set_name(x, "out");

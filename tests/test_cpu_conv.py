@@ -150,3 +150,25 @@ def test_bad_arguments_raise():
         _core.testing.conv2d_f32(x, np.zeros((2, 3, 9, 9), np.float32), None)  # kernel larger than the padded image
     with pytest.raises(FluxMiniValueError):
         _core.testing.conv2d_f32(x, np.zeros((2, 3, 3, 3), np.float32), None, kernels="avx1024")
+
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("case", [(3, 4, 5, 7), (20, 9, 17, 18), (40, 8, 16, 16), (2, 1, 1, 3)],
+                         ids=lambda c: "x".join(map(str, c)))
+def test_upsample_conv_matches_conv_of_the_upsampled_image(case, path):
+    """conv3x3(upsample2x(x)) as one op (the decoder's Upsample2D): per output parity a 2x2
+    convolution of x with the 3x3 kernel's taps summed. Reference: the float64 convolution of the
+    nearest-neighbour upsampled image, within the same bound as above (summing taps in F32 adds
+    one rounding per tap of |w|, inside 2e-6·Σ|x·w|)."""
+    require(path)
+    cin, h, w, cout = case
+    rng = np.random.default_rng(sum(case))
+    x = rng.standard_normal((cin, h, w)).astype(np.float32)
+    kern = rng.standard_normal((cout, cin, 3, 3)).astype(np.float32)
+    bias = rng.standard_normal(cout).astype(np.float32)
+    up = np.repeat(np.repeat(x, 2, axis=1), 2, axis=2)
+    ref, mag = conv_ref(up, kern, bias, 1, 1)
+    got = _core.testing.upsample_conv2d_f32(x, kern, bias, threads=2, kernels=path)
+    assert got.shape == ref.shape and got.dtype == np.float32
+    assert np.all(np.abs(got - ref) <= 2e-6 * mag + 1e-30), float(np.max(np.abs(got - ref) / mag))
+    np.testing.assert_array_equal(_core.testing.upsample_conv2d_f32(x, kern, bias, threads=3, kernels=path), got)
