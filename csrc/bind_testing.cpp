@@ -57,6 +57,14 @@ template <class Fn> void run_threads(int threads, Fn &&fn) {
     fn(0);
     for (auto &th : pool) th.join();
 }
+
+// The convolution path a test asks for (name: avx512, avx2, portable), or the engine's.
+fm::ConvPath conv_path_arg(const char *fn, const std::optional<std::string> &kernels) {
+    if (!kernels) return fm::conv_engine_path();
+    for (fm::ConvPath p : {fm::ConvPath::Avx512, fm::ConvPath::Avx2, fm::ConvPath::Portable})
+        if (*kernels == fm::conv_path_name(p) && fm::conv_path_supported(p)) return p;
+    fm::fail_value("%s: kernels '%s' is not a path this CPU runs (avx512, avx2, portable)", fn, kernels->c_str());
+}
 }  // namespace
 
 void bind_testing(py::module_ &m) {
@@ -165,14 +173,7 @@ void bind_testing(py::module_ &m) {
         f32_array kernel32 = f16 ? f32_array() : f32_array::ensure(kernel_in);
         if (!f16 && !kernel32) fm::fail_value("conv2d_f32: the kernel must be a float32 or float16 array");
         const py::array &kernel = f16 ? static_cast<const py::array &>(kernel16) : kernel32;
-        fm::ConvPath path = fm::conv_engine_path();
-        if (kernels) {
-            bool found = false;
-            for (fm::ConvPath p : {fm::ConvPath::Avx512, fm::ConvPath::Avx2, fm::ConvPath::Portable})
-                if (*kernels == fm::conv_path_name(p)) path = p, found = true;
-            if (!found || !fm::conv_path_supported(path))
-                fm::fail_value("conv2d_f32: kernels '%s' is not a path this CPU runs (avx512, avx2, portable)", kernels->c_str());
-        }
+        const fm::ConvPath path = conv_path_arg("conv2d_f32", kernels);
         if (x.ndim() != 3 || kernel.ndim() != 4 || kernel.shape(1) != x.shape(0) || kernel.shape(2) != kernel.shape(3))
             fm::fail_value("conv2d_f32 takes x [Cin, H, W] and kernel [Cout, Cin, k, k]");
         const int64_t cin = x.shape(0), h = x.shape(1), w = x.shape(2), cout = kernel.shape(0), k = kernel.shape(2);
@@ -187,11 +188,7 @@ void bind_testing(py::module_ &m) {
         float *op = out.mutable_data();
         {
             py::gil_scoped_release nogil;
-            std::vector<std::thread> pool;
-            for (int t = 1; t < threads; ++t)
-                pool.emplace_back([&, t] { fm::conv2d_f32(kp, xp, bp, op, w, h, cin, cout, k, stride, pad, t, threads, path); });
-            fm::conv2d_f32(kp, xp, bp, op, w, h, cin, cout, k, stride, pad, 0, threads, path);
-            for (auto &th : pool) th.join();
+            run_threads(threads, [&](int t) { fm::conv2d_f32(kp, xp, bp, op, w, h, cin, cout, k, stride, pad, t, threads, path); });
         }
         return out;
     }, py::arg("x"), py::arg("kernel"), py::arg("bias"), py::arg("stride") = 1, py::arg("pad") = 0, py::arg("threads") = 1,
@@ -219,11 +216,7 @@ void bind_testing(py::module_ &m) {
         float *op = out.mutable_data();
         {
             py::gil_scoped_release nogil;
-            std::vector<std::thread> pool;
-            for (int t = 1; t < threads; ++t)
-                pool.emplace_back([&, t] { fm::group_norm_f32(xp, gp, bp, op, plane, c, groups, eps, silu, t, threads, path); });
-            fm::group_norm_f32(xp, gp, bp, op, plane, c, groups, eps, silu, 0, threads, path);
-            for (auto &th : pool) th.join();
+            run_threads(threads, [&](int t) { fm::group_norm_f32(xp, gp, bp, op, plane, c, groups, eps, silu, t, threads, path); });
         }
         return out;
     }, py::arg("x"), py::arg("gamma"), py::arg("beta"), py::arg("groups"), py::arg("eps") = 1e-6f,
@@ -238,14 +231,7 @@ void bind_testing(py::module_ &m) {
     // x [Cin, H, W], kernel [Cout, Cin, 3, 3] float32 -> [Cout, 2H, 2W]; as conv2d_f32 above.
     m.def("upsample_conv2d_f32", [](f32_array x, f32_array kernel, std::optional<f32_array> bias, int threads,
                                     std::optional<std::string> kernels) {
-        fm::ConvPath path = fm::conv_engine_path();
-        if (kernels) {
-            bool found = false;
-            for (fm::ConvPath p : {fm::ConvPath::Avx512, fm::ConvPath::Avx2, fm::ConvPath::Portable})
-                if (*kernels == fm::conv_path_name(p)) path = p, found = true;
-            if (!found || !fm::conv_path_supported(path))
-                fm::fail_value("upsample_conv2d_f32: kernels '%s' is not a path this CPU runs", kernels->c_str());
-        }
+        const fm::ConvPath path = conv_path_arg("upsample_conv2d_f32", kernels);
         if (x.ndim() != 3 || kernel.ndim() != 4 || kernel.shape(1) != x.shape(0) || kernel.shape(2) != 3 ||
             kernel.shape(3) != 3 || threads < 1)
             fm::fail_value("upsample_conv2d_f32 takes x [Cin, H, W] and kernel [Cout, Cin, 3, 3], threads >= 1");
@@ -257,11 +243,7 @@ void bind_testing(py::module_ &m) {
         float *op = out.mutable_data();
         {
             py::gil_scoped_release nogil;
-            std::vector<std::thread> pool;
-            for (int t = 1; t < threads; ++t)
-                pool.emplace_back([&, t] { fm::upsample_conv2d_f32(kp, xp, bp, op, w, h, cin, cout, t, threads, path); });
-            fm::upsample_conv2d_f32(kp, xp, bp, op, w, h, cin, cout, 0, threads, path);
-            for (auto &th : pool) th.join();
+            run_threads(threads, [&](int t) { fm::upsample_conv2d_f32(kp, xp, bp, op, w, h, cin, cout, t, threads, path); });
         }
         return out;
     }, py::arg("x"), py::arg("kernel"), py::arg("bias"), py::arg("threads") = 1, py::arg("kernels") = py::none());

@@ -421,12 +421,16 @@ namespace {
 // pointer's value (nothing to allocate or free).
 void *conv_geometry(int64_t stride, int64_t pad) { return reinterpret_cast<void *>(uintptr_t(stride | (pad << 16))); }
 
+ConvKernel kernel_of(const ggml_tensor *kw) {
+    return kw->type == GGML_TYPE_F16 ? ConvKernel{nullptr, static_cast<const ggml_fp16_t *>(kw->data)}
+                                     : ConvKernel{static_cast<const float *>(kw->data), nullptr};
+}
+
 void conv_node(ggml_tensor *dst, int ith, int nth, void *userdata) {
     const ggml_tensor *x = dst->src[0], *kw = dst->src[1], *b = dst->src[2];
     const auto geometry = reinterpret_cast<uintptr_t>(userdata);
     const int64_t stride = int64_t(geometry & 0xffff), pad = int64_t(geometry >> 16);
-    const ConvKernel kernel = kw->type == GGML_TYPE_F16 ? ConvKernel{nullptr, static_cast<const ggml_fp16_t *>(kw->data)}
-                                                        : ConvKernel{static_cast<const float *>(kw->data), nullptr};
+    const ConvKernel kernel = kernel_of(kw);
     conv2d_f32(kernel, static_cast<const float *>(x->data), b ? static_cast<const float *>(b->data) : nullptr,
                static_cast<float *>(dst->data), x->ne[0], x->ne[1], x->ne[2], kw->ne[3], kw->ne[0], stride, pad, ith,
                nth, conv_engine_path());
@@ -434,8 +438,7 @@ void conv_node(ggml_tensor *dst, int ith, int nth, void *userdata) {
 
 void upsample_conv_node(ggml_tensor *dst, int ith, int nth, void *) {
     const ggml_tensor *x = dst->src[0], *kw = dst->src[1], *b = dst->src[2];
-    const ConvKernel kernel = kw->type == GGML_TYPE_F16 ? ConvKernel{nullptr, static_cast<const ggml_fp16_t *>(kw->data)}
-                                                        : ConvKernel{static_cast<const float *>(kw->data), nullptr};
+    const ConvKernel kernel = kernel_of(kw);
     upsample_conv2d_f32(kernel, static_cast<const float *>(x->data), b ? static_cast<const float *>(b->data) : nullptr,
                         static_cast<float *>(dst->data), x->ne[0], x->ne[1], x->ne[2], kw->ne[3], ith, nth,
                         conv_engine_path());
