@@ -3,6 +3,7 @@
 #include "common.h"
 #include "cpu_attention.h"
 #include "cpu_conv.h"
+#include "cpu_gelu.h"
 #include "cpu_norm.h"
 #include "cpu_lora.h"
 #include "cpu_qmatmul.h"
@@ -64,6 +65,12 @@ fm::ConvPath conv_path_arg(const char *fn, const std::optional<std::string> &ker
     for (fm::ConvPath p : {fm::ConvPath::Avx512, fm::ConvPath::Avx2, fm::ConvPath::Portable})
         if (*kernels == fm::conv_path_name(p) && fm::conv_path_supported(p)) return p;
     fm::fail_value("%s: kernels '%s' is not a path this CPU runs (avx512, avx2, portable)", fn, kernels->c_str());
+}
+fm::NormPath norm_path_arg(const char *fn, const std::optional<std::string> &kernels) {
+    if (!kernels) return fm::norm_engine_path();
+    for (fm::NormPath p : {fm::NormPath::Avx2, fm::NormPath::Portable})
+        if (*kernels == fm::norm_path_name(p) && fm::norm_path_supported(p)) return p;
+    fm::fail_value("%s: kernels '%s' is not a path this CPU runs (avx2, portable)", fn, kernels->c_str());
 }
 }  // namespace
 
@@ -198,14 +205,7 @@ void bind_testing(py::module_ &m) {
     // path `kernels` (default: the engine's).
     m.def("group_norm_f32", [](f32_array x, std::optional<f32_array> gamma, std::optional<f32_array> beta, int groups,
                                float eps, bool silu, int threads, std::optional<std::string> kernels) {
-        fm::NormPath path = fm::norm_engine_path();
-        if (kernels) {
-            bool found = false;
-            for (fm::NormPath p : {fm::NormPath::Avx2, fm::NormPath::Portable})
-                if (*kernels == fm::norm_path_name(p)) path = p, found = true;
-            if (!found || !fm::norm_path_supported(path))
-                fm::fail_value("group_norm_f32: kernels '%s' is not a path this CPU runs (avx2, portable)", kernels->c_str());
-        }
+        const fm::NormPath path = norm_path_arg("group_norm_f32", kernels);
         if (x.ndim() != 3 || groups < 1 || x.shape(0) % groups != 0 || threads < 1)
             fm::fail_value("group_norm_f32 takes x [C, H, W] with C a multiple of groups, threads >= 1");
         const int64_t c = x.shape(0), plane = x.shape(1) * x.shape(2);
@@ -221,6 +221,24 @@ void bind_testing(py::module_ &m) {
         return out;
     }, py::arg("x"), py::arg("gamma"), py::arg("beta"), py::arg("groups"), py::arg("eps") = 1e-6f,
        py::arg("silu") = false, py::arg("threads") = 1, py::arg("kernels") = py::none());
+    // The tanh GELU on its own, for tests: x float32 of any shape -> the same shape; the values
+    // split over `threads` threads as the graph op splits them; on path `kernels` (default: the engine's).
+    m.def("gelu_tanh_f32", [](f32_array x, int threads, std::optional<std::string> kernels) {
+        const fm::NormPath path = norm_path_arg("gelu_tanh_f32", kernels);
+        if (threads < 1) fm::fail_value("gelu_tanh_f32: threads must be >= 1");
+        f32_array out(std::vector<py::ssize_t>(x.shape(), x.shape() + x.ndim()));
+        const int64_t n = x.size();
+        const float *xp = x.data();
+        float *op = out.mutable_data();
+        {
+            py::gil_scoped_release nogil;
+            run_threads(threads, [&](int t) {
+                const int64_t i0 = n * t / threads, i1 = n * (t + 1) / threads;
+                fm::gelu_tanh_f32(xp + i0, op + i0, i1 - i0, path);
+            });
+        }
+        return out;
+    }, py::arg("x"), py::arg("threads") = 1, py::arg("kernels") = py::none());
     m.def("norm_paths", [] {
         std::vector<std::string> out;
         for (fm::NormPath p : {fm::NormPath::Avx2, fm::NormPath::Portable})

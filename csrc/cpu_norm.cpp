@@ -7,6 +7,7 @@
 #include "cpu_norm.h"
 
 #include "common.h"
+#include "cpu_exp.h"
 
 #include <algorithm>
 #include <cmath>
@@ -73,31 +74,13 @@ __attribute__((target("avx2,fma"))) Moments moments_avx2(const float *x, int64_t
     return m;
 }
 
-// e^−v for the sigmoid: 2^t with t = −v·log2 e clamped to [−126, 126] (beyond, the SiLU is v or
-// 0 to within F32), 2^f for f = t − round(t) ∈ [−1/2, 1/2] by a degree-5 polynomial (relative
-// error ≤ 1.6e-7), 2^round(t) built in the exponent field.
-__attribute__((target("avx2,fma"))) inline __m256 exp_neg(__m256 v) {
-    __m256 t = _mm256_mul_ps(v, _mm256_set1_ps(-1.4426950408889634f));
-    t = _mm256_min_ps(_mm256_max_ps(t, _mm256_set1_ps(-126.0f)), _mm256_set1_ps(126.0f));
-    const __m256 n = _mm256_round_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    const __m256 f = _mm256_sub_ps(t, n);
-    __m256 p = _mm256_set1_ps(0.001326472731307149f);
-    p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(0.009671512991189957f));
-    p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(0.05550733581185341f));
-    p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(0.24022242426872253f));
-    p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(0.6931470036506653f));
-    p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(1.0f));
-    const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
-    return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
-}
-
 __attribute__((target("avx2,fma"))) void normalize_avx2(const float *x, float *y, int64_t n, float mean, float a,
                                                        float b, bool silu) {
     const __m256 vm = _mm256_set1_ps(mean), va = _mm256_set1_ps(a), vb = _mm256_set1_ps(b), one = _mm256_set1_ps(1.0f);
     int64_t i = 0;
     for (; i + 8 <= n; i += 8) {
         __m256 v = _mm256_fmadd_ps(_mm256_sub_ps(_mm256_loadu_ps(x + i), vm), va, vb);
-        if (silu) v = _mm256_div_ps(v, _mm256_add_ps(one, exp_neg(v)));
+        if (silu) v = _mm256_div_ps(v, _mm256_add_ps(one, exp_neg_avx2(v)));
         _mm256_storeu_ps(y + i, v);
     }
     normalize_portable(x + i, y + i, n - i, mean, a, b, silu);

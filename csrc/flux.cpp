@@ -269,7 +269,7 @@ ggml_cgraph *FluxNet::build(ggml_context *ctx, int64_t l_img, int64_t l_txt, boo
         ggml_tensor *v = heads_view(ctx, c, z, 2);
         ggml_tensor *a = attention(o, q, k, v, nullptr, attn_scale);  // [h, L]
         ggml_tensor *mz = ggml_view_2d(ctx, z, mlp, L, z->nb[1], size_t(3 * h) * ggml_element_size(z));
-        ggml_tensor *y = linear(o, ggml_concat(ctx, a, gelu_tanh(o, mz), 0), B.lin2);
+        ggml_tensor *y = linear(o, concat_gelu_tanh(o, a, mz), B.lin2);
         x = ggml_add(ctx, x, ggml_mul(ctx, y, chunk(ctx, m, h, 2)));
         mark_segment_end(x);
     }

@@ -1,6 +1,7 @@
 #include "layers.h"
 
 #include "backend.h"
+#include "cpu_gelu.h"
 #include "cpu_qmatmul.h"
 
 #include <cmath>
@@ -136,7 +137,15 @@ static ggml_tensor *contiguous(const Ops &o, ggml_tensor *x) {
     return ggml_is_contiguous(x) ? x : ggml_cont(o.ctx, x);
 }
 
+// Our F32 GELU op wherever our matmul kernels run (the CPU backend): faster than ggml's, and exact
+// to a few ulps, so it serves the exact path too. It reads views with contiguous rows in place.
+static bool own_gelu(const Ops &o, const ggml_tensor *x) {
+    return o.qmatmul_path != KernelChoice::Ggml && !o.ggml_gelu && x->type == GGML_TYPE_F32 &&
+           x->nb[0] == sizeof(float);
+}
+
 ggml_tensor *gelu_tanh(const Ops &o, ggml_tensor *x) {
+    if (own_gelu(o, x)) return gelu_tanh_op(o.ctx, x);
     x = contiguous(o, x);
     if (!o.exact) return ggml_gelu(o.ctx, x);
     // 0.5·x·(1 + tanh(√(2/π)·(x + 0.044715·x³))) from exact F32 ops (ggml_gelu uses an F16 table).
@@ -145,6 +154,11 @@ ggml_tensor *gelu_tanh(const Ops &o, ggml_tensor *x) {
     ggml_tensor *inner = ggml_scale(o.ctx, ggml_add(o.ctx, x, ggml_scale(o.ctx, x3, 0.044715f)), c);
     ggml_tensor *t = ggml_scale_bias(o.ctx, ggml_tanh(o.ctx, inner), 0.5f, 0.5f);
     return ggml_mul(o.ctx, x, t);
+}
+
+ggml_tensor *concat_gelu_tanh(const Ops &o, ggml_tensor *head, ggml_tensor *x) {
+    if (own_gelu(o, x) && head->type == GGML_TYPE_F32 && head->nb[0] == sizeof(float)) return gelu_tanh_op(o.ctx, x, head);
+    return ggml_concat(o.ctx, head, gelu_tanh(o, x), 0);
 }
 
 ggml_tensor *quick_gelu(const Ops &o, ggml_tensor *x) {

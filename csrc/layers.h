@@ -42,6 +42,9 @@ struct Ops {
     // attention() with flash_attn runs our fused CPU kernel on this path (Backend::attention_path();
     // cpu_attention.h) instead of ggml's flash attention, unless Ggml.
     AttnPath attn_path = AttnPath::Ggml;
+    // gelu_tanh() keeps ggml's F16-table GELU even where our kernels run (compat="sd.cpp"'s T5,
+    // which follows ggml's arithmetic; docs/MODEL.md §4.7).
+    bool ggml_gelu = false;
 };
 
 // One low-rank adapter (LoRA) of a linear layer, as set_adapters() and pack_adapters() take it:
@@ -96,6 +99,8 @@ ggml_tensor *rms_norm(const Ops &o, ggml_tensor *x, ggml_tensor *w, float eps);
 ggml_tensor *group_norm(const Ops &o, ggml_tensor *x, const Norm &p, int groups, float eps);
 
 ggml_tensor *gelu_tanh(const Ops &o, ggml_tensor *x);   // tanh-approximated GELU
+// ggml_concat(head, gelu_tanh(x), 0): rows [head | GELU(x)], one pass where our GELU op runs
+ggml_tensor *concat_gelu_tanh(const Ops &o, ggml_tensor *head, ggml_tensor *x);
 ggml_tensor *quick_gelu(const Ops &o, ggml_tensor *x);  // x·sigmoid(1.702x)
 ggml_tensor *silu(const Ops &o, ggml_tensor *x);
 

@@ -112,6 +112,7 @@ ggml_cgraph *T5Net::build(ggml_context *ctx, int64_t n, bool sdcpp) const {
     // and wo's input scaled by 1/32 and its output by 32 (t5.hpp T5DenseGatedActDense), which makes
     // the F16 scale of small blocks subnormal. The random full-size T5 amplifies either difference.
     o.f16_act_scales = sdcpp;
+    o.ggml_gelu = sdcpp;  // and ggml's F16-table GELU
     const float wo_in = sdcpp ? 1.0f / 32.0f : 1.0f;
     const int64_t heads = cfg_.heads, dkv = cfg_.d_kv;
     ggml_tensor *ids = ggml_new_tensor_1d(ctx, GGML_TYPE_I32, n);
