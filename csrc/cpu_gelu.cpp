@@ -1,11 +1,11 @@
 // The tanh GELU for the CPU (see cpu_gelu.h).
 #include "cpu_gelu.h"
 
-#include "common.h"
 #include "cpu_exp.h"
 
 #include <algorithm>
 #include <cmath>
+#include <cstdint>
 
 namespace fm {
 
@@ -59,11 +59,11 @@ const float *row_of(const ggml_tensor *t, int64_t r) {
 
 // dst row r = [head row r (copied), GELU(x row r)]; head is src[1] or absent. Threads split the
 // output's values evenly.
-void gelu_node(ggml_tensor *dst, int ith, int nth, void * /*userdata*/) {
+void gelu_node(ggml_tensor *dst, int ith, int nth, void *userdata) {
     const ggml_tensor *x = dst->src[0], *head = dst->src[1];
     const int64_t hc = head ? head->ne[0] : 0, cols = dst->ne[0], rows = ggml_nrows(dst), total = cols * rows;
     const int64_t e0 = total * ith / nth, e1 = total * (ith + 1) / nth;
-    const NormPath path = norm_engine_path();
+    const NormPath path = NormPath(reinterpret_cast<uintptr_t>(userdata));  // the path travels in the pointer's value
     for (int64_t r = e0 / std::max<int64_t>(cols, 1); r < rows && r * cols < e1; ++r) {
         const int64_t c0 = std::max(e0 - r * cols, int64_t(0)), c1 = std::min(e1 - r * cols, cols);
         float *out = static_cast<float *>(dst->data) + r * cols;
@@ -74,14 +74,19 @@ void gelu_node(ggml_tensor *dst, int ith, int nth, void * /*userdata*/) {
 }
 }  // namespace
 
-ggml_tensor *gelu_tanh_op(ggml_context *ctx, ggml_tensor *x, ggml_tensor *head) {
+NormPath gelu_path_for(KernelChoice qmatmul) {
+    return qmatmul != KernelChoice::Portable && norm_path_supported(NormPath::Avx2) ? NormPath::Avx2 : NormPath::Portable;
+}
+
+ggml_tensor *gelu_tanh_op(ggml_context *ctx, ggml_tensor *x, ggml_tensor *head, NormPath path) {
     const auto rows_ok = [&](const ggml_tensor *t) { return t->type == GGML_TYPE_F32 && t->nb[0] == sizeof(float); };
     if (!rows_ok(x) || (head && (!rows_ok(head) || head->ne[1] != x->ne[1] ||
                                  head->ne[2] != x->ne[2] || head->ne[3] != x->ne[3])))
         fail_runtime("internal error: gelu_tanh_op takes F32 x (and head) with contiguous rows, the same row counts");
     ggml_tensor *args[2] = {x, head};
     ggml_tensor *out = ggml_custom_4d(ctx, GGML_TYPE_F32, x->ne[0] + (head ? head->ne[0] : 0), x->ne[1], x->ne[2],
-                                      x->ne[3], args, head ? 2 : 1, gelu_node, GGML_N_TASKS_MAX, nullptr);
+                                      x->ne[3], args, head ? 2 : 1, gelu_node, GGML_N_TASKS_MAX,
+                                      reinterpret_cast<void *>(uintptr_t(path)));
     ggml_set_name(out, "fm.gelu");  // for FLUXMINI_PROFILE's table
     return out;
 }

@@ -3,7 +3,8 @@
 // 6% of a Flux step at 256² (FLUXMINI_PROFILE=1, 2 threads, Q4_0). Here 8 values a step in F32.
 #pragma once
 
-#include "cpu_norm.h"  // NormPath: the same AVX2 / plain C++ choice as the GroupNorm op
+#include "common.h"    // KernelChoice
+#include "cpu_norm.h"  // NormPath: the same AVX2 / plain C++ paths as the GroupNorm op
 
 #include <ggml.h>
 
@@ -21,6 +22,10 @@ void gelu_tanh_f32(const float *x, float *y, int64_t n, NormPath path);
 // row followed by GELU of x's: ggml_concat(head, GELU(x), 0) in one pass (Flux's single blocks
 // feed [attention, GELU(MLP)] to linear2). Threads take equal shares of the values; each value is computed alone (the avx2
 // path runs a short tail through the same vector arithmetic), so thread counts do not change results.
-ggml_tensor *gelu_tanh_op(ggml_context *ctx, ggml_tensor *x, ggml_tensor *head = nullptr);
+ggml_tensor *gelu_tanh_op(ggml_context *ctx, ggml_tensor *x, ggml_tensor *head, NormPath path);
+
+// The GELU path for a backend whose quantized matmul runs on `qmatmul` (Backend::qmatmul_path()):
+// plain C++ with the portable kernels, else AVX2 where the CPU has it.
+NormPath gelu_path_for(KernelChoice qmatmul);
 
 }  // namespace fm

@@ -145,7 +145,7 @@ static bool own_gelu(const Ops &o, const ggml_tensor *x) {
 }
 
 ggml_tensor *gelu_tanh(const Ops &o, ggml_tensor *x) {
-    if (own_gelu(o, x)) return gelu_tanh_op(o.ctx, x);
+    if (own_gelu(o, x)) return gelu_tanh_op(o.ctx, x, nullptr, gelu_path_for(o.qmatmul_path));
     x = contiguous(o, x);
     if (!o.exact) return ggml_gelu(o.ctx, x);
     // 0.5·x·(1 + tanh(√(2/π)·(x + 0.044715·x³))) from exact F32 ops (ggml_gelu uses an F16 table).
@@ -157,7 +157,8 @@ ggml_tensor *gelu_tanh(const Ops &o, ggml_tensor *x) {
 }
 
 ggml_tensor *concat_gelu_tanh(const Ops &o, ggml_tensor *head, ggml_tensor *x) {
-    if (own_gelu(o, x) && head->type == GGML_TYPE_F32 && head->nb[0] == sizeof(float)) return gelu_tanh_op(o.ctx, x, head);
+    if (own_gelu(o, x) && head->type == GGML_TYPE_F32 && head->nb[0] == sizeof(float))
+        return gelu_tanh_op(o.ctx, x, head, gelu_path_for(o.qmatmul_path));
     return ggml_concat(o.ctx, head, gelu_tanh(o, x), 0);
 }
 

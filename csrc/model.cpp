@@ -2,6 +2,7 @@
 
 #include "common.h"
 #include "cpu_conv.h"
+#include "cpu_gelu.h"
 #include "cpu_qmatmul.h"
 
 #include <algorithm>
@@ -80,6 +81,11 @@ std::string Model::kernels() const {
                                             : std::string("matmul: ggml");
     const AttnPath attn = backend_->attention_path();
     s += attn == AttnPath::Ggml ? "; attention: ggml" : strfmt("; attention: fluxmini (%s)", attention_path_description(attn));
+    // Our GELU runs where our matmul does (layers.cpp gelu_tanh()).
+    s += backend_->own_qmatmul()
+             ? strfmt("; GELU: fluxmini (%s)",
+                      gelu_path_for(backend_->qmatmul_path()) == NormPath::Avx2 ? "AVX2" : "plain C++")
+             : std::string("; GELU: ggml");
     if (const auto *vae = static_cast<const VaeNet *>(nets_[size_t(Component::Vae)].get()))
         s += vae->own_conv() ? strfmt("; VAE convolution: fluxmini (%s)", conv_engine_path() == ConvPath::Avx512 ? "AVX-512" : "AVX2")
                              : std::string("; VAE convolution: ggml");

@@ -83,3 +83,23 @@ def test_gelu_threads_do_not_change_bits(path):
 def test_gelu_unknown_path_is_an_error():
     with pytest.raises(ValueError, match="not a path this CPU runs"):
         _core.testing.gelu_tanh_f32(np.zeros(3, np.float32), kernels="avx9")
+
+
+@pytest.mark.parametrize("kernels", ["auto", "portable", "ggml"])
+def test_engine_names_its_gelu(kernels, monkeypatch):
+    """info()["kernels"] says which GELU a model's graphs use: ours on the path of its matmul
+    kernels (plain C++ with FLUXMINI_KERNELS=portable, else AVX2 where the CPU has it), ggml's
+    where ggml's matmul runs. (The goldens with each forced path: tests/test_cpu_attention.py.)"""
+    import make_flux_goldens as FG  # tests/ on sys.path
+    from fluxmini.model import FluxMini
+
+    monkeypatch.setenv("FLUXMINI_KERNELS", kernels)
+    m = FluxMini.load(FG.model_path("q4_0"), components=["diffusion"], threads=2)
+    own = "matmul: fluxmini" in m.info()["kernels"]
+    want = ("ggml" if not own else
+            "fluxmini (plain C++)" if kernels == "portable" or "avx2" not in _core.testing.norm_paths() else
+            "fluxmini (AVX2)")
+    assert f"GELU: {want}" in m.info()["kernels"], m.info()["kernels"]
+    # auto takes our matmul where the CPU has one of its vector paths (x86-64 with AVX2)
+    vector_paths = set(_core.testing.qmatmul_paths()) - {"portable"}
+    assert own == (kernels == "portable" or (kernels == "auto" and bool(vector_paths)))
