@@ -1,6 +1,7 @@
 #include "layers.h"
 
 #include "backend.h"
+#include "cpu_conv.h"
 #include "cpu_gelu.h"
 #include "cpu_qmatmul.h"
 
@@ -12,12 +13,33 @@ namespace fm {
 Ops::Ops(ggml_context *c, const Backend &backend)
     : ctx(c), qmatmul_path(backend.qmatmul_path()), attn_path(backend.attention_path()) {}
 
+// An F32 weight's product through our convolution kernel as a 1x1 convolution (cpu_conv.h), where our
+// matmul kernels run: the tokens are the pixels of a 1-pixel-high image whose channels are the
+// features. ggml's F32 mul_mat (the PyPI wheel has no llamafile sgemm) runs 20-70 GFLOP/s on 2
+// cores at Flux's txt_in, img_in and the VAE attention's shapes, the convolution 70-180 with the two
+// transposes (KiB to a few MiB each) around it. Worth it from a few dozen tokens and outputs.
+static bool f32_gemm_via_conv(const Ops &o, const ggml_tensor *x, const ggml_tensor *w, const ggml_tensor *b) {
+    return o.qmatmul_path != KernelChoice::Ggml && cpu_conv2d_available() && w->type == GGML_TYPE_F32 &&
+           ggml_n_dims(w) == 2 && ggml_is_contiguous(w) && x->type == GGML_TYPE_F32 && x->ne[2] == 1 &&
+           x->ne[3] == 1 && x->ne[1] >= 32 && w->ne[1] >= 128 && (!b || (b->type == GGML_TYPE_F32 && ggml_is_contiguous(b)));
+}
+
+static ggml_tensor *f32_gemm_conv(const Ops &o, ggml_tensor *x, ggml_tensor *w, ggml_tensor *b) {
+    ggml_context *ctx = o.ctx;
+    const int64_t in = x->ne[0], n = x->ne[1], out = w->ne[1];
+    ggml_tensor *img = ggml_reshape_4d(ctx, ggml_cont(ctx, ggml_transpose(ctx, x)), n, 1, in, 1);  // [W = n, H = 1, C = in]
+    ggml_tensor *y = conv2d_f32_op(ctx, img, ggml_reshape_4d(ctx, w, 1, 1, in, out), b, 1, 0);    // [n, 1, out], bias fused
+    return ggml_cont(ctx, ggml_transpose(ctx, ggml_reshape_2d(ctx, y, n, out)));                   // [out, n]
+}
+
 ggml_tensor *linear(const Ops &o, ggml_tensor *x, const Linear &p) {
     ggml_tensor *w = p.w, *b = p.b;
     ggml_tensor *y;
     if (o.qmatmul_path != KernelChoice::Ggml && qmatmul_shape(w) && x->type == GGML_TYPE_F32 &&
         (!b || b->type == GGML_TYPE_F32)) {
         y = qmatmul_op(o.ctx, w, x, b, o.qmatmul_path, o.f16_act_scales);  // bias fused
+    } else if (f32_gemm_via_conv(o, x, w, b)) {
+        y = f32_gemm_conv(o, x, w, b);
     } else {
         y = ggml_mul_mat(o.ctx, w, x);
         if (o.f32_matmul) ggml_mul_mat_set_prec(y, GGML_PREC_F32);

@@ -405,6 +405,18 @@ struct VaeNet::Impl {
             Ops fused = o;
             fused.flash_attn = true;
             auto one_head = [&](ggml_tensor *t3) { return ggml_reshape_3d(ctx, t3, C, 1, L); };
+            if (use_own_conv(a.q.w) && use_own_conv(a.k.w) && use_own_conv(a.v.w) && use_own_conv(a.proj.w)) {
+                // The projections as our 1x1 convolutions on the channel planes, so only q, k, v and
+                // the attention's output change layout (`t` above is then left out of the graph).
+                auto tokens = [&](ggml_tensor *planes) {  // [W, H, C] -> [C, L]
+                    return ggml_cont(ctx, ggml_transpose(ctx, ggml_reshape_2d(ctx, planes, L, C)));
+                };
+                ggml_tensor *out = attention(fused, one_head(tokens(conv(o, h, a.q, 1, 0))),
+                                             one_head(tokens(conv(o, h, a.k, 1, 0))),
+                                             one_head(tokens(conv(o, h, a.v, 1, 0))), nullptr, scale);  // [C, L]
+                ggml_tensor *planes = ggml_cont(ctx, ggml_transpose(ctx, ggml_reshape_2d(ctx, out, C, L)));
+                return ggml_add(ctx, x, conv(o, ggml_reshape_4d(ctx, planes, W, H, C, 1), a.proj, 1, 0));
+            }
             return finish(attention(fused, one_head(q), one_head(k), one_head(v), nullptr, scale));
         }
         // Else explicit F32 softmax in query chunks, so that no score block exceeds 4 Mi floats

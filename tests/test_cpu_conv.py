@@ -52,6 +52,7 @@ CASES = [  # (Cin, H, W, Cout, k, stride, pad)
     (5, 16, 16, 6, 3, 1, 1),    # whole panels and tiles only
     (4, 9, 33, 12, 3, 2, 0),    # stride 2 without padding (the encoder's downsampling)
     (8, 5, 17, 7, 1, 1, 0),     # 1x1 (the resnet shortcuts)
+    (300, 1, 77, 130, 1, 1, 0), # 1x1 on a 1-pixel-high image: an F32 linear (layers.cpp), 77 tokens
     (300, 6, 20, 5, 3, 1, 1),   # K = 2700: k blocks of 256 and one of 140 (not a multiple of 16), Cout < 6
     (2, 1, 1, 3, 3, 1, 1),      # one pixel, all neighbours padding
     (16, 12, 40, 32, 3, 2, 1),  # stride 2 with padding
