@@ -67,7 +67,10 @@ void gelu_node(ggml_tensor *dst, int ith, int nth, void *userdata) {
     for (int64_t r = e0 / std::max<int64_t>(cols, 1); r < rows && r * cols < e1; ++r) {
         const int64_t c0 = std::max(e0 - r * cols, int64_t(0)), c1 = std::min(e1 - r * cols, cols);
         float *out = static_cast<float *>(dst->data) + r * cols;
-        if (c0 < hc) std::copy(row_of(head, r) + c0, row_of(head, r) + std::min(c1, hc), out + c0);
+        if (c0 < hc) {
+            const float *h = row_of(head, r);
+            std::copy(h + c0, h + std::min(c1, hc), out + c0);
+        }
         const int64_t g0 = std::max(c0, hc);
         if (g0 < c1) gelu_tanh_f32(row_of(x, r) + (g0 - hc), out + g0, c1 - g0, path);
     }

@@ -387,36 +387,30 @@ struct VaeNet::Impl {
         ggml_context *ctx = o.ctx;
         const int64_t W = x->ne[0], H = x->ne[1], C = x->ne[2], L = W * H;
         ggml_tensor *h = norm(o, x, a.norm, false);
-        ggml_tensor *t = ggml_cont(ctx, ggml_transpose(ctx, ggml_reshape_2d(ctx, h, L, C)));  // [C, L]
-        auto proj = [&](const ConvP &c, ggml_tensor *in) {  // 1x1 conv on tokens = linear
+        auto tokens = [&](ggml_tensor *planes) {  // [W, H, C] -> [C, L]
+            return ggml_cont(ctx, ggml_transpose(ctx, ggml_reshape_2d(ctx, planes, L, C)));
+        };
+        // The four 1x1 convolutions: ours on the channel planes where it runs (only q, k, v and the
+        // attention's output then change layout), else linears on the tokens.
+        const bool on_planes = use_own_conv(a.q.w) && use_own_conv(a.k.w) && use_own_conv(a.v.w) && use_own_conv(a.proj.w);
+        auto linear_of = [&](const ConvP &c, ggml_tensor *in) {  // 1x1 conv on tokens = linear
             Linear l;
             l.w = ggml_reshape_2d(ctx, c.w, C, C);
             l.b = c.b;
             return linear(o, in, l);
         };
-        ggml_tensor *q = proj(a.q, t), *k = proj(a.k, t), *v = proj(a.v, t);  // [C, L] each
+        ggml_tensor *t = on_planes ? nullptr : tokens(h);
+        auto project = [&](const ConvP &c) { return on_planes ? tokens(conv(o, h, c, 1, 0)) : linear_of(c, t); };
+        ggml_tensor *q = project(a.q), *k = project(a.k), *v = project(a.v);  // [C, L] each
         const float scale = 1.0f / std::sqrt(float(C));
         auto finish = [&](ggml_tensor *out) {  // out [C, L]: projection, residual
-            out = proj(a.proj, out);
-            out = ggml_reshape_4d(ctx, ggml_cont(ctx, ggml_transpose(ctx, out)), W, H, C, 1);
-            return ggml_add(ctx, x, out);
+            auto planes = [&](ggml_tensor *y) { return ggml_reshape_4d(ctx, ggml_cont(ctx, ggml_transpose(ctx, y)), W, H, C, 1); };
+            return ggml_add(ctx, x, on_planes ? conv(o, planes(out), a.proj, 1, 0) : planes(linear_of(a.proj, out)));
         };
         if (o.attn_path != AttnPath::Ggml) {  // our fused CPU kernel (cpu_attention.h): no score block at all
             Ops fused = o;
             fused.flash_attn = true;
             auto one_head = [&](ggml_tensor *t3) { return ggml_reshape_3d(ctx, t3, C, 1, L); };
-            if (use_own_conv(a.q.w) && use_own_conv(a.k.w) && use_own_conv(a.v.w) && use_own_conv(a.proj.w)) {
-                // The projections as our 1x1 convolutions on the channel planes, so only q, k, v and
-                // the attention's output change layout (`t` above is then left out of the graph).
-                auto tokens = [&](ggml_tensor *planes) {  // [W, H, C] -> [C, L]
-                    return ggml_cont(ctx, ggml_transpose(ctx, ggml_reshape_2d(ctx, planes, L, C)));
-                };
-                ggml_tensor *out = attention(fused, one_head(tokens(conv(o, h, a.q, 1, 0))),
-                                             one_head(tokens(conv(o, h, a.k, 1, 0))),
-                                             one_head(tokens(conv(o, h, a.v, 1, 0))), nullptr, scale);  // [C, L]
-                ggml_tensor *planes = ggml_cont(ctx, ggml_transpose(ctx, ggml_reshape_2d(ctx, out, C, L)));
-                return ggml_add(ctx, x, conv(o, ggml_reshape_4d(ctx, planes, W, H, C, 1), a.proj, 1, 0));
-            }
             return finish(attention(fused, one_head(q), one_head(k), one_head(v), nullptr, scale));
         }
         // Else explicit F32 softmax in query chunks, so that no score block exceeds 4 Mi floats
